@@ -1,0 +1,1 @@
+"""exo: heterogeneous-GPU cluster runtime."""

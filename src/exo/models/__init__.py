@@ -1,0 +1,1 @@
+"""Models: cards for placement, loaders for the weights."""

@@ -1,0 +1,195 @@
+"""The only way state changes: ``apply(state, indexed_event) -> State``, a pure function.
+
+Times stored in state come from the events themselves, never from the clock at apply
+time, so every node that applies the same log holds the same state.
+
+Dispatch is a ``match`` over the event union ending in ``assert_never``, so an event type
+that is added to the union without a handler fails type checking.
+"""
+
+from typing import assert_never
+
+from loguru import logger
+
+from exo.shared.types.events import (
+    ChunkGenerated,
+    DeviceGPUStateUpdated,
+    Event,
+    GPUBandwidthMeasured,
+    GPUDeviceInfoReported,
+    IndexedEvent,
+    InstanceCreated,
+    InstanceDeleted,
+    MasterElected,
+    NodeInfoReported,
+    NodeMemoryUpdated,
+    NodeTimedOut,
+    ProbeEmitted,
+    RunnerStatusUpdated,
+    TaskCreated,
+    TaskStatusUpdated,
+)
+from exo.shared.types.gpu import GPULink
+from exo.shared.types.ids import NodeId
+from exo.shared.types.node import NodeInfo
+from exo.shared.types.runners import RunnerState
+from exo.shared.types.state import State
+
+
+class EventOutOfOrderError(ValueError):
+    """An indexed event was applied to a state that is not exactly one index behind it."""
+
+
+def apply(state: State, indexed_event: IndexedEvent) -> State:
+    """Apply the next event of the global log. Raises if it is not the next index."""
+    expected = state.last_event_applied_idx + 1
+    if indexed_event.idx != expected:
+        raise EventOutOfOrderError(f"expected event index {expected}, got {indexed_event.idx}")
+    new_state = apply_event(state, indexed_event.event)
+    return new_state.model_copy(update={"last_event_applied_idx": indexed_event.idx})
+
+
+def apply_event(state: State, event: Event) -> State:
+    match event:
+        case MasterElected():
+            return state.model_copy(update={"master_node_id": event.master_node_id})
+        case NodeInfoReported():
+            return apply_node_info_reported(state, event)
+        case NodeMemoryUpdated():
+            return apply_node_memory_updated(state, event)
+        case NodeTimedOut():
+            return apply_node_timed_out(state, event)
+        case GPUDeviceInfoReported():
+            return apply_gpu_device_info_reported(state, event)
+        case DeviceGPUStateUpdated():
+            return apply_device_gpu_state_updated(state, event)
+        case GPUBandwidthMeasured():
+            return apply_gpu_bandwidth_measured(state, event)
+        case InstanceCreated():
+            instances = {**state.instances, event.instance.instance_id: event.instance}
+            return state.model_copy(update={"instances": instances})
+        case InstanceDeleted():
+            return apply_instance_deleted(state, event)
+        case RunnerStatusUpdated():
+            return apply_runner_status_updated(state, event)
+        case TaskCreated():
+            return state.model_copy(
+                update={"tasks": {**state.tasks, event.task.task_id: event.task}}
+            )
+        case TaskStatusUpdated():
+            return apply_task_status_updated(state, event)
+        case ChunkGenerated() | ProbeEmitted():
+            return state
+        case _:
+            assert_never(event)
+
+
+def _without_node(mapping: dict[NodeId, object], node_id: NodeId) -> dict[NodeId, object]:
+    return {key: value for key, value in mapping.items() if key != node_id}
+
+
+def apply_node_info_reported(state: State, event: NodeInfoReported) -> State:
+    info = event.info
+    node = NodeInfo(
+        node_id=event.node_id,
+        friendly_name=info.friendly_name,
+        hostname=info.hostname,
+        os=info.os,
+        cpu_count=info.cpu_count,
+        ram_total_bytes=info.ram_total_bytes,
+        ram_available_bytes=event.ram_available_bytes,
+        network_interfaces=info.network_interfaces,
+        api_port=info.api_port,
+        last_seen=event.reported_at,
+    )
+    return state.model_copy(update={"nodes": {**state.nodes, event.node_id: node}})
+
+
+def apply_node_memory_updated(state: State, event: NodeMemoryUpdated) -> State:
+    node = state.nodes.get(event.node_id)
+    if node is None:
+        logger.debug(f"memory update for unknown node {event.node_id} ignored")
+        return state
+    updated = node.model_copy(
+        update={"ram_available_bytes": event.ram_available_bytes, "last_seen": event.reported_at}
+    )
+    return state.model_copy(update={"nodes": {**state.nodes, event.node_id: updated}})
+
+
+def apply_node_timed_out(state: State, event: NodeTimedOut) -> State:
+    node_id = event.node_id
+    return state.model_copy(
+        update={
+            "nodes": _without_node(dict(state.nodes), node_id),
+            "gpu_device_info": _without_node(dict(state.gpu_device_info), node_id),
+            "gpu_device_state": _without_node(dict(state.gpu_device_state), node_id),
+            "gpu_links": {
+                source: {dest: link for dest, link in links.items() if dest != node_id}
+                for source, links in state.gpu_links.items()
+                if source != node_id
+            },
+        }
+    )
+
+
+def apply_gpu_device_info_reported(state: State, event: GPUDeviceInfoReported) -> State:
+    info = event.device_info
+    devices = {**state.gpu_device_info.get(info.node_id, {}), info.device_id: info}
+    return state.model_copy(
+        update={"gpu_device_info": {**state.gpu_device_info, info.node_id: devices}}
+    )
+
+
+def apply_device_gpu_state_updated(state: State, event: DeviceGPUStateUpdated) -> State:
+    reading = event.device_state
+    devices = {**state.gpu_device_state.get(reading.node_id, {}), reading.device_id: reading}
+    gpu_device_state = {**state.gpu_device_state, reading.node_id: devices}
+    nodes = state.nodes
+    node = nodes.get(reading.node_id)
+    if node is not None and reading.last_update > node.last_seen:
+        nodes = {
+            **nodes,
+            reading.node_id: node.model_copy(update={"last_seen": reading.last_update}),
+        }
+    return state.model_copy(update={"gpu_device_state": gpu_device_state, "nodes": nodes})
+
+
+def apply_gpu_bandwidth_measured(state: State, event: GPUBandwidthMeasured) -> State:
+    link = GPULink(
+        source_node_id=event.source_node_id,
+        dest_node_id=event.dest_node_id,
+        bandwidth_mbps=event.bandwidth_mbps,
+        latency_ms=event.latency_ms,
+        measurement_count=event.measurement_count,
+        measured_at=event.measured_at,
+    )
+    links = {**state.gpu_links.get(event.source_node_id, {}), event.dest_node_id: link}
+    return state.model_copy(update={"gpu_links": {**state.gpu_links, event.source_node_id: links}})
+
+
+def apply_instance_deleted(state: State, event: InstanceDeleted) -> State:
+    instances = {k: v for k, v in state.instances.items() if k != event.instance_id}
+    runners = {k: v for k, v in state.runners.items() if v.instance_id != event.instance_id}
+    tasks = {k: v for k, v in state.tasks.items() if v.instance_id != event.instance_id}
+    return state.model_copy(update={"instances": instances, "runners": runners, "tasks": tasks})
+
+
+def apply_runner_status_updated(state: State, event: RunnerStatusUpdated) -> State:
+    if event.instance_id not in state.instances:
+        return state
+    runner = RunnerState(
+        runner_id=event.runner_id,
+        instance_id=event.instance_id,
+        node_id=event.node_id,
+        status=event.status,
+        error=event.error,
+    )
+    return state.model_copy(update={"runners": {**state.runners, event.runner_id: runner}})
+
+
+def apply_task_status_updated(state: State, event: TaskStatusUpdated) -> State:
+    task = state.tasks.get(event.task_id)
+    if task is None:
+        return state
+    updated = task.model_copy(update={"status": event.status, "error": event.error})
+    return state.model_copy(update={"tasks": {**state.tasks, event.task_id: updated}})

@@ -1,0 +1,167 @@
+"""Events: facts, indexed by the master into one global log, applied by every node.
+
+Every event is a pydantic model with a literal ``kind``; ``Event`` is their tagged union.
+"""
+
+from datetime import UTC, datetime
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from exo.shared.types.gpu import DeviceGPUState, GPUDeviceInfo
+from exo.shared.types.ids import EventId, InstanceId, NodeId, RunnerId, TaskId, new_event_id
+from exo.shared.types.instances import Instance
+from exo.shared.types.node import NodeStaticInfo
+from exo.shared.types.runners import RunnerStatus
+from exo.shared.types.tasks import Task, TaskStatus
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class BaseEvent(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    event_id: EventId = Field(default_factory=new_event_id)
+    origin_node_id: NodeId | None = None
+    """The node whose worker or master emitted it (None for tests)."""
+
+    ephemeral: ClassVar[bool] = False
+    """High-rate events (token chunks) that are indexed but not written to disk."""
+
+
+class MasterElected(BaseEvent):
+    """The first event a new master indexes: the cluster's master changed."""
+
+    kind: Literal["MasterElected"] = "MasterElected"
+    master_node_id: NodeId
+
+
+class NodeInfoReported(BaseEvent):
+    kind: Literal["NodeInfoReported"] = "NodeInfoReported"
+    node_id: NodeId
+    info: NodeStaticInfo
+    ram_available_bytes: int = Field(ge=0)
+    reported_at: datetime = Field(default_factory=utc_now)
+
+
+class NodeMemoryUpdated(BaseEvent):
+    kind: Literal["NodeMemoryUpdated"] = "NodeMemoryUpdated"
+    node_id: NodeId
+    ram_available_bytes: int = Field(ge=0)
+    reported_at: datetime = Field(default_factory=utc_now)
+
+
+class NodeTimedOut(BaseEvent):
+    """The master saw the node's liveliness token disappear."""
+
+    kind: Literal["NodeTimedOut"] = "NodeTimedOut"
+    node_id: NodeId
+
+
+class GPUDeviceInfoReported(BaseEvent):
+    kind: Literal["GPUDeviceInfoReported"] = "GPUDeviceInfoReported"
+    device_info: GPUDeviceInfo
+
+
+class DeviceGPUStateUpdated(BaseEvent):
+    kind: Literal["DeviceGPUStateUpdated"] = "DeviceGPUStateUpdated"
+    device_state: DeviceGPUState
+
+
+class GPUBandwidthMeasured(BaseEvent):
+    """A measured link. The seed names endpoints by device id; links are between nodes,
+    so the node ids are carried too and the device ids name each node's endpoint."""
+
+    kind: Literal["GPUBandwidthMeasured"] = "GPUBandwidthMeasured"
+    source_node_id: NodeId
+    dest_node_id: NodeId
+    source_device_id: str
+    dest_device_id: str
+    bandwidth_mbps: float = Field(ge=0)
+    latency_ms: float = Field(ge=0)
+    measurement_count: int = Field(ge=1)
+    measured_at: datetime = Field(default_factory=utc_now)
+
+
+class InstanceCreated(BaseEvent):
+    kind: Literal["InstanceCreated"] = "InstanceCreated"
+    instance: Instance
+
+
+class InstanceDeleted(BaseEvent):
+    kind: Literal["InstanceDeleted"] = "InstanceDeleted"
+    instance_id: InstanceId
+
+
+class RunnerStatusUpdated(BaseEvent):
+    kind: Literal["RunnerStatusUpdated"] = "RunnerStatusUpdated"
+    runner_id: RunnerId
+    instance_id: InstanceId
+    node_id: NodeId
+    status: RunnerStatus
+    error: str | None = None
+
+
+class TaskCreated(BaseEvent):
+    kind: Literal["TaskCreated"] = "TaskCreated"
+    task: Task
+
+
+class TaskStatusUpdated(BaseEvent):
+    kind: Literal["TaskStatusUpdated"] = "TaskStatusUpdated"
+    task_id: TaskId
+    status: TaskStatus
+    error: str | None = None
+
+
+class ChunkGenerated(BaseEvent):
+    """Generated text for a task; ``finish_reason`` set on the last chunk."""
+
+    kind: Literal["ChunkGenerated"] = "ChunkGenerated"
+    ephemeral: ClassVar[bool] = True
+    task_id: TaskId
+    chunk_index: int = Field(ge=0)
+    text: str
+    finish_reason: Literal["stop", "length"] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class ProbeEmitted(BaseEvent):
+    """A no-op marker a worker emits on request, to measure propagation latency."""
+
+    kind: Literal["ProbeEmitted"] = "ProbeEmitted"
+    probe_id: str
+    sent_at: float
+
+
+Event = Annotated[
+    MasterElected
+    | NodeInfoReported
+    | NodeMemoryUpdated
+    | NodeTimedOut
+    | GPUDeviceInfoReported
+    | DeviceGPUStateUpdated
+    | GPUBandwidthMeasured
+    | InstanceCreated
+    | InstanceDeleted
+    | RunnerStatusUpdated
+    | TaskCreated
+    | TaskStatusUpdated
+    | ChunkGenerated
+    | ProbeEmitted,
+    Field(discriminator="kind"),
+]
+
+EventAdapter: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+class IndexedEvent(BaseModel):
+    """An event at its place in the global log."""
+
+    model_config = ConfigDict(frozen=True)
+
+    idx: int = Field(ge=0)
+    event: Event

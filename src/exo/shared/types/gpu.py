@@ -1,0 +1,75 @@
+"""GPU device facts (static, reported once) and live readings (DeviceGPUState)."""
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from exo.shared.types.ids import DeviceId, NodeId
+
+GPUBackendName = Literal["cuda", "metal", "cpu", "simulated"]
+
+UNKNOWN_TEMPERATURE_C = -1.0
+"""``thermal_temperature_c`` when the platform does not expose a temperature."""
+NO_BATTERY_PERCENT = 100.0
+"""``battery_percent`` for a machine without a battery (it behaves as fully charged)."""
+
+
+class GPUDeviceInfo(BaseModel):
+    """Static facts about one device; reported once per device by its node."""
+
+    model_config = ConfigDict(frozen=True)
+
+    device_id: DeviceId
+    node_id: NodeId
+    name: str
+    vendor: str
+    backend: GPUBackendName
+    memory_total_bytes: int = Field(ge=0)
+    memory_bandwidth_gbps: float = Field(ge=0, description="Peak memory bandwidth in GB/s.")
+    peak_tflops_fp16: float = Field(ge=0)
+    compute_capability: str | None = None
+    sm_count: int | None = None
+    is_simulated: bool = False
+
+
+class DeviceGPUState(BaseModel):
+    """A live reading of one device. Field names follow the seed card."""
+
+    model_config = ConfigDict(frozen=True)
+
+    device_id: DeviceId
+    node_id: NodeId
+    memory_used_bytes: int = Field(ge=0)
+    memory_total_bytes: int = Field(ge=0)
+    compute_utilization_percent: float = Field(ge=0, le=100)
+    thermal_temperature_c: float = UNKNOWN_TEMPERATURE_C
+    thermal_throttle_threshold_c: float = 100.0
+    is_thermal_throttling: bool = False
+    battery_percent: float = Field(default=NO_BATTERY_PERCENT, ge=0, le=100)
+    is_plugged_in: bool = True
+    last_update: datetime
+    # Beyond the seed card: what placement and operators need.
+    power_draw_watts: float | None = None
+    power_limit_watts: float | None = None
+    sm_clock_mhz: float | None = None
+    sm_clock_max_mhz: float | None = None
+    throttle_reasons: list[str] = Field(default_factory=list)
+    is_simulated: bool = False
+
+    @property
+    def memory_free_bytes(self) -> int:
+        return max(0, self.memory_total_bytes - self.memory_used_bytes)
+
+
+class GPULink(BaseModel):
+    """A measured link between two nodes (from ``GPUBandwidthMeasured``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source_node_id: NodeId
+    dest_node_id: NodeId
+    bandwidth_mbps: float = Field(ge=0)
+    latency_ms: float = Field(ge=0)
+    measurement_count: int = Field(ge=1)
+    measured_at: datetime

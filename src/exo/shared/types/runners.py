@@ -1,0 +1,21 @@
+"""Runner processes as the cluster sees them."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from exo.shared.types.ids import InstanceId, NodeId, RunnerId
+
+RunnerStatus = Literal[
+    "starting", "connecting", "loading", "ready", "running", "failed", "shut_down"
+]
+
+
+class RunnerState(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    runner_id: RunnerId
+    instance_id: InstanceId
+    node_id: NodeId
+    status: RunnerStatus
+    error: str | None = None

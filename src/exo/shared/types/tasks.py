@@ -1,0 +1,39 @@
+"""Tasks: a request (e.g. a chat completion) assigned to an instance."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from exo.shared.types.ids import CommandId, InstanceId, NodeId, TaskId
+
+TaskStatus = Literal["pending", "running", "complete", "failed", "cancelled"]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionParams(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int = Field(default=256, ge=1, le=32768)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop: list[str] = Field(default_factory=list)
+
+
+class Task(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    task_id: TaskId
+    command_id: CommandId
+    instance_id: InstanceId
+    requested_by: NodeId
+    params: ChatCompletionParams
+    status: TaskStatus = "pending"
+    error: str | None = None
