@@ -15,6 +15,7 @@ from exo.shared.types.events import (
     ChunkGenerated,
     DeviceGPUStateUpdated,
     Event,
+    EventElided,
     GPUBandwidthMeasured,
     GPUDeviceInfoReported,
     IndexedEvent,
@@ -78,7 +79,7 @@ def apply_event(state: State, event: Event) -> State:
             )
         case TaskStatusUpdated():
             return apply_task_status_updated(state, event)
-        case ChunkGenerated() | ProbeEmitted():
+        case ChunkGenerated() | ProbeEmitted() | EventElided():
             return state
         case _:
             assert_never(event)

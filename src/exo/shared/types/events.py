@@ -137,6 +137,14 @@ class ProbeEmitted(BaseEvent):
     sent_at: float
 
 
+class EventElided(BaseEvent):
+    """Stands in, on disk and after a reload, for an ephemeral event whose body was not
+    persisted; it keeps the log's indices gap-free and applies as a no-op."""
+
+    kind: Literal["EventElided"] = "EventElided"
+    elided_kind: str
+
+
 Event = Annotated[
     MasterElected
     | NodeInfoReported
@@ -151,7 +159,8 @@ Event = Annotated[
     | TaskCreated
     | TaskStatusUpdated
     | ChunkGenerated
-    | ProbeEmitted,
+    | ProbeEmitted
+    | EventElided,
     Field(discriminator="kind"),
 ]
 

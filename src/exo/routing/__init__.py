@@ -1,0 +1,1 @@
+"""Transport: the zenoh session, topics, wire messages and event ordering."""

@@ -1,0 +1,59 @@
+"""Key expressions. Everything lives under one namespace so two clusters on one LAN don't mix."""
+
+from dataclasses import dataclass
+
+from exo.shared.types.ids import NodeId
+
+
+@dataclass(frozen=True)
+class Topics:
+    namespace: str
+
+    @property
+    def local_events(self) -> str:
+        """Any node's worker -> the master."""
+        return f"{self.namespace}/local_events"
+
+    @property
+    def global_events(self) -> str:
+        """The master -> every node, each event with its gap-free index."""
+        return f"{self.namespace}/global_events"
+
+    @property
+    def commands(self) -> str:
+        """API -> master, as a query: the master answers with a CommandResult."""
+        return f"{self.namespace}/commands"
+
+    @property
+    def election(self) -> str:
+        """Every node's periodic announcement: start time, log head, the master it follows."""
+        return f"{self.namespace}/election"
+
+    @property
+    def alive_prefix(self) -> str:
+        return f"{self.namespace}/alive"
+
+    def alive_token(self, node_id: NodeId, started_at_us: int) -> str:
+        """Liveliness token key: membership and the start time used by the election rule."""
+        return f"{self.alive_prefix}/{node_id}/{started_at_us}"
+
+    @property
+    def alive_all(self) -> str:
+        return f"{self.alive_prefix}/*/*"
+
+    def log(self, node_id: NodeId) -> str:
+        """Queryable on every node serving ranges of its copy of the global log."""
+        return f"{self.namespace}/log/{node_id}"
+
+    def ping(self, node_id: NodeId) -> str:
+        """Queryable on every node that echoes the payload (link measurements)."""
+        return f"{self.namespace}/ping/{node_id}"
+
+    def parse_alive_token(self, key: str) -> tuple[NodeId, int] | None:
+        prefix = self.alive_prefix + "/"
+        if not key.startswith(prefix):
+            return None
+        parts = key[len(prefix) :].split("/")
+        if len(parts) != 2 or not parts[0] or not parts[1].isdigit():
+            return None
+        return NodeId(parts[0]), int(parts[1])
