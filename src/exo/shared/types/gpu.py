@@ -56,6 +56,8 @@ class DeviceGPUState(BaseModel):
     sm_clock_max_mhz: float | None = None
     throttle_reasons: list[str] = Field(default_factory=list)
     is_simulated: bool = False
+    thermal_shutdown_threshold_c: float | None = None
+    """The temperature at which the device shuts itself down (NVML), when known."""
 
     @property
     def memory_free_bytes(self) -> int:

@@ -1,0 +1,1 @@
+"""GPU backends (CUDA via NVML, Metal via MLX, CPU via psutil, simulated) and their factory."""

@@ -1,0 +1,197 @@
+"""Simulated devices described in a JSON file, for tests and demos.
+
+Schema (``SimulatedGPUFile``)::
+
+    {"devices": [{"device_id": "cuda:0", "name": "Sim H100", "vendor": "NVIDIA",
+                  "memory_total_bytes": 85899345920, "memory_used_bytes": 0,
+                  "memory_bandwidth_gbps": 3350, "peak_tflops_fp16": 989,
+                  "compute_utilization_percent": 0, "thermal_temperature_c": 40,
+                  "thermal_throttle_threshold_c": 87, "is_thermal_throttling": false,
+                  "battery_percent": 100, "is_plugged_in": true}]}
+
+Only ``device_id`` and ``memory_total_bytes`` are required; unknown keys are rejected so a
+typo is an error rather than a silently ignored field. The file is re-read whenever its
+modification time, size or inode changes (so a test or demo can edit it live). A file that
+turns malformed later is logged once per change and the last good reading is kept; a missing
+or malformed file at ``initialize`` raises ``GPUBackendError`` with the reason.
+Every info and state this backend returns has ``is_simulated=True``.
+"""
+
+import os
+from pathlib import Path
+from typing import Self
+
+import anyio.to_thread
+from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from exo.gpu.backend import GPUBackendError, GPUDeviceNotFoundError
+from exo.gpu.backends.host import utc_now
+from exo.shared.types.gpu import (
+    NO_BATTERY_PERCENT,
+    UNKNOWN_TEMPERATURE_C,
+    DeviceGPUState,
+    GPUBackendName,
+    GPUDeviceInfo,
+)
+from exo.shared.types.ids import DeviceId, NodeId
+
+
+class SimulatedDevice(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device_id: DeviceId = Field(min_length=1)
+    name: str = "Simulated GPU"
+    vendor: str = "simulated"
+    memory_total_bytes: int = Field(ge=0)
+    memory_used_bytes: int = Field(default=0, ge=0)
+    memory_bandwidth_gbps: float = Field(default=100.0, ge=0)
+    peak_tflops_fp16: float = Field(default=10.0, ge=0)
+    compute_utilization_percent: float = Field(default=0.0, ge=0, le=100)
+    thermal_temperature_c: float = UNKNOWN_TEMPERATURE_C
+    thermal_throttle_threshold_c: float = 100.0
+    is_thermal_throttling: bool = False
+    battery_percent: float = Field(default=NO_BATTERY_PERCENT, ge=0, le=100)
+    is_plugged_in: bool = True
+    compute_capability: str | None = None
+    sm_count: int | None = None
+
+    @model_validator(mode="after")
+    def _used_fits(self) -> Self:
+        if self.memory_used_bytes > self.memory_total_bytes:
+            raise ValueError(
+                f"{self.device_id}: memory_used_bytes ({self.memory_used_bytes}) exceeds "
+                f"memory_total_bytes ({self.memory_total_bytes})"
+            )
+        return self
+
+
+class SimulatedGPUFile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    devices: list[SimulatedDevice] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Self:
+        ids = [device.device_id for device in self.devices]
+        duplicates = sorted({device_id for device_id in ids if ids.count(device_id) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate device_id: {', '.join(duplicates)}")
+        return self
+
+
+FileSignature = tuple[int, int, int, int]
+"""(inode, size, mtime_ns, ctime_ns): what tells us the file changed."""
+
+
+def _signature(path: Path) -> FileSignature:
+    status = os.stat(path)
+    return (status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+
+
+def load_simulated_file(path: Path) -> SimulatedGPUFile:
+    """Read and validate a device file; ``GPUBackendError`` says what is wrong with it."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise GPUBackendError(f"cannot read simulated GPU file {path}: {error}") from error
+    try:
+        return SimulatedGPUFile.model_validate_json(text)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in issue['loc']) or '(file)'}: {issue['msg']}"
+            for issue in error.errors()
+        )
+        raise GPUBackendError(f"invalid simulated GPU file {path}: {problems}") from error
+
+
+class SimulatedBackend:
+    """Devices read from a JSON file (see the module docstring for the schema)."""
+
+    def __init__(self, devices_file: Path) -> None:
+        self._path = devices_file
+        self._devices: dict[DeviceId, SimulatedDevice] = {}
+        self._seen_signature: FileSignature | None = None
+
+    @property
+    def name(self) -> GPUBackendName:
+        return "simulated"
+
+    async def initialize(self) -> None:
+        def load() -> tuple[FileSignature, SimulatedGPUFile]:
+            try:
+                signature = _signature(self._path)
+            except OSError as error:
+                raise GPUBackendError(
+                    f"cannot read simulated GPU file {self._path}: {error}"
+                ) from error
+            return signature, load_simulated_file(self._path)
+
+        signature, parsed = await anyio.to_thread.run_sync(load)
+        self._seen_signature = signature
+        self._devices = {device.device_id: device for device in parsed.devices}
+
+    async def shutdown(self) -> None:
+        return None
+
+    async def list_devices(self, node_id: NodeId) -> list[GPUDeviceInfo]:
+        await anyio.to_thread.run_sync(self._refresh)
+        return [
+            GPUDeviceInfo(
+                device_id=device.device_id,
+                node_id=node_id,
+                name=device.name,
+                vendor=device.vendor,
+                backend="simulated",
+                memory_total_bytes=device.memory_total_bytes,
+                memory_bandwidth_gbps=device.memory_bandwidth_gbps,
+                peak_tflops_fp16=device.peak_tflops_fp16,
+                compute_capability=device.compute_capability,
+                sm_count=device.sm_count,
+                is_simulated=True,
+            )
+            for device in self._devices.values()
+        ]
+
+    async def sample(self, node_id: NodeId, device_id: DeviceId) -> DeviceGPUState:
+        await anyio.to_thread.run_sync(self._refresh)
+        device = self._devices.get(device_id)
+        if device is None:
+            raise GPUDeviceNotFoundError(
+                f"no simulated device {device_id} in {self._path} "
+                f"(have: {', '.join(self._devices) or 'none'})"
+            )
+        return DeviceGPUState(
+            device_id=device.device_id,
+            node_id=node_id,
+            memory_used_bytes=device.memory_used_bytes,
+            memory_total_bytes=device.memory_total_bytes,
+            compute_utilization_percent=device.compute_utilization_percent,
+            thermal_temperature_c=device.thermal_temperature_c,
+            thermal_throttle_threshold_c=device.thermal_throttle_threshold_c,
+            is_thermal_throttling=device.is_thermal_throttling,
+            battery_percent=device.battery_percent,
+            is_plugged_in=device.is_plugged_in,
+            last_update=utc_now(),
+            is_simulated=True,
+        )
+
+    def _refresh(self) -> None:
+        """Re-read the file if it changed; on failure log once and keep the last good one."""
+        try:
+            signature = _signature(self._path)
+        except OSError as error:
+            missing: FileSignature = (-1, -1, -1, -1)
+            if self._seen_signature != missing:
+                self._seen_signature = missing
+                logger.warning(f"{error}; keeping the last good simulated GPU readings")
+            return
+        if signature == self._seen_signature:
+            return
+        self._seen_signature = signature
+        try:
+            parsed = load_simulated_file(self._path)
+        except GPUBackendError as error:
+            logger.warning(f"{error}; keeping the last good simulated GPU readings")
+            return
+        self._devices = {device.device_id: device for device in parsed.devices}
