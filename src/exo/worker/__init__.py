@@ -1,0 +1,1 @@
+"""Worker: telemetry, planning and the runner processes that execute model layers."""

@@ -1,0 +1,92 @@
+"""Generate from the command line, in this process or over a local N-rank pipeline.
+
+uv run python -m exo.worker.runner.generate --prompt "What is the capital of France?"
+uv run python -m exo.worker.runner.generate --prompt "..." --world-size 2
+"""
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from loguru import logger
+
+from exo.models.bundled import bundled_gguf_path
+from exo.models.gguf import load_stage
+from exo.models.llama import LlamaStage
+from exo.models.tokenizer import GGUFTokenizer
+from exo.worker.runner.engine import Engine, GenerationChunk, GenerationRequest, LocalStepper
+from exo.worker.runner.launch import stream_local_pipeline
+
+
+def load_local_engine(model_path: Path | None = None) -> Engine:
+    """The whole model in this process, ready to generate."""
+    weights = load_stage(model_path or bundled_gguf_path())
+    tokenizer = GGUFTokenizer(weights.metadata)
+    return Engine(tokenizer, LocalStepper(LlamaStage(weights)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Generate text with the bundled model.")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--system", help="a system message (chat mode)")
+    parser.add_argument("--raw", action="store_true", help="no chat template")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[])
+    parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--model", type=Path)
+    arguments = parser.parse_args(argv)
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+    messages: list[dict[str, str]] | None = None
+    if not arguments.raw:
+        messages = []
+        if arguments.system:
+            messages.append({"role": "system", "content": arguments.system})
+        messages.append({"role": "user", "content": arguments.prompt})
+    request = GenerationRequest(
+        messages=messages,
+        prompt=arguments.prompt if arguments.raw else None,
+        max_tokens=arguments.max_tokens,
+        temperature=arguments.temperature,
+        top_p=arguments.top_p,
+        seed=arguments.seed,
+        stop=arguments.stop,
+    )
+    started = time.perf_counter()
+    chunks: Iterator[GenerationChunk]
+    if arguments.world_size == 1:
+        chunks = load_local_engine(arguments.model).generate(request)
+    else:
+        chunks = stream_local_pipeline(arguments.world_size, request, model_path=arguments.model)
+    first_token_at: float | None = None
+    last: GenerationChunk | None = None
+    for chunk in chunks:
+        if first_token_at is None:
+            first_token_at = time.perf_counter()
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        last = chunk
+    finished = time.perf_counter()
+    sys.stdout.write("\n")
+    if last is None or first_token_at is None:
+        print("no output", file=sys.stderr)
+        return 1
+    decode_tokens = max(last.completion_tokens - 1, 0)
+    decode_s = finished - first_token_at
+    print(
+        f"[{last.finish_reason}] prompt {last.prompt_tokens} tokens, completion "
+        f"{last.completion_tokens} tokens; first token after {first_token_at - started:.2f} s"
+        f" (incl. load), decode {decode_tokens / decode_s if decode_s > 0 else 0:.1f} tok/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""What a runner process reads on stdin and writes on stdout: one JSON object per line.
+
+Input (rank 0 only; other ranks take their orders from rank 0 over the ring):
+``{"type": "generate", "request": {...}}``, ``{"type": "cancel", "request_id": "..."}``,
+``{"type": "shutdown"}``. End of input means shutdown.
+
+Output (every rank): ``{"type": "status", ...}`` as the rank moves through
+connecting → loading → ready → running → ready ... → shut_down (or failed, with the error);
+rank 0 also writes ``{"type": "chunk", "chunk": {...}}`` for streamed text (the last chunk of a
+request has ``finish_reason``) and ``{"type": "request_failed", ...}`` for a request it
+rejected (e.g. a prompt longer than the context) while staying ready for the next.
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from exo.shared.types.runners import RunnerStatus
+from exo.worker.runner.engine import GenerationChunk, GenerationRequest
+
+
+class GenerateInput(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    type: Literal["generate"] = "generate"
+    request: GenerationRequest
+
+
+class CancelInput(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    type: Literal["cancel"] = "cancel"
+    request_id: str
+
+
+class ShutdownInput(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    type: Literal["shutdown"] = "shutdown"
+
+
+RunnerInput = Annotated[GenerateInput | CancelInput | ShutdownInput, Field(discriminator="type")]
+
+
+class StatusOutput(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    type: Literal["status"] = "status"
+    rank: int
+    status: RunnerStatus
+    error: str | None = None
+    layer_start: int | None = None
+    layer_end: int | None = None
+    weight_bytes: int | None = None
+    rss_bytes: int | None = None
+
+
+class ChunkOutput(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    type: Literal["chunk"] = "chunk"
+    chunk: GenerationChunk
+
+
+class RequestFailedOutput(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    type: Literal["request_failed"] = "request_failed"
+    request_id: str
+    error: str
+
+
+RunnerOutput = Annotated[
+    StatusOutput | ChunkOutput | RequestFailedOutput, Field(discriminator="type")
+]
+
+runner_input_adapter: TypeAdapter[GenerateInput | CancelInput | ShutdownInput] = TypeAdapter(
+    RunnerInput
+)
+runner_output_adapter: TypeAdapter[StatusOutput | ChunkOutput | RequestFailedOutput] = TypeAdapter(
+    RunnerOutput
+)
+
+
+def parse_input(line: str) -> GenerateInput | CancelInput | ShutdownInput:
+    return runner_input_adapter.validate_json(line)
+
+
+def parse_output(line: str) -> StatusOutput | ChunkOutput | RequestFailedOutput:
+    return runner_output_adapter.validate_json(line)
