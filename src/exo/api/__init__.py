@@ -1,0 +1,1 @@
+"""The HTTP API: state, events, instances, GPUs and the OpenAI-compatible chat endpoint."""

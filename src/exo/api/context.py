@@ -1,0 +1,49 @@
+"""What the API needs from the running node."""
+
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from exo.routing.local_events import LocalEventSender
+from exo.routing.router import Router
+from exo.routing.topics import Topics
+from exo.shared.election import Election
+from exo.shared.event_store import EventStore
+from exo.shared.types.commands import Command, CommandAdapter, CommandResult
+from exo.shared.types.ids import NodeId
+
+COMMAND_TIMEOUT_S = 5.0
+
+
+@dataclass
+class ApiContext:
+    node_id: NodeId
+    store: EventStore
+    election: Election
+    sender: LocalEventSender
+    router: Router
+    topics: Topics
+
+    async def send_command(self, command: Command) -> CommandResult:
+        """Send a command to the master and wait until this node has applied its events."""
+        if self.election.master_node_id is None:
+            return CommandResult(ok=False, status_code=503, error="no master elected yet")
+        payload = CommandAdapter.dump_json(command)
+        replies = await self.router.query(self.topics.commands, payload, COMMAND_TIMEOUT_S)
+        for reply in replies:
+            try:
+                result = CommandResult.model_validate_json(reply)
+            except ValidationError:
+                continue
+            if result.ok and result.event_indices:
+                applied = await self.store.wait_for_index(
+                    max(result.event_indices), COMMAND_TIMEOUT_S
+                )
+                if not applied:
+                    return CommandResult(
+                        ok=False,
+                        status_code=504,
+                        error="the master accepted the command but its events did not arrive in time",
+                    )
+            return result
+        return CommandResult(ok=False, status_code=503, error="the master did not answer")

@@ -1,0 +1,123 @@
+"""The ``exo`` command: parse flags, check them, run one node."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import anyio
+from loguru import logger
+
+from exo.node import NodeConfig, StartupError, run_node
+from exo.routing.router import TransportError, validate_endpoint
+
+DEFAULT_API_PORT = 52415
+DEFAULT_LISTEN = "tcp/0.0.0.0:52414"
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="exo",
+        description="Run one node of an exo cluster: discover peers, elect a master, share "
+        "one event-sourced state, report GPUs, place and run models.",
+    )
+    parser.add_argument(
+        "--api-host", default="0.0.0.0", help="address the HTTP API binds (default 0.0.0.0)"
+    )
+    parser.add_argument(
+        "--api-port",
+        type=int,
+        default=DEFAULT_API_PORT,
+        help=f"HTTP API port (default {DEFAULT_API_PORT})",
+    )
+    parser.add_argument(
+        "--listen",
+        action="append",
+        metavar="ENDPOINT",
+        help=f"zenoh endpoint to listen on, repeatable (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--connect",
+        action="append",
+        default=[],
+        metavar="ENDPOINT",
+        help="zenoh endpoint of a peer to connect to, e.g. tcp/192.168.1.10:52414; repeatable",
+    )
+    parser.add_argument(
+        "--no-discovery",
+        action="store_true",
+        help="disable multicast discovery of peers on the LAN",
+    )
+    parser.add_argument(
+        "--namespace", default="exo", help="cluster name; nodes only talk within one (default exo)"
+    )
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help="state directory: node id and event log (default $EXO_HOME or ~/.exo)",
+    )
+    parser.add_argument("--no-worker", action="store_true", help="do not run a worker on this node")
+    parser.add_argument(
+        "--friendly-name", default=None, help="name shown for this node (default hostname)"
+    )
+    parser.add_argument(
+        "--election-settle",
+        type=float,
+        default=1.5,
+        metavar="SECONDS",
+        help="time a starting node listens for peers before it may act as master (default 1.5)",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logs (-vv: trace)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    return parser
+
+
+def configure_logging(verbose: int, quiet: bool) -> None:
+    level = "WARNING" if quiet else {0: "INFO", 1: "DEBUG"}.get(verbose, "TRACE")
+    logger.remove()
+    logger.add(sys.stderr, level=level, format="{time:HH:mm:ss.SSS} {level: <7} {name}: {message}")
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    listen: list[str] = args.listen or [DEFAULT_LISTEN]
+    connect: list[str] = args.connect
+    for endpoint in [*listen, *connect]:
+        problem = validate_endpoint(endpoint)
+        if problem is not None:
+            raise StartupError(problem)
+    if not 0 < args.api_port < 65536:
+        raise StartupError(f"--api-port {args.api_port} is not a port number (1-65535)")
+    if not args.namespace or "/" in args.namespace or "*" in args.namespace:
+        raise StartupError("--namespace must be a non-empty name without '/' or '*'")
+    home: Path = args.home or Path(os.environ.get("EXO_HOME", "~/.exo"))
+    return NodeConfig(
+        home=home.expanduser(),
+        namespace=args.namespace,
+        listen=listen,
+        connect=connect,
+        discovery=not args.no_discovery,
+        api_host=args.api_host,
+        api_port=args.api_port,
+        run_worker=not args.no_worker,
+        friendly_name=args.friendly_name,
+        election_settle_s=args.election_settle,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
+    try:
+        config = config_from_args(args)
+        anyio.run(run_node, config)
+    except (StartupError, TransportError) as error:
+        print(f"exo: {error}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

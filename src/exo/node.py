@@ -1,0 +1,167 @@
+"""One exo node: router, election, log sync, master, worker and API in one task group."""
+
+import contextlib
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import uvicorn
+from loguru import logger
+
+from exo.api.app import create_app
+from exo.api.context import ApiContext
+from exo.master.commands import handle_command
+from exo.master.main import Master
+from exo.routing.event_sync import EventSync
+from exo.routing.local_events import LocalEventSender
+from exo.routing.router import Router, RouterConfig
+from exo.routing.topics import Topics
+from exo.shared.election import Election, now_us
+from exo.shared.event_store import EventStore
+from exo.shared.types.ids import NodeId
+from exo.worker.main import Worker, WorkerConfig
+
+NODE_ID_FILE = "node_id"
+FSYNC_INTERVAL_S = 1.0
+
+
+class StartupError(Exception):
+    """The node cannot start; the message is one sentence for the user (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    home: Path
+    namespace: str = "exo"
+    listen: list[str] = field(default_factory=lambda: ["tcp/0.0.0.0:52414"])
+    connect: list[str] = field(default_factory=list[str])
+    discovery: bool = True
+    api_host: str = "0.0.0.0"
+    api_port: int = 52415
+    run_worker: bool = True
+    friendly_name: str | None = None
+    election_settle_s: float = 1.5
+
+
+def prepare_home(home: Path) -> NodeId:
+    """Create the home directory if needed and load (or create) this node's id."""
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "events").mkdir(exist_ok=True)
+        id_file = home / NODE_ID_FILE
+        if id_file.exists():
+            node_id = id_file.read_text().strip()
+            if not node_id:
+                raise StartupError(f"{id_file} is empty; delete it to get a new node id")
+            return NodeId(node_id)
+        node_id = NodeId(str(uuid.uuid4()))
+        temporary = id_file.with_suffix(".tmp")
+        temporary.write_text(node_id + "\n")
+        os.replace(temporary, id_file)
+        return node_id
+    except OSError as error:
+        raise StartupError(
+            f"cannot use home directory {home}: {error.strerror or error}"
+        ) from error
+
+
+def bind_api_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise StartupError(
+            f"cannot serve the API on {host}:{port}: {error.strerror or error}"
+        ) from error
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class _ApiServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the node owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None]:
+        yield
+
+
+async def run_node(config: NodeConfig) -> None:
+    node_id = prepare_home(config.home)
+    api_socket = bind_api_socket(config.api_host, config.api_port)
+    store = EventStore(config.home / "events")
+    try:
+        store.load()
+    except OSError as error:
+        api_socket.close()
+        raise StartupError(f"cannot read the event log in {config.home}: {error}") from error
+    router = Router(RouterConfig(config.listen, config.connect, config.discovery))
+    try:
+        await router.open()
+    except Exception:
+        api_socket.close()
+        store.close()
+        raise
+    logger.info(f"node {node_id} starting (home {config.home}, namespace {config.namespace})")
+    topics = Topics(config.namespace)
+    election = Election(router, topics, node_id, now_us(), config.election_settle_s)
+    sync = EventSync(router, topics, election, store, node_id)
+    sender = LocalEventSender(router, topics, election, store, node_id)
+    master = Master(router, topics, election, store, sync, node_id, handle_command)
+    sync.start()
+    master.start()
+    election.start()
+    context = ApiContext(node_id, store, election, sender, router, topics)
+    server = _ApiServer(
+        uvicorn.Config(create_app(context), log_level="warning", lifespan="off", access_log=False)
+    )
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(_stop_on_signal, group.cancel_scope)
+            group.start_soon(election.run)
+            group.start_soon(sync.run)
+            group.start_soon(sender.run)
+            group.start_soon(master.run)
+            group.start_soon(_sync_disk_periodically, store)
+            if config.run_worker:
+                worker = Worker(
+                    node_id, store, sender, WorkerConfig(config.friendly_name, config.api_port)
+                )
+                group.start_soon(worker.run)
+            group.start_soon(_serve_api, server, api_socket)
+            logger.info(f"API listening on http://{config.api_host}:{config.api_port}")
+    finally:
+        with anyio.CancelScope(shield=True):
+            await router.close()
+            store.close()
+            api_socket.close()
+            logger.info("node stopped")
+
+
+async def _serve_api(server: uvicorn.Server, sock: socket.socket) -> None:
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        server.should_exit = True
+
+
+async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for received in signals:
+            logger.info(f"received {signal.Signals(received).name}; shutting down")
+            scope.cancel()
+            return
+
+
+async def _sync_disk_periodically(store: EventStore) -> None:
+    while True:
+        await anyio.sleep(FSYNC_INTERVAL_S)
+        store.sync()

@@ -1,0 +1,155 @@
+"""Start real ``exo`` node processes on 127.0.0.1 for cluster tests and benchmarks."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Generator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+JsonDict = dict[str, Any]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ExoNode:
+    def __init__(self, home: Path, peers: list[str], extra_args: list[str] | None = None) -> None:
+        self.home = home
+        self.api_port = free_port()
+        self.zenoh_port = free_port()
+        self.peers = peers
+        self.extra_args = extra_args or []
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = home.parent / f"{home.name}.log"
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp/127.0.0.1:{self.zenoh_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def start(self) -> None:
+        args = [
+            sys.executable,
+            "-m",
+            "exo.main",
+            "--no-discovery",
+            "--api-host",
+            "127.0.0.1",
+            "--api-port",
+            str(self.api_port),
+            "--listen",
+            self.endpoint,
+            "--home",
+            str(self.home),
+            "--election-settle",
+            "1.0",
+            *[arg for peer in self.peers if peer != self.endpoint for arg in ("--connect", peer)],
+            *self.extra_args,
+        ]
+        log = self.log_path.open("ab")
+        env = {**os.environ, "EXO_GPU_BACKEND": os.environ.get("EXO_GPU_BACKEND", "cpu")}
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+
+    def wait_ready(self, timeout_s: float = 20.0) -> None:
+        wait_until(lambda: self.try_get("/node_id") is not None, timeout_s, f"{self.url} to answer")
+
+    def try_get(self, path: str) -> JsonDict | None:
+        try:
+            response = httpx.get(self.url + path, timeout=2.0)
+        except httpx.HTTPError:
+            return None
+        return response.json() if response.status_code == 200 else None
+
+    def get(self, path: str) -> JsonDict:
+        response = httpx.get(self.url + path, timeout=5.0)
+        response.raise_for_status()
+        return response.json()
+
+    def state(self) -> JsonDict:
+        return self.get("/state")
+
+    def node_id(self) -> str:
+        return str(self.get("/node_id")["node_id"])
+
+    def all_events(self) -> list[JsonDict]:
+        events: list[JsonDict] = []
+        since = -1
+        while True:
+            page = self.get(f"/events?since={since}&limit=10000")["events"]
+            if not page:
+                return events
+            events.extend(page)
+            since = page[-1]["idx"]
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def terminate(self, timeout_s: float = 15.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """Poll until predicate holds; returns the seconds it took. Fails the test on timeout."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        with contextlib.suppress(httpx.HTTPError):
+            if predicate():
+                return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+@contextlib.contextmanager
+def running_cluster(
+    base: Path, count: int, extra_args: Callable[[int], list[str]] | None = None
+) -> Generator[list[ExoNode]]:
+    """Start count nodes that all know each other's endpoints; always stop them."""
+    nodes: list[ExoNode] = []
+    for index in range(count):
+        nodes.append(ExoNode(base / f"node{index}", [], extra_args(index) if extra_args else None))
+    endpoints = [node.endpoint for node in nodes]
+    for node in nodes:
+        node.peers = endpoints
+    try:
+        for node in nodes:
+            node.start()
+        for node in nodes:
+            node.wait_ready()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+def converged(nodes: list[ExoNode], expected_nodes: int) -> bool:
+    states = [node.state() for node in nodes]
+    masters = {state["master_node_id"] for state in states}
+    indices = {state["last_event_applied_idx"] for state in states}
+    return (
+        all(len(state["nodes"]) == expected_nodes for state in states)
+        and len(masters) == 1
+        and None not in masters
+        and len(indices) == 1
+    )
