@@ -1,0 +1,132 @@
+"""Gap filling and divergence repair between two real zenoh sessions on loopback."""
+
+import socket
+from collections.abc import AsyncGenerator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import pytest
+
+from exo.master.commands import handle_command
+from exo.master.main import Master
+from exo.routing.event_sync import EventSync
+from exo.routing.messages import GlobalEventMessage
+from exo.routing.router import Router, RouterConfig
+from exo.routing.topics import Topics
+from exo.shared.election import Election
+from exo.shared.event_store import EventStore
+from exo.shared.types.events import IndexedEvent, ProbeEmitted
+from exo.shared.types.ids import NodeId
+
+pytestmark = pytest.mark.anyio
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    node_id: NodeId
+    router: Router
+    election: Election
+    store: EventStore
+    sync: EventSync
+    master: Master
+
+
+@asynccontextmanager
+async def stack(
+    home: Path, node_id: str, started_at_us: int, listen_port: int, connect_port: int | None
+) -> AsyncGenerator[Stack]:
+    connect = [f"tcp/127.0.0.1:{connect_port}"] if connect_port else []
+    router = Router(RouterConfig([f"tcp/127.0.0.1:{listen_port}"], connect, discovery=False))
+    await router.open()
+    topics = Topics("test")
+    store = EventStore(home)
+    store.load()
+    election = Election(router, topics, NodeId(node_id), started_at_us, settle_s=0.2)
+    sync = EventSync(router, topics, election, store, NodeId(node_id))
+    master = Master(router, topics, election, store, sync, NodeId(node_id), handle_command)
+    sync.start()
+    master.start()
+    election.start()
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(election.run)
+            group.start_soon(sync.run)
+            group.start_soon(master.run)
+            yield Stack(NodeId(node_id), router, election, store, sync, master)
+            group.cancel_scope.cancel()
+    finally:
+        await router.close()
+        store.close()
+
+
+async def wait_for(predicate: "object", timeout_s: float = 5.0) -> None:
+    assert callable(predicate)
+    with anyio.fail_after(timeout_s):
+        while not predicate():
+            await anyio.sleep(0.02)
+
+
+def probe() -> ProbeEmitted:
+    return ProbeEmitted(probe_id="p", sent_at=0.0)
+
+
+async def test_follower_fills_a_gap_from_the_master(tmp_path: Path) -> None:
+    port = free_port()
+    async with (
+        stack(tmp_path / "m", "master", 1, port, None) as leader,
+        stack(tmp_path / "f", "follower", 2, free_port(), port) as follower,
+    ):
+        await wait_for(lambda: leader.master.is_active)
+        await wait_for(lambda: follower.store.last_idx == leader.store.last_idx)
+        # Index three events on the master without broadcasting them: the follower misses them.
+        for _ in range(3):
+            leader.store.append(IndexedEvent(idx=leader.store.last_idx + 1, event=probe()))
+        missed_up_to = leader.store.last_idx
+        # The next one is broadcast; the follower sees the gap and fetches the range.
+        leader.master.index(probe())
+        await wait_for(lambda: follower.store.last_idx == leader.store.last_idx)
+        for idx in range(missed_up_to + 2):
+            ours, theirs = follower.store.event_at(idx), leader.store.event_at(idx)
+            assert ours is not None and theirs is not None
+            assert ours.event.event_id == theirs.event.event_id
+
+
+async def test_duplicates_are_ignored_and_divergent_tail_is_repaired(tmp_path: Path) -> None:
+    port = free_port()
+    async with (
+        stack(tmp_path / "m", "master", 1, port, None) as leader,
+        stack(tmp_path / "f", "follower", 2, free_port(), port) as follower,
+    ):
+        await wait_for(lambda: leader.master.is_active)
+        for _ in range(3):
+            leader.master.index(probe())
+        await wait_for(lambda: follower.store.last_idx == leader.store.last_idx)
+        # A duplicate of an already-applied event changes nothing.
+        duplicate = leader.store.event_at(1)
+        assert duplicate is not None
+        message = GlobalEventMessage(master_node_id=leader.node_id, indexed_event=duplicate)
+        leader.router.publish("test/global_events", message.model_dump_json().encode())
+        await anyio.sleep(0.3)
+        assert follower.store.last_idx == leader.store.last_idx
+        # The follower's log diverges at its tail (an event nobody else has) ...
+        follower.store.append(IndexedEvent(idx=follower.store.last_idx + 1, event=probe()))
+        foreign = follower.store.event_at(follower.store.last_idx)
+        # ... and the master indexes a different event at that index.
+        leader.master.index(probe())
+        leader.master.index(probe())
+        await wait_for(lambda: follower.store.last_idx == leader.store.last_idx)
+        assert foreign is not None
+        held = follower.store.event_at(foreign.idx)
+        assert held is not None and held.event.event_id != foreign.event.event_id
+        for idx in range(leader.store.last_idx + 1):
+            ours, theirs = follower.store.event_at(idx), leader.store.event_at(idx)
+            assert ours is not None and theirs is not None
+            assert ours.event.event_id == theirs.event.event_id

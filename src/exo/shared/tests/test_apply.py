@@ -1,0 +1,133 @@
+import typing
+from datetime import UTC, datetime
+
+import pytest
+
+from exo.shared.apply import EventOutOfOrderError, apply, apply_event
+from exo.shared.types.events import (
+    DeviceGPUStateUpdated,
+    Event,
+    GPUBandwidthMeasured,
+    GPUDeviceInfoReported,
+    IndexedEvent,
+    MasterElected,
+    NodeInfoReported,
+    NodeMemoryUpdated,
+    NodeTimedOut,
+)
+from exo.shared.types.gpu import DeviceGPUState, GPUDeviceInfo
+from exo.shared.types.ids import DeviceId, NodeId
+from exo.shared.types.node import NodeStaticInfo
+from exo.shared.types.state import State
+
+NODE_A = NodeId("node-a")
+NODE_B = NodeId("node-b")
+WHEN = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def node_info(node_id: NodeId) -> NodeInfoReported:
+    info = NodeStaticInfo(
+        friendly_name=f"box-{node_id}", hostname="h", os="Linux", cpu_count=8, ram_total_bytes=1000
+    )
+    return NodeInfoReported(node_id=node_id, info=info, ram_available_bytes=600, reported_at=WHEN)
+
+
+def gpu_reading(node_id: NodeId, device: str, used: int) -> DeviceGPUStateUpdated:
+    return DeviceGPUStateUpdated(
+        device_state=DeviceGPUState(
+            device_id=DeviceId(device),
+            node_id=node_id,
+            memory_used_bytes=used,
+            memory_total_bytes=8000,
+            compute_utilization_percent=10,
+            last_update=WHEN,
+        )
+    )
+
+
+def apply_all(events: list[Event]) -> State:
+    state = State()
+    for index, event in enumerate(events):
+        state = apply(state, IndexedEvent(idx=index, event=event))
+    return state
+
+
+def test_empty_state_has_no_events() -> None:
+    assert State().last_event_applied_idx == -1
+    assert State().master_node_id is None
+
+
+def test_apply_is_pure_and_advances_the_index() -> None:
+    state = State()
+    new_state = apply(state, IndexedEvent(idx=0, event=MasterElected(master_node_id=NODE_A)))
+    assert state.master_node_id is None and state.last_event_applied_idx == -1
+    assert new_state.master_node_id == NODE_A and new_state.last_event_applied_idx == 0
+
+
+def test_apply_rejects_events_out_of_order() -> None:
+    with pytest.raises(EventOutOfOrderError):
+        apply(State(), IndexedEvent(idx=1, event=MasterElected(master_node_id=NODE_A)))
+
+
+def test_node_lifecycle() -> None:
+    state = apply_all(
+        [
+            node_info(NODE_A),
+            node_info(NODE_B),
+            NodeMemoryUpdated(node_id=NODE_A, ram_available_bytes=300, reported_at=WHEN),
+            gpu_reading(NODE_A, "cuda:0", 100),
+            gpu_reading(NODE_B, "cuda:0", 200),
+        ]
+    )
+    assert set(state.nodes) == {NODE_A, NODE_B}
+    assert state.nodes[NODE_A].ram_available_bytes == 300
+    # The same device id on two nodes does not collide.
+    assert state.gpu_device_state[NODE_A][DeviceId("cuda:0")].memory_used_bytes == 100
+    assert state.gpu_device_state[NODE_B][DeviceId("cuda:0")].memory_used_bytes == 200
+    state = apply(state, IndexedEvent(idx=5, event=NodeTimedOut(node_id=NODE_A)))
+    assert set(state.nodes) == {NODE_B}
+    assert NODE_A not in state.gpu_device_state
+
+
+def test_device_info_and_links_are_kept_per_node() -> None:
+    info = GPUDeviceInfo(
+        device_id=DeviceId("cuda:0"),
+        node_id=NODE_A,
+        name="H100",
+        vendor="NVIDIA",
+        backend="cuda",
+        memory_total_bytes=80,
+        memory_bandwidth_gbps=3350,
+        peak_tflops_fp16=989,
+    )
+    link = GPUBandwidthMeasured(
+        source_node_id=NODE_A,
+        dest_node_id=NODE_B,
+        source_device_id="node",
+        dest_device_id="node",
+        bandwidth_mbps=900,
+        latency_ms=0.4,
+        measurement_count=3,
+    )
+    state = apply_all(
+        [node_info(NODE_A), node_info(NODE_B), GPUDeviceInfoReported(device_info=info), link]
+    )
+    assert state.gpu_device_info[NODE_A][DeviceId("cuda:0")].name == "H100"
+    assert state.gpu_links[NODE_A][NODE_B].bandwidth_mbps == 900
+    state = apply(state, IndexedEvent(idx=4, event=NodeTimedOut(node_id=NODE_B)))
+    assert NODE_B not in state.gpu_links.get(NODE_A, {})
+
+
+def test_every_event_type_is_handled() -> None:
+    """apply_event's match ends in assert_never, so type checking fails on a missing case;
+    this checks at run time that no event kind falls through either."""
+    union = typing.get_args(typing.get_args(Event)[0])
+    assert len(union) >= 14
+    handled = {event_type.__name__ for event_type in union}
+    source = apply_event.__code__.co_names
+    assert handled <= set(source)
+
+
+def test_state_round_trips_through_json() -> None:
+    state = apply_all([node_info(NODE_A), gpu_reading(NODE_A, "cuda:0", 5)])
+    assert State.model_validate_json(state.model_dump_json()) == state
