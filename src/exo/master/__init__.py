@@ -1,0 +1,1 @@
+"""The master: turns commands into events and places model instances across devices."""

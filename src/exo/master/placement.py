@@ -1,0 +1,569 @@
+"""Placement: which devices run which layers of a model, and why.
+
+Pure functions over the cluster ``State``. The decision tree follows the seed card:
+
+* no GPU telemetry, or the devices are alike → the greedy memory-proportional split
+  (strategy ``"greedy"``);
+* the devices differ → ``ConstraintSatisfactionPlacement`` (strategy ``"csp"``), with the
+  greedy split as its fallback when the time budget runs out (``"greedy_fallback"``).
+
+Either way the decision records both predictions (same cost model), the solve time, the
+reasons and the device scores. See docs/placement.md.
+"""
+
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+
+from loguru import logger
+
+from exo.master.placement_csp import (
+    ConstraintSatisfactionPlacement,
+    CostModel,
+    CostModelConfig,
+    DeviceKey,
+    LinkCost,
+    PlacementDevice,
+    StagePlan,
+    effective_bandwidth_gbps,
+    exclusion_reason,
+    greedy_stages,
+)
+from exo.shared.types.commands import PlaceInstance
+from exo.shared.types.gpu import DeviceGPUState, GPUDeviceInfo, GPULink
+from exo.shared.types.ids import DeviceId, InstanceId, NodeId, RunnerId
+from exo.shared.types.instances import GPUDeviceScore, Instance, PlacementDecision, Shard
+from exo.shared.types.memory import format_bytes
+from exo.shared.types.models import ModelCard
+from exo.shared.types.node import NodeInfo
+from exo.shared.types.state import State
+
+__all__ = [
+    "ModelDoesNotFitError",
+    "NoCandidateDevicesError",
+    "NotEnoughNodesError",
+    "PlacementError",
+    "_compute_device_scores",
+    "_has_heterogeneous_gpus",
+    "candidate_devices",
+    "get_shard_assignments",
+    "heterogeneity_reasons",
+    "place_instance",
+    "score_devices",
+]
+
+DEFAULT_BANDWIDTH_GBPS: dict[str, float] = {
+    "cuda": 300.0,
+    "metal": 100.0,
+    "simulated": 100.0,
+    "cpu": 40.0,
+}
+"""Used when a device has not reported its static facts (or reports 0); unknown → CPU's."""
+DEFAULT_TFLOPS_FP16: dict[str, float] = {"cuda": 30.0, "metal": 10.0, "simulated": 10.0, "cpu": 1.0}
+CPU_BANDWIDTH_GBPS = DEFAULT_BANDWIDTH_GBPS["cpu"]
+CPU_TFLOPS_FP16 = DEFAULT_TFLOPS_FP16["cpu"]
+
+HETEROGENEITY_TOLERANCE = 0.10
+"""Memory totals or bandwidths further apart than this (max/min − 1) make a cluster uneven."""
+BUSY_UTILIZATION_PERCENT = 50.0
+
+
+# --- errors ------------------------------------------------------------------------------
+class PlacementError(Exception):
+    """A placement that cannot be made; ``status_code`` and ``detail`` are for the API."""
+
+    status_code: int = 409
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def detail(self) -> dict[str, object]:
+        return {"error": self.message}
+
+
+class ModelDoesNotFitError(PlacementError):
+    def __init__(self, model_id: str, needed_bytes: int, available_bytes: int, message: str):
+        super().__init__(message)
+        self.model_id = model_id
+        self.needed_bytes = needed_bytes
+        self.available_bytes = available_bytes
+
+    @property
+    def detail(self) -> dict[str, object]:
+        return {
+            "error": self.message,
+            "model_id": self.model_id,
+            "needed_bytes": self.needed_bytes,
+            "available_bytes": self.available_bytes,
+        }
+
+
+class NotEnoughNodesError(PlacementError):
+    def __init__(self, required_nodes: int, available_nodes: int, message: str):
+        super().__init__(message)
+        self.required_nodes = required_nodes
+        self.available_nodes = available_nodes
+
+    @property
+    def detail(self) -> dict[str, object]:
+        return {
+            "error": self.message,
+            "required_nodes": self.required_nodes,
+            "available_nodes": self.available_nodes,
+        }
+
+
+class NoCandidateDevicesError(PlacementError):
+    status_code = 503
+
+
+# --- candidate devices ---------------------------------------------------------------------
+def _backend_of(device_id: str, info: GPUDeviceInfo | None) -> str:
+    if info is not None:
+        return info.backend
+    prefix = device_id.split(":", 1)[0].lower()
+    return prefix if prefix in DEFAULT_BANDWIDTH_GBPS else "unknown"
+
+
+def _gpu_device(state: DeviceGPUState, info: GPUDeviceInfo | None) -> PlacementDevice:
+    backend = _backend_of(state.device_id, info)
+    bandwidth = info.memory_bandwidth_gbps if info is not None else 0.0
+    tflops = info.peak_tflops_fp16 if info is not None else 0.0
+    total = state.memory_total_bytes or (info.memory_total_bytes if info is not None else 0)
+    return PlacementDevice(
+        node_id=state.node_id,
+        device_id=state.device_id,
+        name=info.name if info is not None else state.device_id,
+        vendor=info.vendor if info is not None else "unknown",
+        backend=backend,
+        memory_total_bytes=total,
+        memory_free_bytes=max(0, total - state.memory_used_bytes),
+        memory_bandwidth_gbps=bandwidth or DEFAULT_BANDWIDTH_GBPS.get(backend, CPU_BANDWIDTH_GBPS),
+        peak_tflops_fp16=tflops or DEFAULT_TFLOPS_FP16.get(backend, CPU_TFLOPS_FP16),
+        utilization_percent=state.compute_utilization_percent,
+        temperature_c=state.thermal_temperature_c,
+        throttle_threshold_c=state.thermal_throttle_threshold_c,
+        is_thermal_throttling=state.is_thermal_throttling,
+        battery_percent=state.battery_percent,
+        is_plugged_in=state.is_plugged_in,
+        has_static_info=info is not None,
+    )
+
+
+def _cpu_device(node: NodeInfo) -> PlacementDevice:
+    return PlacementDevice(
+        node_id=NodeId(node.node_id),
+        device_id=DeviceId("cpu"),
+        name=f"CPU ({node.friendly_name})",
+        vendor="cpu",
+        backend="cpu",
+        memory_total_bytes=node.ram_total_bytes or node.ram_available_bytes,
+        memory_free_bytes=node.ram_available_bytes,
+        memory_bandwidth_gbps=CPU_BANDWIDTH_GBPS,
+        peak_tflops_fp16=CPU_TFLOPS_FP16,
+        is_cpu_fallback=True,
+    )
+
+
+def _devices_from_gpu_state(
+    gpu_device_state: Mapping[NodeId, Mapping[DeviceId, DeviceGPUState]],
+    gpu_device_info: Mapping[NodeId, Mapping[DeviceId, GPUDeviceInfo]] | None,
+    node_ids: Sequence[NodeId] | None = None,
+) -> list[PlacementDevice]:
+    infos = gpu_device_info or {}
+    wanted = set(node_ids) if node_ids is not None else None
+    devices: list[PlacementDevice] = []
+    for node_id in sorted(gpu_device_state):
+        if wanted is not None and node_id not in wanted:
+            continue
+        per_node = gpu_device_state[node_id]
+        for device_id in sorted(per_node):
+            info = infos.get(node_id, {}).get(device_id)
+            devices.append(_gpu_device(per_node[device_id], info))
+    return devices
+
+
+def candidate_devices(state: State) -> list[PlacementDevice]:
+    """Every device placement may use: each GPU of each node in ``state.nodes`` that has GPU
+    state (joined with its static info), and the CPU/RAM of each node that has none."""
+    devices: list[PlacementDevice] = []
+    for node_id in sorted(state.nodes):
+        per_node = state.gpu_device_state.get(NodeId(node_id), {})
+        if per_node:
+            devices.extend(
+                _devices_from_gpu_state({NodeId(node_id): per_node}, state.gpu_device_info)
+            )
+        else:
+            devices.append(_cpu_device(state.nodes[node_id]))
+    return devices
+
+
+def links_from_state(
+    gpu_links: Mapping[NodeId, Mapping[NodeId, GPULink]],
+) -> dict[NodeId, dict[NodeId, LinkCost]]:
+    """Measured links as cost-model inputs (a measured 0 Mbps link is treated as unmeasured)."""
+    links: dict[NodeId, dict[NodeId, LinkCost]] = {}
+    for source, destinations in gpu_links.items():
+        for destination, link in destinations.items():
+            if link.bandwidth_mbps > 0:
+                links.setdefault(source, {})[destination] = LinkCost(
+                    latency_ms=link.latency_ms, bandwidth_mbps=link.bandwidth_mbps
+                )
+    return links
+
+
+# --- heterogeneity -----------------------------------------------------------------------
+def _live_condition(device: PlacementDevice) -> tuple[bool, bool, bool]:
+    hot = device.is_thermal_throttling or (
+        device.temperature_known and device.temperature_c >= device.throttle_threshold_c
+    )
+    return (hot, not device.is_plugged_in, device.utilization_percent >= BUSY_UTILIZATION_PERCENT)
+
+
+def _spread(values: Sequence[float]) -> float:
+    low, high = min(values), max(values)
+    if high <= 0:
+        return 0.0
+    return float("inf") if low <= 0 else high / low - 1.0
+
+
+def heterogeneity_reasons(devices: Sequence[PlacementDevice]) -> list[str]:
+    """Why these devices count as unlike (empty when they are alike).
+
+    The rule: two or more devices, and they differ in backend, vendor or model name (among
+    devices whose static facts are known), or in total memory or memory bandwidth by more
+    than 10 % (max/min − 1), or in live condition — thermally throttling or past the
+    threshold, running on battery (unplugged), busy (utilisation ≥ 50 %).
+    """
+    if len(devices) < 2:
+        return []
+    reasons: list[str] = []
+    backends = sorted({device.backend for device in devices})
+    if len(backends) > 1:
+        reasons.append(f"backends differ ({', '.join(backends)})")
+    known = [device for device in devices if device.has_static_info or device.is_cpu_fallback]
+    vendors = sorted({device.vendor for device in known})
+    if len(vendors) > 1:
+        reasons.append(f"vendors differ ({', '.join(vendors)})")
+    names = sorted({device.name for device in known if not device.is_cpu_fallback})
+    if len(names) > 1:
+        reasons.append(f"models differ ({', '.join(names)})")
+    totals = [float(device.memory_total_bytes) for device in devices]
+    if _spread(totals) > HETEROGENEITY_TOLERANCE:
+        reasons.append(
+            f"total memory differs by more than {HETEROGENEITY_TOLERANCE:.0%} "
+            f"({format_bytes(int(min(totals)))} to {format_bytes(int(max(totals)))})"
+        )
+    bandwidths = [device.memory_bandwidth_gbps for device in known]
+    if len(bandwidths) > 1 and _spread(bandwidths) > HETEROGENEITY_TOLERANCE:
+        reasons.append(
+            f"memory bandwidth differs by more than {HETEROGENEITY_TOLERANCE:.0%} "
+            f"({min(bandwidths):.0f} to {max(bandwidths):.0f} GB/s)"
+        )
+    conditions = {_live_condition(device) for device in devices}
+    if len(conditions) > 1:
+        labels = ("throttling", "on battery", "busy")
+        odd = [
+            f"{device.label} is {' and '.join(label for label, flag in zip(labels, _live_condition(device), strict=True) if flag)}"
+            for device in devices
+            if any(_live_condition(device))
+        ]
+        reasons.append("live condition differs: " + "; ".join(odd))
+    return reasons
+
+
+def _has_heterogeneous_gpus(
+    gpu_device_state: Mapping[NodeId, Mapping[DeviceId, DeviceGPUState]],
+    gpu_device_info: Mapping[NodeId, Mapping[DeviceId, GPUDeviceInfo]] | None = None,
+) -> bool:
+    """True when the devices in ``gpu_device_state`` (node id → device id → state) are
+    unlike by :func:`heterogeneity_reasons`' rule. Without ``gpu_device_info`` only memory
+    and live condition can be compared."""
+    return bool(heterogeneity_reasons(_devices_from_gpu_state(gpu_device_state, gpu_device_info)))
+
+
+# --- scores --------------------------------------------------------------------------------
+NETWORK_SCORE_PROBE_BYTES = 8192
+"""Bytes of the typical hidden state used to rank links for the network score."""
+
+
+def _clamp(value: float) -> float:
+    return min(1.0, max(0.0, value))
+
+
+def score_devices(
+    devices: Sequence[PlacementDevice],
+    shard_size_bytes: int,
+    links: Mapping[NodeId, Mapping[NodeId, LinkCost]] | None = None,
+    config: CostModelConfig | None = None,
+) -> list[GPUDeviceScore]:
+    """Each part in [0, 1], relative to the best candidate where a part is relative:
+
+    * compute: peak fp16 TFLOPS × (1 − utilisation), over the best such value;
+    * memory: free memory (less headroom) over the shard size, capped at 1;
+    * network: the cheapest mean link cost among the nodes over this node's mean link cost
+      to the other candidate nodes (1 when there is a single node);
+    * thermal: 0 when throttling or past the threshold, else the margin to the threshold
+      over 30 °C (1 when the temperature is unknown), × battery charge when unplugged;
+    * bandwidth: effective memory bandwidth over the best one.
+    """
+    config = config or CostModelConfig()
+    if not devices:
+        return []
+    links = links or {}
+    compute = [d.peak_tflops_fp16 * (1 - d.utilization_percent / 100.0) for d in devices]
+    bandwidth = [effective_bandwidth_gbps(d, config) for d in devices]
+    best_compute = max(compute)
+    best_bandwidth = max(bandwidth)
+    node_ids = sorted({d.node_id for d in devices})
+
+    def link_ms(source: NodeId, destination: NodeId) -> float:
+        link = links.get(source, {}).get(destination, config.default_link)
+        return link.latency_ms + NETWORK_SCORE_PROBE_BYTES * 8 / (link.bandwidth_mbps * 1e3)
+
+    mean_link: dict[NodeId, float] = {}
+    for node in node_ids:
+        others = [other for other in node_ids if other != node]
+        if others:
+            costs = [link_ms(node, other) + link_ms(other, node) for other in others]
+            mean_link[node] = sum(costs) / (2 * len(costs))
+    best_link = min(mean_link.values()) if mean_link else 0.0
+
+    scores: list[GPUDeviceScore] = []
+    for index, d in enumerate(devices):
+        usable = max(
+            0, d.memory_free_bytes - int(d.memory_total_bytes * config.memory_headroom_fraction)
+        )
+        memory = usable / shard_size_bytes if shard_size_bytes > 0 else float(usable > 0)
+        if d.is_thermal_throttling or (
+            d.temperature_known and d.temperature_c >= d.throttle_threshold_c
+        ):
+            thermal = 0.0
+        elif d.temperature_known:
+            thermal = (d.throttle_threshold_c - d.temperature_c) / 30.0
+        else:
+            thermal = 1.0
+        if not d.is_plugged_in:
+            thermal = _clamp(thermal) * d.battery_percent / 100.0
+        network = (
+            best_link / mean_link[d.node_id]
+            if d.node_id in mean_link and mean_link[d.node_id] > 0
+            else 1.0
+        )
+        scores.append(
+            GPUDeviceScore(
+                node_id=d.node_id,
+                device_id=d.device_id,
+                compute_score=_clamp(compute[index] / best_compute if best_compute > 0 else 0.0),
+                memory_score=_clamp(memory),
+                network_score=_clamp(network),
+                thermal_score=_clamp(thermal),
+                bandwidth_score=_clamp(
+                    bandwidth[index] / best_bandwidth if best_bandwidth > 0 else 0.0
+                ),
+            )
+        )
+    return scores
+
+
+def _compute_device_scores(
+    cycle_node_ids: Sequence[NodeId],
+    gpu_device_state: Mapping[NodeId, Mapping[DeviceId, DeviceGPUState]],
+    shard_size_bytes: int,
+    topology: Mapping[NodeId, Mapping[NodeId, GPULink]] | None,
+    *,
+    gpu_device_info: Mapping[NodeId, Mapping[DeviceId, GPUDeviceInfo]] | None = None,
+    config: CostModelConfig | None = None,
+) -> list[GPUDeviceScore]:
+    """Scores (see :func:`score_devices`) of the GPUs of ``cycle_node_ids``; ``topology`` is
+    ``State.gpu_links`` (source node → destination node → measured link) or None."""
+    devices = _devices_from_gpu_state(gpu_device_state, gpu_device_info, cycle_node_ids)
+    return score_devices(devices, shard_size_bytes, links_from_state(topology or {}), config)
+
+
+# --- greedy --------------------------------------------------------------------------------
+def _shards(stages: Sequence[StagePlan]) -> list[Shard]:
+    shards: list[Shard] = []
+    start = 0
+    for rank, stage in enumerate(stages):
+        shards.append(
+            Shard(
+                runner_id=RunnerId(str(uuid.uuid4())),
+                node_id=stage.device.node_id,
+                device_id=stage.device.device_id,
+                rank=rank,
+                world_size=len(stages),
+                start_layer=start,
+                end_layer=start + stage.n_layers,
+            )
+        )
+        start += stage.n_layers
+    return shards
+
+
+def _does_not_fit(
+    cost_model: CostModel, devices: Sequence[PlacementDevice], min_nodes: int
+) -> PlacementError:
+    card = cost_model.model_card
+    needed = cost_model.memory_needed(card.n_layers, True, True)
+    available = sum(cost_model.usable_bytes(device) for device in devices)
+    headroom = cost_model.config.memory_headroom_fraction
+    if min_nodes > 1 and needed <= available:
+        holders = {d.node_id for d in devices if cost_model.max_layers(d, False, False) >= 1}
+        if len(holders) < min_nodes:
+            return NotEnoughNodesError(
+                min_nodes,
+                len(holders),
+                f"{card.model_id} cannot span {min_nodes} nodes: only {len(holders)} node(s) "
+                "have room for a layer",
+            )
+    detail = "" if needed > available else " (free memory is too fragmented across devices)"
+    return ModelDoesNotFitError(
+        card.model_id,
+        needed,
+        available,
+        f"{card.model_id} needs {format_bytes(needed)} (weights + KV cache for "
+        f"{card.context_length} tokens) but the candidate devices have {format_bytes(available)} "
+        f"free after {headroom:.0%} headroom{detail}",
+    )
+
+
+def get_shard_assignments(
+    model_card: ModelCard,
+    devices: Sequence[PlacementDevice],
+    *,
+    min_nodes: int = 1,
+    cost_model: CostModel | None = None,
+) -> list[Shard]:
+    """The greedy split as shards: fewest devices (largest free memory first) whose memory
+    holds the model, memory-proportional contiguous layer ranges, ≥ 1 layer each.
+    Raises ModelDoesNotFitError / NotEnoughNodesError."""
+    cost_model = cost_model or CostModel(model_card=model_card)
+    stages = greedy_stages(cost_model, devices, min_nodes)
+    if stages is None:
+        raise _does_not_fit(cost_model, devices, min_nodes)
+    return _shards(stages)
+
+
+# --- the decision --------------------------------------------------------------------------
+def _describe(stages: Sequence[StagePlan]) -> str:
+    return ", ".join(
+        f"{stage.device.node_id}/{stage.device.device_id}:{stage.n_layers}" for stage in stages
+    )
+
+
+def _unused_summary(
+    devices: Sequence[PlacementDevice], stages: Sequence[StagePlan], skip: set[DeviceKey]
+) -> str | None:
+    used = {stage.device.key for stage in stages}
+    unused = [d.label for d in devices if d.key not in used and d.key not in skip]
+    if not unused:
+        return None
+    shown = ", ".join(unused[:6]) + (f" and {len(unused) - 6} more" if len(unused) > 6 else "")
+    return f"not used: {shown} (the chosen devices hold the model with a lower predicted time)"
+
+
+def place_instance(
+    command: PlaceInstance,
+    state: State,
+    model_card: ModelCard,
+    *,
+    csp_budget_ms: float = 100.0,
+    instance_id: InstanceId | None = None,
+    config: CostModelConfig | None = None,
+) -> Instance:
+    """Place ``model_card`` on the cluster in ``state``; the Instance carries its decision.
+
+    Raises NoCandidateDevicesError (no node offers a device), NotEnoughNodesError
+    (``command.min_nodes`` cannot be met) or ModelDoesNotFitError (with needed and
+    available bytes). A solver timeout is not an error: the greedy split is used.
+    """
+    started = time.perf_counter()
+    config = config or CostModelConfig()
+    devices = candidate_devices(state)
+    if not devices:
+        raise NoCandidateDevicesError("no node in the cluster offers a device to place on")
+    node_count = len({device.node_id for device in devices})
+    min_nodes = command.min_nodes
+    if node_count < min_nodes:
+        raise NotEnoughNodesError(
+            min_nodes,
+            node_count,
+            f"{model_card.model_id} was asked to span {min_nodes} nodes but the cluster has "
+            f"{node_count}",
+        )
+    cost_model = CostModel(
+        model_card=model_card, config=config, links=links_from_state(state.gpu_links)
+    )
+    greedy = greedy_stages(cost_model, devices, min_nodes)
+    greedy_ms = cost_model.predict_ms_per_token(greedy) if greedy is not None else None
+    shard_size = (
+        max(cost_model.memory_needed(stage.n_layers, False, False) for stage in greedy)
+        if greedy is not None
+        else model_card.total_bytes // len(devices)
+    )
+    scores = score_devices(devices, shard_size, cost_model.links, config)
+    differences = heterogeneity_reasons(devices) if state.gpu_device_state else []
+    reasons: list[str] = []
+
+    if not differences:
+        if greedy is None or greedy_ms is None:
+            raise _does_not_fit(cost_model, devices, min_nodes)
+        stages = greedy
+        predicted = greedy_ms
+        strategy = "greedy"
+        reasons.append(
+            "no GPU telemetry yet: greedy memory-proportional split"
+            if not state.gpu_device_state
+            else "devices are alike: greedy memory-proportional split"
+        )
+        solve_ms = (time.perf_counter() - started) * 1000.0
+    else:
+        reasons.append("devices differ: " + "; ".join(differences) + " → constraint solver")
+        solver = ConstraintSatisfactionPlacement(
+            cost_model,
+            devices,
+            min_nodes=min_nodes,
+            budget_ms=csp_budget_ms,
+            scores={(score.node_id, score.device_id): score.weighted_score for score in scores},
+            fallback=greedy,
+        )
+        result = solver.solve()
+        if not result.stages or result.predicted_ms_per_token is None:
+            raise _does_not_fit(cost_model, devices, min_nodes)
+        stages = result.stages
+        predicted = result.predicted_ms_per_token
+        strategy = "greedy_fallback" if result.used_fallback else "csp"
+        reasons.extend(result.reasons)
+        solve_ms = result.solve_ms
+        excluded = {d.key for d in devices if exclusion_reason(d, config) is not None}
+        unused = _unused_summary(devices, stages, excluded)
+        if unused is not None:
+            reasons.append(unused)
+    if greedy_ms is None:
+        reasons.append(
+            "the greedy split finds no placement here; its prediction shows the chosen one"
+        )
+    decision = PlacementDecision(
+        strategy=strategy,
+        heterogeneous=bool(differences),
+        reasons=reasons,
+        predicted_ms_per_token=predicted,
+        greedy_ms_per_token=greedy_ms if greedy_ms is not None else predicted,
+        solve_ms=solve_ms,
+        device_scores=scores,
+    )
+    instance = Instance(
+        instance_id=instance_id or InstanceId(str(uuid.uuid4())),
+        model_id=model_card.model_id,
+        shards=_shards(stages),
+        placement=decision,
+    )
+    logger.info(
+        f"placed {model_card.model_id} ({strategy}) on {len(stages)} device(s) [{_describe(stages)}]: "
+        f"predicted {predicted:.2f} ms/token vs greedy {decision.greedy_ms_per_token:.2f}, "
+        f"solved in {solve_ms:.1f} ms"
+    )
+    return instance

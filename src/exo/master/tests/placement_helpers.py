@@ -1,0 +1,176 @@
+"""Builders and a brute-force reference for the placement tests and the benchmark."""
+
+import itertools
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+
+from exo.master.placement_csp import (
+    CostModel,
+    PlacementDevice,
+    StagePlan,
+    exclusion_reason,
+)
+from exo.shared.types.gpu import DeviceGPUState, GPUBackendName, GPUDeviceInfo
+from exo.shared.types.ids import DeviceId, NodeId
+from exo.shared.types.memory import GIB
+from exo.shared.types.models import ModelCard
+from exo.shared.types.node import NodeInfo
+
+NOW = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def device(
+    node: str,
+    device_id: str = "cuda:0",
+    *,
+    memory_gb: float = 24.0,
+    free_gb: float | None = None,
+    bandwidth_gbps: float = 1000.0,
+    tflops: float = 80.0,
+    name: str = "GPU",
+    vendor: str = "NVIDIA",
+    backend: str = "cuda",
+    utilization: float = 0.0,
+    temperature_c: float = 50.0,
+    throttle_threshold_c: float = 90.0,
+    throttling: bool = False,
+    battery_percent: float = 100.0,
+    plugged_in: bool = True,
+) -> PlacementDevice:
+    return PlacementDevice(
+        node_id=NodeId(node),
+        device_id=DeviceId(device_id),
+        name=name,
+        vendor=vendor,
+        backend=backend,
+        memory_total_bytes=int(memory_gb * GIB),
+        memory_free_bytes=int((memory_gb if free_gb is None else free_gb) * GIB),
+        memory_bandwidth_gbps=bandwidth_gbps,
+        peak_tflops_fp16=tflops,
+        utilization_percent=utilization,
+        temperature_c=temperature_c,
+        throttle_threshold_c=throttle_threshold_c,
+        is_thermal_throttling=throttling,
+        battery_percent=battery_percent,
+        is_plugged_in=plugged_in,
+    )
+
+
+def small_model(n_layers: int, layer_mb: float = 100.0, non_layer_mb: float = 50.0) -> ModelCard:
+    return ModelCard(
+        model_id=f"test-{n_layers}",
+        n_layers=n_layers,
+        layer_bytes=int(layer_mb * 1024 * 1024),
+        non_layer_bytes=int(non_layer_mb * 1024 * 1024),
+        hidden_size=2048,
+        kv_cache_bytes_per_token=1024 * n_layers,
+        context_length=1024,
+    )
+
+
+def node_info(node: str, *, ram_total_gb: float = 16.0, ram_available_gb: float = 12.0) -> NodeInfo:
+    return NodeInfo(
+        node_id=node,
+        friendly_name=node,
+        hostname=node,
+        ram_total_bytes=int(ram_total_gb * GIB),
+        ram_available_bytes=int(ram_available_gb * GIB),
+        last_seen=NOW,
+    )
+
+
+def gpu_state(
+    node: str,
+    device_id: str = "cuda:0",
+    *,
+    memory_gb: float = 24.0,
+    used_gb: float = 0.0,
+    utilization: float = 0.0,
+    temperature_c: float = 50.0,
+    throttle_threshold_c: float = 90.0,
+    throttling: bool = False,
+    battery_percent: float = 100.0,
+    plugged_in: bool = True,
+) -> DeviceGPUState:
+    return DeviceGPUState(
+        device_id=DeviceId(device_id),
+        node_id=NodeId(node),
+        memory_used_bytes=int(used_gb * GIB),
+        memory_total_bytes=int(memory_gb * GIB),
+        compute_utilization_percent=utilization,
+        thermal_temperature_c=temperature_c,
+        thermal_throttle_threshold_c=throttle_threshold_c,
+        is_thermal_throttling=throttling,
+        battery_percent=battery_percent,
+        is_plugged_in=plugged_in,
+        last_update=NOW,
+    )
+
+
+def gpu_info(
+    node: str,
+    device_id: str = "cuda:0",
+    *,
+    name: str = "NVIDIA RTX 4090",
+    vendor: str = "NVIDIA",
+    backend: GPUBackendName = "cuda",
+    memory_gb: float = 24.0,
+    bandwidth_gbps: float = 1008.0,
+    tflops: float = 165.0,
+) -> GPUDeviceInfo:
+    return GPUDeviceInfo(
+        device_id=DeviceId(device_id),
+        node_id=NodeId(node),
+        name=name,
+        vendor=vendor,
+        backend=backend,
+        memory_total_bytes=int(memory_gb * GIB),
+        memory_bandwidth_gbps=bandwidth_gbps,
+        peak_tflops_fp16=tflops,
+    )
+
+
+def _compositions(total: int, caps: Sequence[int]) -> Iterator[list[int]]:
+    if len(caps) == 1:
+        if 1 <= total <= caps[0]:
+            yield [total]
+        return
+    for first in range(1, min(caps[0], total - len(caps) + 1) + 1):
+        for rest in _compositions(total - first, caps[1:]):
+            yield [first, *rest]
+
+
+def brute_force(
+    cost_model: CostModel, devices: Sequence[PlacementDevice], min_nodes: int = 1
+) -> tuple[float, list[StagePlan]] | None:
+    """The optimum over every ordered subset and every contiguous split, honouring the
+    exclusion rule (healthy devices only while that is feasible)."""
+    healthy = [d for d in devices if exclusion_reason(d, cost_model.config) is None]
+    for pool in (healthy, list(devices)):
+        best = _brute_force_pool(cost_model, pool, min_nodes)
+        if best is not None:
+            return best
+    return None
+
+
+def _brute_force_pool(
+    cost_model: CostModel, devices: Sequence[PlacementDevice], min_nodes: int
+) -> tuple[float, list[StagePlan]] | None:
+    n_layers = cost_model.model_card.n_layers
+    best: tuple[float, list[StagePlan]] | None = None
+    for size in range(1, min(len(devices), n_layers) + 1):
+        for ordered in itertools.permutations(devices, size):
+            if len({d.node_id for d in ordered}) < min_nodes:
+                continue
+            caps = [
+                cost_model.max_layers(d, index == 0, index == size - 1)
+                for index, d in enumerate(ordered)
+            ]
+            for counts in _compositions(n_layers, caps):
+                stages = [
+                    StagePlan(device=d, n_layers=c) for d, c in zip(ordered, counts, strict=True)
+                ]
+                cost = cost_model.predict_ms_per_token(stages)
+                if best is None or cost < best[0]:
+                    best = (cost, stages)
+    return best
