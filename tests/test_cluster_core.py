@@ -231,3 +231,17 @@ def test_bad_startup_arguments_exit_with_a_sentence(tmp_path: Path) -> None:
             assert result.stderr.strip().splitlines()[-1].startswith("exo: ")
     finally:
         busy.kill()
+
+
+def test_links_between_nodes_are_measured(tmp_path: Path) -> None:
+    with running_cluster(tmp_path, 2, lambda index: ["--link-probe-interval", "1"]) as nodes:
+        ids = [node.node_id() for node in nodes]
+
+        def links_measured() -> bool:
+            links = nodes[0].state()["gpu_links"]
+            return ids[1] in links.get(ids[0], {}) and ids[0] in links.get(ids[1], {})
+
+        wait_until(links_measured, 15.0, "both directions of the link to be measured")
+        link = nodes[1].state()["gpu_links"][ids[0]][ids[1]]
+        assert link["latency_ms"] > 0
+        assert link["bandwidth_mbps"] > 10

@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="time a starting node listens for peers before it may act as master (default 1.5)",
     )
+    parser.add_argument(
+        "--link-probe-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how often the worker measures latency and throughput to each peer (default 60)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logs (-vv: trace)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
@@ -89,6 +96,10 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
             raise StartupError(problem)
     if not 0 < args.api_port < 65536:
         raise StartupError(f"--api-port {args.api_port} is not a port number (1-65535)")
+    if args.link_probe_interval <= 0 or args.election_settle < 0:
+        raise StartupError(
+            "--link-probe-interval must be positive and --election-settle not negative"
+        )
     if not args.namespace or "/" in args.namespace or "*" in args.namespace:
         raise StartupError("--namespace must be a non-empty name without '/' or '*'")
     home: Path = args.home or Path(os.environ.get("EXO_HOME", "~/.exo"))
@@ -103,6 +114,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         run_worker=not args.no_worker,
         friendly_name=args.friendly_name,
         election_settle_s=args.election_settle,
+        link_probe_interval_s=args.link_probe_interval,
     )
 
 

@@ -24,6 +24,7 @@ from exo.routing.topics import Topics
 from exo.shared.election import Election, now_us
 from exo.shared.event_store import EventStore
 from exo.shared.types.ids import NodeId
+from exo.worker.link_probe import LinkProbeConfig, LinkProber
 from exo.worker.main import Worker, WorkerConfig
 
 NODE_ID_FILE = "node_id"
@@ -46,6 +47,7 @@ class NodeConfig:
     run_worker: bool = True
     friendly_name: str | None = None
     election_settle_s: float = 1.5
+    link_probe_interval_s: float = 60.0
 
 
 def prepare_home(home: Path) -> NodeId:
@@ -116,8 +118,18 @@ async def run_node(config: NodeConfig) -> None:
     sync = EventSync(router, topics, election, store, node_id)
     sender = LocalEventSender(router, topics, election, store, node_id)
     master = Master(router, topics, election, store, sync, node_id, handle_command)
+    link_prober = LinkProber(
+        router,
+        topics,
+        election,
+        store,
+        sender,
+        node_id,
+        LinkProbeConfig(interval_s=config.link_probe_interval_s),
+    )
     sync.start()
     master.start()
+    link_prober.start()
     election.start()
     context = ApiContext(node_id, store, election, sender, router, topics)
     server = _ApiServer(
@@ -136,6 +148,7 @@ async def run_node(config: NodeConfig) -> None:
                     node_id, store, sender, WorkerConfig(config.friendly_name, config.api_port)
                 )
                 group.start_soon(worker.run)
+                group.start_soon(link_prober.run)
             group.start_soon(_serve_api, server, api_socket)
             logger.info(f"API listening on http://{config.api_host}:{config.api_port}")
     finally:

@@ -1,0 +1,142 @@
+"""Measuring the links between this node and its peers over the transport.
+
+Every ``interval_s`` (default 60 s), and never while a runner of this node is loading or
+running a model, the worker sends each live peer a few small queries (round-trip latency,
+median) and one large one (throughput), and emits ``GPUBandwidthMeasured`` when a value
+moved meaningfully since the last report (or none was made).
+"""
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import anyio
+from loguru import logger
+
+from exo.routing.local_events import LocalEventSender
+from exo.routing.router import Router
+from exo.routing.topics import Topics
+from exo.shared.election import Election
+from exo.shared.event_store import EventStore
+from exo.shared.types.events import GPUBandwidthMeasured
+from exo.shared.types.ids import NodeId
+
+NODE_ENDPOINT_DEVICE_ID = "net"
+"""The seed's event names endpoints by device id; a node's network endpoint is ``net``."""
+BUSY_RUNNER_STATUSES = {"loading", "running"}
+
+
+@dataclass(frozen=True)
+class LinkProbeConfig:
+    interval_s: float = 60.0
+    first_delay_s: float = 3.0
+    latency_samples: int = 5
+    throughput_payload_bytes: int = 1 << 20
+    change_fraction: float = 0.2
+    timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class LinkReading:
+    latency_ms: float
+    bandwidth_mbps: float
+
+
+def link_changed_meaningfully(
+    previous: LinkReading | None, current: LinkReading, change_fraction: float
+) -> bool:
+    if previous is None:
+        return True
+
+    def moved(old: float, new: float) -> bool:
+        return abs(new - old) > change_fraction * max(old, 1e-9)
+
+    return moved(previous.latency_ms, current.latency_ms) or moved(
+        previous.bandwidth_mbps, current.bandwidth_mbps
+    )
+
+
+class LinkProber:
+    def __init__(
+        self,
+        router: Router,
+        topics: Topics,
+        election: Election,
+        store: EventStore,
+        sender: LocalEventSender,
+        node_id: NodeId,
+        config: LinkProbeConfig | None = None,
+    ) -> None:
+        self._router = router
+        self._topics = topics
+        self._election = election
+        self._store = store
+        self._sender = sender
+        self._node_id = node_id
+        self._config = config or LinkProbeConfig()
+        self._reported: dict[NodeId, LinkReading] = {}
+
+    def start(self) -> None:
+        """Answer other nodes' probes (every node does, worker or not)."""
+        self._router.declare_queryable(self._topics.ping(self._node_id), self._answer)
+
+    @staticmethod
+    def _answer(parameters: str, payload: bytes | None) -> bytes:
+        return str(len(payload or b"")).encode()
+
+    def _busy(self) -> bool:
+        return any(
+            runner.node_id == self._node_id and runner.status in BUSY_RUNNER_STATUSES
+            for runner in self._store.state.runners.values()
+        )
+
+    async def run(self) -> None:
+        await anyio.sleep(self._config.first_delay_s)
+        while True:
+            if not self._busy():
+                await self.measure_all()
+            await anyio.sleep(self._config.interval_s)
+
+    async def measure_all(self) -> None:
+        for peer in sorted(self._election.live_node_ids - {self._node_id}):
+            reading = await self.measure(peer)
+            if reading is None:
+                continue
+            if link_changed_meaningfully(
+                self._reported.get(peer), reading, self._config.change_fraction
+            ):
+                self._reported[peer] = reading
+                await self._sender.emit(
+                    GPUBandwidthMeasured(
+                        source_node_id=self._node_id,
+                        dest_node_id=peer,
+                        source_device_id=NODE_ENDPOINT_DEVICE_ID,
+                        dest_device_id=NODE_ENDPOINT_DEVICE_ID,
+                        bandwidth_mbps=reading.bandwidth_mbps,
+                        latency_ms=reading.latency_ms,
+                        measurement_count=self._config.latency_samples + 1,
+                    )
+                )
+
+    async def measure(self, peer: NodeId) -> LinkReading | None:
+        selector = self._topics.ping(peer)
+        round_trips: list[float] = []
+        for _ in range(self._config.latency_samples):
+            started = time.perf_counter()
+            replies = await self._router.query(selector, b"x", self._config.timeout_s)
+            if not replies:
+                logger.debug(f"link probe to {peer}: no answer")
+                return None
+            round_trips.append(time.perf_counter() - started)
+        latency_s = statistics.median(round_trips)
+        payload = bytes(self._config.throughput_payload_bytes)
+        started = time.perf_counter()
+        replies = await self._router.query(selector, payload, self._config.timeout_s * 5)
+        elapsed = time.perf_counter() - started
+        if not replies or replies[0] != str(len(payload)).encode():
+            return None
+        transfer_s = max(elapsed - latency_s, 1e-6)
+        return LinkReading(
+            latency_ms=latency_s * 1000 / 2,
+            bandwidth_mbps=len(payload) * 8 / transfer_s / 1e6,
+        )
