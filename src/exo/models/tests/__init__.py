@@ -1,0 +1,1 @@
+"""Tests for model loading, the tokenizer and the MLX Llama stages."""

@@ -1,0 +1,1 @@
+"""Tests for the generation engine and the multi-process pipeline."""

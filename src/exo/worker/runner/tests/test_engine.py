@@ -1,0 +1,168 @@
+"""The engine: greedy and sampled decoding, stop tokens/strings, max_tokens, cancellation."""
+
+from collections.abc import Sequence
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from exo.models.tokenizer import GGUFTokenizer
+from exo.worker.runner.engine import (
+    Engine,
+    GenerationChunk,
+    GenerationRequest,
+    Sampler,
+    SamplingParams,
+)
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class ScriptedStepper:
+    """Answers with a fixed token sequence, whatever the input (engine logic in isolation)."""
+
+    def __init__(self, script: Sequence[int]) -> None:
+        self.script = list(script)
+        self.fed: list[list[int]] = []
+        self.begun: list[SamplingParams] = []
+
+    @property
+    def context_length(self) -> int:
+        return 8192
+
+    def begin(self, sampling: SamplingParams) -> None:
+        self.begun.append(sampling)
+        self.fed.clear()
+
+    def step(self, token_ids: Sequence[int]) -> int:
+        self.fed.append(list(token_ids))
+        return self.script[len(self.fed) - 1]
+
+
+def _scripted(tokenizer: GGUFTokenizer, text: str, then_stop: bool = True) -> ScriptedStepper:
+    tokens = tokenizer.encode(text)
+    if then_stop:
+        tokens.append(tokenizer.eos_token_id)
+    return ScriptedStepper(tokens)
+
+
+def _joined(chunks: list[GenerationChunk]) -> str:
+    return "".join(chunk.text for chunk in chunks)
+
+
+def test_greedy_chat_answer_contains_paris(engine: Engine) -> None:
+    result = engine.complete(GenerationRequest(messages=QUESTION, max_tokens=24))
+    assert "Paris" in result.text
+    assert result.finish_reason == "stop"  # it ends with <|im_end|>
+    assert result.prompt_tokens == 37
+    assert result.completion_tokens == len(result.token_ids)
+    assert result.token_ids[-1] in engine.tokenizer.stop_token_ids
+    assert "<|im_end|>" not in result.text
+
+
+def test_greedy_is_deterministic_and_max_tokens_gives_length(engine: Engine) -> None:
+    request = GenerationRequest(prompt="Once upon a time", max_tokens=5)
+    first = engine.complete(request)
+    second = engine.complete(request)
+    assert first.finish_reason == "length"
+    assert first.completion_tokens == 5
+    assert first.token_ids == second.token_ids
+    assert first.text == engine.tokenizer.decode(first.token_ids)
+
+
+def test_seeded_sampling_repeats_and_differs_by_seed(engine: Engine) -> None:
+    def sample(seed: int) -> list[int]:
+        request = GenerationRequest(
+            prompt="My favourite animal is", max_tokens=8, temperature=1.2, seed=seed
+        )
+        return engine.complete(request).token_ids
+
+    assert sample(1) == sample(1)
+    assert len({tuple(sample(seed)) for seed in (1, 2, 3)}) > 1
+
+
+def test_stop_string_is_not_emitted(engine: Engine) -> None:
+    result = engine.complete(GenerationRequest(messages=QUESTION, max_tokens=24, stop=["Paris"]))
+    assert result.finish_reason == "stop"
+    assert "Paris" not in result.text
+    assert result.text.startswith("The capital of France is")
+
+
+def test_stop_string_split_across_tokens_is_held_back(tokenizer: GGUFTokenizer) -> None:
+    stepper = _scripted(tokenizer, "alpha beta STOPPING gamma delta")
+    engine = Engine(tokenizer, stepper)
+    chunks = list(engine.generate(GenerationRequest(prompt="x", stop=["STOP"])))
+    assert _joined(chunks) == "alpha beta "
+    assert chunks[-1].finish_reason == "stop"
+    assert all("S" not in chunk.text for chunk in chunks)
+
+
+def test_partial_stop_prefix_is_released_when_it_does_not_complete(
+    tokenizer: GGUFTokenizer,
+) -> None:
+    stepper = _scripted(tokenizer, "one ST two STA three")
+    engine = Engine(tokenizer, stepper)
+    result = engine.complete(GenerationRequest(prompt="x", stop=["STOP"]))
+    assert result.text == "one ST two STA three"
+    assert result.finish_reason == "stop"  # the scripted EOS
+
+
+def test_multibyte_characters_stream_whole(tokenizer: GGUFTokenizer) -> None:
+    stepper = _scripted(tokenizer, "emoji 😀👍🏽 and 日本")
+    chunks = list(Engine(tokenizer, stepper).generate(GenerationRequest(prompt="x")))
+    assert _joined(chunks) == "emoji 😀👍🏽 and 日本"
+    assert all("\ufffd" not in chunk.text for chunk in chunks)
+    assert sum(len(chunk.token_ids) for chunk in chunks) == len(stepper.script)
+
+
+def test_prefill_then_one_token_per_step(tokenizer: GGUFTokenizer) -> None:
+    stepper = _scripted(tokenizer, "a b c", then_stop=False)
+    engine = Engine(tokenizer, stepper)
+    request = GenerationRequest(prompt="hello there", max_tokens=len(stepper.script))
+    result = engine.complete(request)
+    assert result.finish_reason == "length"
+    assert stepper.fed[0] == tokenizer.encode("hello there")
+    assert all(len(fed) == 1 for fed in stepper.fed[1:])
+    assert [fed[0] for fed in stepper.fed[1:]] == stepper.script[:-1]
+
+
+def test_cancellation_between_tokens(tokenizer: GGUFTokenizer) -> None:
+    stepper = _scripted(tokenizer, "one two three four five six seven")
+    engine = Engine(tokenizer, stepper)
+    calls = 0
+
+    def should_cancel() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls >= 3
+
+    chunks = list(engine.generate(GenerationRequest(prompt="x"), should_cancel))
+    assert chunks[-1].finish_reason == "cancelled"
+    assert chunks[-1].completion_tokens == 3
+    assert len(stepper.fed) == 3
+
+
+def test_prompt_longer_than_context_is_refused(tokenizer: GGUFTokenizer) -> None:
+    class Tiny(ScriptedStepper):
+        @property
+        def context_length(self) -> int:
+            return 4
+
+    engine = Engine(tokenizer, Tiny([0]))
+    with pytest.raises(ValueError, match="context"):
+        list(engine.generate(GenerationRequest(prompt="one two three four five six")))
+
+
+def test_sampler_greedy_and_top_p() -> None:
+    logits = mx.array([[0.0, 3.0, 2.9, -1.0]])
+    assert Sampler(SamplingParams(temperature=0))(logits) == 1
+    # A tiny nucleus keeps only the most likely token, whatever the temperature.
+    narrow = Sampler(SamplingParams(temperature=5.0, top_p=0.01, seed=0))
+    assert {narrow(logits) for _ in range(50)} == {1}
+    wide = Sampler(SamplingParams(temperature=1.0, top_p=1.0, seed=0))
+    draws = np.array([wide(logits) for _ in range(2000)])
+    assert set(draws.tolist()) <= {0, 1, 2, 3}
+    assert 0.3 < np.mean(draws == 1) < 0.65  # ~0.50 in theory
+    assert 0.3 < np.mean(draws == 2) < 0.6  # ~0.45
+    half = Sampler(SamplingParams(temperature=1.0, top_p=0.6, seed=0))
+    assert {half(logits) for _ in range(200)} == {1, 2}

@@ -1,0 +1,119 @@
+"""Real multi-process pipelines over MLX's ring backend on 127.0.0.1, compared with the
+same request run in one process."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from exo.worker.runner.engine import (
+    Engine,
+    GenerationChunk,
+    GenerationRequest,
+    LocalStepper,
+    SamplingParams,
+)
+from exo.worker.runner.launch import LocalPipelineRun, run_local_pipeline
+from exo.worker.runner.pipeline import (
+    decode_header,
+    encode_header,
+    read_hostfile,
+    split_layers,
+    write_hostfile,
+)
+
+GREEDY = GenerationRequest(
+    request_id="greedy",
+    messages=[{"role": "user", "content": "Name three colours of the rainbow."}],
+    max_tokens=16,
+)
+
+
+@pytest.fixture(scope="module")
+def greedy_expected(engine: Engine) -> GenerationChunk:
+    return engine.complete(GREEDY)
+
+
+def _assert_clean(run: LocalPipelineRun) -> None:
+    assert run.return_codes == [0] * len(run.return_codes), run.stderr
+    assert run.final is not None, run.stderr
+
+
+def test_split_layers() -> None:
+    assert split_layers(30, 1) == [(0, 30)]
+    assert split_layers(30, 2) == [(0, 15), (15, 30)]
+    assert split_layers(30, 4) == [(0, 8), (8, 16), (16, 23), (23, 30)]
+    with pytest.raises(ValueError):
+        split_layers(3, 4)
+
+
+def test_header_round_trip() -> None:
+    sampling = SamplingParams(temperature=0.7, top_p=0.9, seed=2**40 + 3)
+    command, length, decoded = decode_header(encode_header(2, 37, sampling))
+    assert (command, length) == (2, 37)
+    assert decoded == sampling
+
+
+def test_hostfile_format(tmp_path: Path) -> None:
+    path = write_hostfile(tmp_path / "hosts.json", ["127.0.0.1:5000", "127.0.0.1:5001"])
+    # The format MLX's ring backend reads: one list of "ip:port" per rank.
+    assert json.loads(path.read_text()) == [["127.0.0.1:5000"], ["127.0.0.1:5001"]]
+    assert read_hostfile(path) == [["127.0.0.1:5000"], ["127.0.0.1:5001"]]
+
+
+def test_two_ranks_match_one_process_greedy(
+    engine: Engine, greedy_expected: GenerationChunk
+) -> None:
+    expected = greedy_expected
+    run = run_local_pipeline(2, GREEDY)
+    _assert_clean(run)
+    assert run.token_ids == expected.token_ids
+    assert run.text == expected.text
+    assert run.final is not None and run.final.finish_reason == expected.finish_reason
+    assert run.final.prompt_tokens == expected.prompt_tokens
+    assert run.final.completion_tokens == expected.completion_tokens
+    # Each rank reported holding only its share of the weights.
+    ready = [s for s in run.statuses if s.status == "ready"]
+    assert {s.rank for s in ready} == {0, 1}
+    assert isinstance(engine.stepper, LocalStepper)
+    full_bytes = engine.stepper.model.weights.nbytes
+    for status in ready:
+        assert status.weight_bytes is not None and status.weight_bytes < 0.7 * full_bytes
+    assert {s.status for s in run.statuses if s.rank == 1} >= {
+        "loading",
+        "connecting",
+        "ready",
+        "shut_down",
+    }
+
+
+def test_three_uneven_ranks_match_one_process_greedy(greedy_expected: GenerationChunk) -> None:
+    expected = greedy_expected
+    run = run_local_pipeline(3, GREEDY, layer_ranges=[(0, 6), (6, 19), (19, 30)])
+    _assert_clean(run)
+    assert run.token_ids == expected.token_ids
+    assert run.text == expected.text
+
+
+def test_sampling_on_the_last_rank_matches_one_process(engine: Engine) -> None:
+    request = GenerationRequest(
+        request_id="sampled",
+        prompt="The best thing about summer is",
+        max_tokens=12,
+        temperature=0.9,
+        top_p=0.95,
+        seed=1234,
+    )
+    expected = engine.complete(request)
+    run = run_local_pipeline(2, request)
+    _assert_clean(run)
+    assert run.token_ids == expected.token_ids
+
+
+def test_layer_ranges_that_do_not_chain_fail_clearly() -> None:
+    run = run_local_pipeline(2, GREEDY, layer_ranges=[(0, 10), (12, 30)], timeout_s=60)
+    assert run.return_codes[0] != 0 and run.return_codes[1] != 0
+    failed = [s for s in run.statuses if s.status == "failed"]
+    assert failed, run.stderr
+    assert any("starts at layer 12" in (s.error or "") for s in failed)
+    assert run.chunks == []
