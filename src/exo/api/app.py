@@ -6,11 +6,28 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from exo.api.context import ApiContext
-from exo.shared.types.events import ProbeEmitted
+from exo.master.commands import plan_instance
+from exo.shared.types.commands import CommandResult, DeleteInstance, PlaceInstance
+from exo.shared.types.events import InstanceCreated, ProbeEmitted
+from exo.shared.types.ids import InstanceId
 
 MAX_EVENTS_PER_PAGE = 10_000
+
+
+class PlaceInstanceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str = Field(min_length=1)
+    min_nodes: int = Field(default=1, ge=1, le=1024)
+
+
+def error_response(result: CommandResult) -> JSONResponse:
+    return JSONResponse(
+        status_code=result.status_code, content={"detail": result.error, **result.detail}
+    )
 
 
 def create_app(context: ApiContext) -> FastAPI:
@@ -49,5 +66,36 @@ def create_app(context: ApiContext) -> FastAPI:
         probe = ProbeEmitted(probe_id=str(uuid.uuid4()), sent_at=time.time())
         await context.sender.emit(probe)
         return {"probe_id": probe.probe_id, "event_id": probe.event_id, "sent_at": probe.sent_at}
+
+    @app.post("/instance", status_code=201)
+    async def post_instance(request: PlaceInstanceRequest) -> JSONResponse:
+        command = PlaceInstance(model_id=request.model_id, min_nodes=request.min_nodes)
+        result = await context.send_command(command)
+        if not result.ok:
+            return error_response(result)
+        created = context.store.event_at(result.event_indices[0])
+        if created is None or not isinstance(created.event, InstanceCreated):
+            return JSONResponse(status_code=500, content={"detail": "instance event missing"})
+        return JSONResponse(status_code=201, content=created.event.instance.model_dump(mode="json"))
+
+    @app.get("/instance/placement")
+    async def get_placement(
+        model_id: Annotated[str, Query(min_length=1)],
+        min_nodes: Annotated[int, Query(ge=1, le=1024)] = 1,
+    ) -> JSONResponse:
+        """Dry run: the placement this node would get now; nothing is created."""
+        outcome = plan_instance(
+            PlaceInstance(model_id=model_id, min_nodes=min_nodes), context.store.state
+        )
+        if isinstance(outcome, CommandResult):
+            return error_response(outcome)
+        return JSONResponse(content=outcome.model_dump(mode="json"))
+
+    @app.delete("/instance/{instance_id}")
+    async def delete_instance(instance_id: str) -> JSONResponse:
+        result = await context.send_command(DeleteInstance(instance_id=InstanceId(instance_id)))
+        if not result.ok:
+            return error_response(result)
+        return JSONResponse(content={"deleted": instance_id})
 
     return app
