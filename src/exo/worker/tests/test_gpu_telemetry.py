@@ -1,0 +1,447 @@
+"""GPUTelemetryCollector: change detection (pure), sampling passes and the monitoring loop."""
+
+import json
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from loguru import logger
+
+from exo.gpu.backends.simulated import SimulatedBackend
+from exo.shared.types.events import DeviceGPUStateUpdated, Event, GPUDeviceInfoReported
+from exo.shared.types.gpu import DeviceGPUState, GPUBackendName, GPUDeviceInfo
+from exo.shared.types.ids import DeviceId, NodeId
+from exo.worker.gpu_telemetry import (
+    GPUTelemetryCollector,
+    TelemetryConfig,
+    emit_reason,
+    should_emit,
+)
+
+pytestmark = pytest.mark.timeout(10)  # a stuck loop fails fast instead of hanging the run
+
+NODE = NodeId("node-a")
+GIB = 2**30
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+CONFIG = TelemetryConfig()
+FAST = TelemetryConfig(interval_s=0.01, heartbeat_s=60.0)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def logged_warnings() -> Iterator[list[str]]:
+    messages: list[str] = []
+
+    def sink(message: Any) -> None:
+        messages.append(str(message.record["message"]))
+
+    sink_id = logger.add(sink, level="WARNING", format="{message}")
+    yield messages
+    logger.remove(sink_id)
+
+
+def reading(device_id: str = "cuda:0", **changes: Any) -> DeviceGPUState:
+    values: dict[str, Any] = {
+        "device_id": DeviceId(device_id),
+        "node_id": NODE,
+        "memory_used_bytes": 10 * GIB,
+        "memory_total_bytes": 80 * GIB,
+        "compute_utilization_percent": 50.0,
+        "thermal_temperature_c": 60.0,
+        "thermal_throttle_threshold_c": 87.0,
+        "last_update": T0,
+    }
+    values.update(changes)
+    return DeviceGPUState(**values)
+
+
+# --- the pure decision ---
+
+
+def test_first_reading_is_emitted() -> None:
+    assert emit_reason(None, reading(), T0, CONFIG) == "first reading"
+
+
+@pytest.mark.parametrize(
+    ("changes", "emitted"),
+    [
+        ({}, False),
+        ({"memory_used_bytes": 10 * GIB + int(0.0099 * 80 * GIB)}, False),
+        ({"memory_used_bytes": 10 * GIB + int(0.0101 * 80 * GIB)}, True),
+        ({"memory_used_bytes": 10 * GIB - int(0.0101 * 80 * GIB)}, True),
+        ({"compute_utilization_percent": 59.9}, False),
+        ({"compute_utilization_percent": 60.0}, True),
+        ({"compute_utilization_percent": 40.0}, True),
+        ({"thermal_temperature_c": 61.9}, False),
+        ({"thermal_temperature_c": 62.0}, True),
+        ({"thermal_temperature_c": 58.0}, True),
+        ({"thermal_temperature_c": -1.0}, True),  # sensor lost
+        ({"is_thermal_throttling": True}, True),
+        ({"is_plugged_in": False}, True),
+        ({"battery_percent": 96.0}, False),
+        ({"battery_percent": 95.0}, True),
+        ({"memory_total_bytes": 40 * GIB, "memory_used_bytes": 10 * GIB}, True),
+        ({"thermal_throttle_threshold_c": 83.0}, True),
+        ({"power_draw_watts": 400.0, "sm_clock_mhz": 1200.0}, False),  # noise is not news
+    ],
+)
+def test_threshold_decisions(changes: dict[str, Any], emitted: bool) -> None:
+    previous = reading()
+    current = reading(last_update=T0 + timedelta(seconds=2), **changes)
+    assert should_emit(previous, current, T0 + timedelta(seconds=2), CONFIG) is emitted
+
+
+def test_heartbeat() -> None:
+    previous = reading()
+    later = reading(last_update=T0 + timedelta(seconds=9.9))
+    assert emit_reason(previous, later, T0 + timedelta(seconds=9.9), CONFIG) is None
+    due = reading(last_update=T0 + timedelta(seconds=10))
+    assert emit_reason(previous, due, T0 + timedelta(seconds=10), CONFIG) == "heartbeat"
+
+
+def test_flips_are_emitted_at_once_even_for_tiny_changes() -> None:
+    previous = reading(is_thermal_throttling=False)
+    now = T0 + timedelta(milliseconds=1)
+    assert emit_reason(previous, reading(is_thermal_throttling=True), now, CONFIG) == (
+        "thermal throttling started"
+    )
+    assert emit_reason(previous, reading(is_plugged_in=False), now, CONFIG) == "unplugged"
+
+
+def test_custom_thresholds() -> None:
+    strict = TelemetryConfig(utilization_change_percent=1.0, temperature_change_c=0.5)
+    assert should_emit(reading(), reading(compute_utilization_percent=51.0), T0, strict)
+    assert should_emit(reading(), reading(thermal_temperature_c=60.5), T0, strict)
+    with pytest.raises(ValueError):
+        TelemetryConfig(interval_s=0)
+
+
+@given(
+    memory_step=st.floats(min_value=0, max_value=0.0099),
+    utilisation=st.floats(min_value=0, max_value=100),
+    utilisation_step=st.floats(min_value=-9.9, max_value=9.9),
+    temperature_step=st.floats(min_value=-1.9, max_value=1.9),
+    seconds=st.floats(min_value=0, max_value=9.99),
+)
+def test_small_changes_within_the_heartbeat_are_never_emitted(
+    memory_step: float,
+    utilisation: float,
+    utilisation_step: float,
+    temperature_step: float,
+    seconds: float,
+) -> None:
+    previous = reading(compute_utilization_percent=utilisation)
+    now = T0 + timedelta(seconds=seconds)
+    current = reading(
+        memory_used_bytes=10 * GIB + int(memory_step * 80 * GIB),
+        compute_utilization_percent=min(100.0, max(0.0, utilisation + utilisation_step)),
+        thermal_temperature_c=60.0 + temperature_step,
+        last_update=now,
+    )
+    assert emit_reason(previous, current, now, CONFIG) is None
+
+
+# --- the collector, against a scripted backend (the GPUBackend protocol is its boundary) ---
+
+
+class ScriptedBackend:
+    """A GPUBackend whose readings the test sets; ``failures`` makes the next samples raise."""
+
+    def __init__(self, device_ids: list[str]) -> None:
+        self.states: dict[DeviceId, DeviceGPUState] = {
+            DeviceId(device_id): reading(device_id) for device_id in device_ids
+        }
+        self.failures: dict[DeviceId, int] = {}
+        self.sample_count = 0
+        self.initialize_count = 0
+        self.shutdown_count = 0
+
+    @property
+    def name(self) -> GPUBackendName:
+        return "simulated"
+
+    async def initialize(self) -> None:
+        self.initialize_count += 1
+
+    async def shutdown(self) -> None:
+        self.shutdown_count += 1
+
+    async def list_devices(self, node_id: NodeId) -> list[GPUDeviceInfo]:
+        return [
+            GPUDeviceInfo(
+                device_id=device_id,
+                node_id=node_id,
+                name="Scripted GPU",
+                vendor="test",
+                backend="simulated",
+                memory_total_bytes=state.memory_total_bytes,
+                memory_bandwidth_gbps=1000.0,
+                peak_tflops_fp16=100.0,
+                is_simulated=True,
+            )
+            for device_id, state in self.states.items()
+        ]
+
+    async def sample(self, node_id: NodeId, device_id: DeviceId) -> DeviceGPUState:
+        self.sample_count += 1
+        if self.failures.get(device_id, 0) > 0:
+            self.failures[device_id] -= 1
+            raise RuntimeError(f"{device_id} fell off the bus")
+        return self.states[device_id].model_copy(
+            update={"node_id": node_id, "last_update": datetime.now(UTC)}
+        )
+
+    def set(self, device_id: str, **changes: Any) -> None:
+        key = DeviceId(device_id)
+        self.states[key] = self.states[key].model_copy(update=changes)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def __call__(self, event: Event) -> None:
+        self.events.append(event)
+
+    def states(self, device_id: str | None = None) -> list[DeviceGPUState]:
+        return [
+            event.device_state
+            for event in self.events
+            if isinstance(event, DeviceGPUStateUpdated)
+            and (device_id is None or event.device_state.device_id == device_id)
+        ]
+
+    def infos(self) -> list[GPUDeviceInfo]:
+        return [
+            event.device_info for event in self.events if isinstance(event, GPUDeviceInfoReported)
+        ]
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
+    with anyio.fail_after(timeout_s):
+        while not condition():
+            await anyio.sleep(0.005)
+
+
+@pytest.mark.anyio
+async def test_collect_emits_changes_only() -> None:
+    backend = ScriptedBackend(["cuda:0", "cuda:1"])
+    recorder = Recorder()
+    collector = GPUTelemetryCollector(NODE, backend, recorder, FAST)
+
+    readings = await collector.collect_device_state()
+    assert [state.device_id for state in readings] == ["cuda:0", "cuda:1"]
+    assert [info.device_id for info in recorder.infos()] == ["cuda:0", "cuda:1"]
+    assert len(recorder.states()) == 2
+    assert all(event.origin_node_id == NODE for event in recorder.events)
+
+    await collector.collect_device_state()
+    assert len(recorder.states()) == 2  # nothing changed
+    assert len(recorder.infos()) == 2  # facts reported once
+
+    backend.set("cuda:1", memory_used_bytes=40 * GIB)
+    readings = await collector.collect_device_state()
+    assert len(readings) == 2
+    assert [state.memory_used_bytes for state in recorder.states("cuda:1")] == [10 * GIB, 40 * GIB]
+    assert len(recorder.states("cuda:0")) == 1
+    assert collector.last_readings[DeviceId("cuda:1")].memory_used_bytes == 40 * GIB
+
+
+@pytest.mark.anyio
+async def test_collect_sends_heartbeats() -> None:
+    backend = ScriptedBackend(["cuda:0"])
+    recorder = Recorder()
+    collector = GPUTelemetryCollector(
+        NODE, backend, recorder, TelemetryConfig(interval_s=0.01, heartbeat_s=0.05)
+    )
+    await collector.collect_device_state()
+    await collector.collect_device_state()
+    assert len(recorder.states()) == 1
+    await anyio.sleep(0.06)
+    await collector.collect_device_state()
+    assert len(recorder.states()) == 2
+
+
+@pytest.mark.anyio
+async def test_throttle_flip_is_emitted_on_the_next_pass() -> None:
+    backend = ScriptedBackend(["cuda:0"])
+    recorder = Recorder()
+    collector = GPUTelemetryCollector(NODE, backend, recorder, FAST)
+    await collector.collect_device_state()
+    backend.set("cuda:0", is_thermal_throttling=True, thermal_temperature_c=60.5)
+    await collector.collect_device_state()
+    assert [state.is_thermal_throttling for state in recorder.states()] == [False, True]
+
+
+@pytest.mark.anyio
+async def test_start_reports_facts_then_samples_until_stopped() -> None:
+    backend = ScriptedBackend(["cuda:0", "cuda:1"])
+    recorder = Recorder()
+    collector = GPUTelemetryCollector(NODE, backend, recorder, FAST)
+    await collector.start_monitoring()
+    try:
+        assert collector.is_running
+        assert [type(event) for event in recorder.events[:2]] == [GPUDeviceInfoReported] * 2
+        await wait_until(lambda: len(recorder.states()) >= 2)
+        backend.set("cuda:0", compute_utilization_percent=95.0)
+        await wait_until(lambda: len(recorder.states("cuda:0")) >= 2)
+    finally:
+        await collector.stop_monitoring()
+    assert not collector.is_running
+    assert backend.shutdown_count == 1  # the collector owns the backend by default
+    samples_at_stop = backend.sample_count
+    await anyio.sleep(0.05)
+    assert backend.sample_count == samples_at_stop
+    await collector.stop_monitoring()  # idempotent
+    assert backend.shutdown_count == 1
+
+
+@pytest.mark.anyio
+async def test_failing_samples_are_logged_and_retried(logged_warnings: list[str]) -> None:
+    backend = ScriptedBackend(["cuda:0", "cuda:1"])
+    backend.failures[DeviceId("cuda:0")] = 5
+    recorder = Recorder()
+    collector = GPUTelemetryCollector(NODE, backend, recorder, FAST)
+    await collector.start_monitoring()
+    try:
+        await wait_until(lambda: len(recorder.states("cuda:0")) == 1)
+        assert collector.is_running
+        assert len(recorder.states("cuda:1")) == 1  # the healthy device was never held up
+    finally:
+        await collector.stop_monitoring()
+    failures = [message for message in logged_warnings if "cuda:0" in message]
+    assert len(failures) == 1  # once per failure streak, not once per tick
+    assert "fell off the bus" in failures[0]
+
+
+@pytest.mark.anyio
+async def test_a_failing_emitter_is_retried(logged_warnings: list[str]) -> None:
+    backend = ScriptedBackend(["cuda:0"])
+    delivered: list[Event] = []
+    attempts = [0]
+
+    async def flaky(event: Event) -> None:
+        attempts[0] += 1
+        if attempts[0] <= 2:
+            raise ConnectionError("router not ready")
+        delivered.append(event)
+
+    collector = GPUTelemetryCollector(NODE, backend, flaky, FAST)
+    await collector.collect_device_state()  # info fails, state fails
+    assert delivered == []
+    await collector.collect_device_state()
+    assert [event.kind for event in delivered] == ["GPUDeviceInfoReported", "DeviceGPUStateUpdated"]
+    assert len(logged_warnings) == 2
+
+
+@pytest.mark.anyio
+async def test_starting_twice_raises() -> None:
+    backend = ScriptedBackend(["cuda:0"])
+    collector = GPUTelemetryCollector(NODE, backend, Recorder(), FAST)
+    await collector.start_monitoring()
+    try:
+        with pytest.raises(RuntimeError, match="already running"):
+            await collector.start_monitoring()
+        async with anyio.create_task_group() as task_group:
+            with pytest.raises(RuntimeError, match="already running"):
+                await collector.start_monitoring(task_group)
+    finally:
+        await collector.stop_monitoring()
+
+
+@pytest.mark.anyio
+async def test_in_a_task_group_stop_from_another_task_and_cancel() -> None:
+    backend = ScriptedBackend(["cuda:0"])
+    recorder = Recorder()
+    collector = GPUTelemetryCollector(NODE, backend, recorder, FAST)
+    async with anyio.create_task_group() as task_group:
+        await collector.start_monitoring(task_group)
+        assert len(recorder.infos()) == 1
+        task_group.start_soon(collector.stop_monitoring)
+    assert not collector.is_running
+    assert backend.shutdown_count == 1
+
+    # Restart: the backend is initialised again; cancelling the group also stops it cleanly.
+    async with anyio.create_task_group() as task_group:
+        await collector.start_monitoring(task_group)
+        assert backend.initialize_count == 1
+        await wait_until(lambda: len(recorder.states()) >= 1)
+        task_group.cancel_scope.cancel()
+    assert not collector.is_running
+    assert backend.shutdown_count == 2
+
+
+@pytest.mark.anyio
+async def test_stop_without_a_task_group_must_come_from_the_starting_task() -> None:
+    collector = GPUTelemetryCollector(NODE, ScriptedBackend(["cuda:0"]), Recorder(), FAST)
+    await collector.start_monitoring()
+    try:
+        errors: list[Exception] = []
+
+        async def stop_elsewhere() -> None:
+            try:
+                await collector.stop_monitoring()
+            except RuntimeError as error:
+                errors.append(error)
+
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(stop_elsewhere)
+        assert len(errors) == 1
+        assert collector.is_running
+    finally:
+        await collector.stop_monitoring()
+    assert not collector.is_running
+
+
+@pytest.mark.anyio
+async def test_stop_during_cancellation_of_the_caller() -> None:
+    backend = ScriptedBackend(["cuda:0"])
+    collector = GPUTelemetryCollector(NODE, backend, Recorder(), FAST)
+    with anyio.move_on_after(0.05):
+        await collector.start_monitoring()
+        try:
+            await anyio.sleep(10)
+        finally:
+            await collector.stop_monitoring()
+    assert not collector.is_running
+    assert backend.shutdown_count == 1
+
+
+@pytest.mark.anyio
+async def test_end_to_end_with_the_simulated_backend(tmp_path: Path) -> None:
+    path = tmp_path / "gpus.json"
+
+    def write(used_gib: int, throttling: bool) -> None:
+        device = {
+            "device_id": "cuda:0",
+            "memory_total_bytes": 80 * GIB,
+            "memory_used_bytes": used_gib * GIB,
+            "is_thermal_throttling": throttling,
+        }
+        path.write_text(json.dumps({"devices": [device]}))
+
+    write(used_gib=1, throttling=False)
+    backend = SimulatedBackend(path)
+    await backend.initialize()
+    recorder = Recorder()
+    collector = GPUTelemetryCollector(NODE, backend, recorder, FAST)
+    await collector.start_monitoring()
+    try:
+        await wait_until(lambda: len(recorder.states()) == 1)
+        write(used_gib=50, throttling=True)
+        await wait_until(lambda: len(recorder.states()) == 2)
+    finally:
+        await collector.stop_monitoring()
+    first, second = recorder.states()
+    assert (first.memory_used_bytes, second.memory_used_bytes) == (1 * GIB, 50 * GIB)
+    assert second.is_thermal_throttling and second.is_simulated
+    assert recorder.infos()[0].is_simulated
