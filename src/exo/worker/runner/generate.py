@@ -17,7 +17,7 @@ from exo.models.gguf import load_stage
 from exo.models.llama import LlamaStage
 from exo.models.tokenizer import GGUFTokenizer
 from exo.worker.runner.engine import Engine, GenerationChunk, GenerationRequest, LocalStepper
-from exo.worker.runner.launch import stream_local_pipeline
+from exo.worker.runner.launch import LocalPipelineRun, stream_local_pipeline
 
 
 def load_local_engine(model_path: Path | None = None) -> Engine:
@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", default=[])
     parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument(
+        "--layer-split",
+        help="pipeline layer ranges, e.g. 0:10,10:30 (default: even split)",
+    )
     parser.add_argument("--model", type=Path)
     arguments = parser.parse_args(argv)
     logger.remove()
@@ -60,10 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.perf_counter()
     chunks: Iterator[GenerationChunk]
+    run = LocalPipelineRun()
     if arguments.world_size == 1:
         chunks = load_local_engine(arguments.model).generate(request)
     else:
-        chunks = stream_local_pipeline(arguments.world_size, request, model_path=arguments.model)
+        layer_ranges = (
+            [_layer_range(part) for part in arguments.layer_split.split(",")]
+            if arguments.layer_split
+            else None
+        )
+        chunks = stream_local_pipeline(
+            arguments.world_size, request, layer_ranges, arguments.model, run=run
+        )
     first_token_at: float | None = None
     last: GenerationChunk | None = None
     for chunk in chunks:
@@ -85,7 +97,20 @@ def main(argv: list[str] | None = None) -> int:
         f" (incl. load), decode {decode_tokens / decode_s if decode_s > 0 else 0:.1f} tok/s",
         file=sys.stderr,
     )
+    for status in run.statuses:
+        if status.status == "connecting":
+            print(
+                f"rank {status.rank}: layers [{status.layer_start}, {status.layer_end}), "
+                f"weights {(status.weight_bytes or 0) / 1e6:.1f} MB, "
+                f"RSS after load {(status.rss_bytes or 0) / 1e6:.1f} MB",
+                file=sys.stderr,
+            )
     return 0
+
+
+def _layer_range(text: str) -> tuple[int, int]:
+    start, _, end = text.partition(":")
+    return int(start), int(end)
 
 
 if __name__ == "__main__":

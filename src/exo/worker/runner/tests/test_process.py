@@ -1,0 +1,54 @@
+"""A runner process serving JSON-line requests on stdin, as a supervisor drives it."""
+
+import subprocess
+import sys
+
+from exo.worker.runner.engine import GenerationRequest
+from exo.worker.runner.messages import (
+    CancelInput,
+    ChunkOutput,
+    GenerateInput,
+    RequestFailedOutput,
+    ShutdownInput,
+    StatusOutput,
+    parse_output,
+)
+
+
+def test_serves_requests_cancels_and_shuts_down() -> None:
+    inputs = [
+        GenerateInput(request=GenerationRequest(request_id="a", prompt="Hello", max_tokens=3)),
+        GenerateInput(request=GenerationRequest(request_id="empty")),  # no prompt: rejected
+        GenerateInput(
+            request=GenerationRequest(
+                request_id="b",
+                messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+                max_tokens=200,
+            )
+        ),
+        CancelInput(request_id="b"),
+        ShutdownInput(),
+    ]
+    process = subprocess.run(
+        [sys.executable, "-m", "exo.worker.runner.process", "--world-size", "1"],
+        input="".join(message.model_dump_json() + "\n" for message in inputs),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert process.returncode == 0, process.stderr
+    outputs = [parse_output(line) for line in process.stdout.splitlines() if line.strip()]
+    statuses = [o.status for o in outputs if isinstance(o, StatusOutput)]
+    assert statuses[0] == "loading"
+    assert statuses[-1] == "shut_down"
+    assert "ready" in statuses and "running" in statuses
+
+    chunks = [o.chunk for o in outputs if isinstance(o, ChunkOutput)]
+    finals = {c.request_id: c for c in chunks if c.finish_reason is not None}
+    assert finals["a"].finish_reason == "length"
+    assert finals["a"].completion_tokens == 3
+    assert finals["b"].finish_reason == "cancelled"
+    assert finals["b"].completion_tokens < 200
+    failures = [o for o in outputs if isinstance(o, RequestFailedOutput)]
+    assert [f.request_id for f in failures] == ["empty"]
+    assert "messages or a prompt" in failures[0].error
