@@ -13,10 +13,17 @@ from exo.shared.types.commands import (
     DeleteInstance,
     PlaceInstance,
 )
-from exo.shared.types.events import Event, InstanceCreated, InstanceDeleted
+from exo.shared.types.events import (
+    Event,
+    InstanceCreated,
+    InstanceDeleted,
+    TaskCreated,
+    TaskStatusUpdated,
+)
 from exo.shared.types.ids import InstanceId, NodeId
 from exo.shared.types.instances import Instance
 from exo.shared.types.state import State
+from exo.shared.types.tasks import Task
 
 RING_BASE_PORT = 52500
 """Runner ranks listen for the MLX ring backend on ports from here up, one per rank,
@@ -36,10 +43,78 @@ def handle_command(command: Command, state: State) -> list[Event] | CommandResul
                     ok=False, status_code=404, error=f"no instance {command.instance_id}"
                 )
             return [InstanceDeleted(instance_id=command.instance_id)]
-        case CreateChatTask() | CancelTask():
-            return CommandResult(ok=False, status_code=501, error="tasks are not available yet")
+        case CreateChatTask():
+            return create_chat_task(command, state)
+        case CancelTask():
+            task = state.tasks.get(command.task_id)
+            if task is None:
+                return CommandResult(ok=False, status_code=404, error=f"no task {command.task_id}")
+            if task.status in ("complete", "failed", "cancelled"):
+                return []
+            return [TaskStatusUpdated(task_id=task.task_id, status="cancelled")]
         case _:
             assert_never(command)
+
+
+def instance_health(state: State, instance: Instance) -> tuple[str, str | None]:
+    """("ready" | "failed" | "loading", explanation) from the instance's runners."""
+    statuses: list[str] = []
+    for shard in instance.shards:
+        runner = state.runners.get(shard.runner_id)
+        if runner is not None and runner.status == "failed":
+            return "failed", f"runner {shard.runner_id} (rank {shard.rank}) failed: {runner.error}"
+        statuses.append(runner.status if runner is not None else "starting")
+    if all(status in ("ready", "running") for status in statuses):
+        return "ready", None
+    return "loading", "runners are " + ", ".join(
+        f"rank {rank}: {status}" for rank, status in enumerate(statuses)
+    )
+
+
+def instances_for_model(state: State, model: str) -> list[Instance]:
+    card = get_model_card(model)
+    model_id = card.model_id if card is not None else model
+    return [instance for instance in state.instances.values() if instance.model_id == model_id]
+
+
+def create_chat_task(command: CreateChatTask, state: State) -> list[Event] | CommandResult:
+    """Assign the task to the least busy ready instance serving the model."""
+    candidates = instances_for_model(state, command.params.model)
+    if not candidates:
+        return CommandResult(
+            ok=False,
+            status_code=404,
+            error=f"no instance serves model '{command.params.model}'; "
+            f'create one with POST /instance {{"model_id": "{command.params.model}"}}',
+        )
+    health = {instance.instance_id: instance_health(state, instance) for instance in candidates}
+    ready = [instance for instance in candidates if health[instance.instance_id][0] == "ready"]
+    if not ready:
+        status, why = health[candidates[0].instance_id]
+        return CommandResult(
+            ok=False,
+            status_code=503,
+            error=f"the instance for '{command.params.model}' is not ready ({status}): {why}",
+            detail={"instance_status": status},
+        )
+
+    def load(instance: Instance) -> tuple[int, str]:
+        busy = sum(
+            1
+            for task in state.tasks.values()
+            if task.instance_id == instance.instance_id and task.status in ("pending", "running")
+        )
+        return busy, instance.instance_id
+
+    chosen = min(ready, key=load)
+    task = Task(
+        task_id=command.task_id,
+        command_id=command.command_id,
+        instance_id=chosen.instance_id,
+        requested_by=command.requested_by,
+        params=command.params,
+    )
+    return [TaskCreated(task=task)]
 
 
 def plan_instance(

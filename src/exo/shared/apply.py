@@ -129,6 +129,16 @@ def apply_node_timed_out(state: State, event: NodeTimedOut) -> State:
                 for source, links in state.gpu_links.items()
                 if source != node_id
             },
+            "runners": {
+                runner_id: (
+                    runner.model_copy(
+                        update={"status": "failed", "error": f"node {node_id} timed out"}
+                    )
+                    if runner.node_id == node_id and runner.status != "shut_down"
+                    else runner
+                )
+                for runner_id, runner in state.runners.items()
+            },
         }
     )
 

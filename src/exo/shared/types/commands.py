@@ -4,7 +4,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from exo.shared.types.ids import CommandId, InstanceId, TaskId, new_command_id
+from exo.shared.types.ids import CommandId, InstanceId, NodeId, TaskId, new_command_id
 from exo.shared.types.tasks import ChatCompletionParams
 
 
@@ -28,6 +28,7 @@ class DeleteInstance(BaseCommand):
 class CreateChatTask(BaseCommand):
     kind: Literal["CreateChatTask"] = "CreateChatTask"
     task_id: TaskId
+    requested_by: NodeId
     params: ChatCompletionParams
 
 
