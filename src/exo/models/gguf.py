@@ -391,9 +391,12 @@ def load_stage(
             if is_last and not hyperparameters.tied_embeddings
             else None
         ),
-        metadata={k: v for k, v in metadata.items() if not isinstance(v, mx.array) or v.size < 64}
-        if not is_first
-        else metadata,
+        # Only the first stage (rank 0) builds the tokenizer; the others drop its tables.
+        metadata=(
+            metadata
+            if is_first
+            else {k: v for k, v in metadata.items() if not k.startswith("tokenizer.")}
+        ),
     )
     total_bytes = sum(array.nbytes for array in tensors.values())
     # Drop the tensors this stage does not keep, then hand the freed buffers back.

@@ -199,6 +199,9 @@ class Engine:
             pending_ids.clear()
             return result
 
+        if should_cancel is not None and should_cancel():
+            yield chunk("", "cancelled")
+            return
         self.stepper.begin(sampling)
         logger.debug("prefill {} tokens for {}", len(prompt), request.request_id)
         token = self.stepper.step(prompt)

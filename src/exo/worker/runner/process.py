@@ -97,6 +97,8 @@ class StdinRequests:
                 continue
             match message:
                 case GenerateInput(request=request):
+                    with self._lock:  # a reused id is not cancelled by an earlier cancel
+                        self._cancelled.discard(request.request_id)
                     self._queue.put(request)
                 case CancelInput(request_id=request_id):
                     with self._lock:

@@ -137,9 +137,19 @@ def test_cancellation_between_tokens(tokenizer: GGUFTokenizer) -> None:
         return calls >= 3
 
     chunks = list(engine.generate(GenerationRequest(prompt="x"), should_cancel))
+    # Checked once before the prefill, then after each token: cancelled after two tokens.
     assert chunks[-1].finish_reason == "cancelled"
-    assert chunks[-1].completion_tokens == 3
-    assert len(stepper.fed) == 3
+    assert chunks[-1].completion_tokens == 2
+    assert len(stepper.fed) == 2
+
+
+def test_cancelled_before_start_runs_nothing(tokenizer: GGUFTokenizer) -> None:
+    stepper = _scripted(tokenizer, "never")
+    chunks = list(Engine(tokenizer, stepper).generate(GenerationRequest(prompt="x"), lambda: True))
+    assert [(c.finish_reason, c.completion_tokens, c.text) for c in chunks] == [
+        ("cancelled", 0, "")
+    ]
+    assert stepper.fed == [] and stepper.begun == []
 
 
 def test_prompt_longer_than_context_is_refused(tokenizer: GGUFTokenizer) -> None:
