@@ -173,7 +173,12 @@ def main() -> None:
         choices=["all", "auto", "cpu", "cuda", "metal", "simulated"],
         help="'all' runs auto and simulated, each in its own process",
     )
-    parser.add_argument("--duration", type=float, default=20.0, help="collector window, s")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=21.0,
+        help="collector window, s (21 s holds two 10 s heartbeats of an idle device)",
+    )
     parser.add_argument("--interval", type=float, default=2.0, help="sampling interval, s")
     parser.add_argument("--samples", type=int, default=200, help="readings per device timed")
     arguments = parser.parse_args()

@@ -59,7 +59,9 @@ def emit_reason(
     used memory by >= ``memory_change_fraction`` of the total, utilisation by >=
     ``utilization_change_percent`` points, temperature by >= ``temperature_change_c``,
     battery by >= ``battery_change_percent`` points. Otherwise emitted when the last emitted
-    reading is ``heartbeat_s`` old.
+    reading is ``heartbeat_s`` old, less a jitter allowance of a quarter interval (at most
+    0.5 s): readings are taken a little after each tick, so without it a 10 s heartbeat on a
+    2 s interval would slip to every 12 s.
     """
     if previous is None:
         return "first reading"
@@ -90,7 +92,8 @@ def emit_reason(
     battery_delta = abs(current.battery_percent - previous.battery_percent)
     if battery_delta > 0 and battery_delta >= config.battery_change_percent:
         return "battery level changed"
-    if (now - previous.last_update).total_seconds() >= config.heartbeat_s:
+    jitter_allowance_s = min(0.25 * config.interval_s, 0.5)
+    if (now - previous.last_update).total_seconds() >= config.heartbeat_s - jitter_allowance_s:
         return "heartbeat"
     return None
 
@@ -161,6 +164,12 @@ class GPUTelemetryCollector:
     def last_readings(self) -> dict[DeviceId, DeviceGPUState]:
         """The most recent reading of each device (emitted or not)."""
         return dict(self._last_readings)
+
+    def forget_reported(self) -> None:
+        """Forget what was emitted, so the next pass reports every device's facts and a fresh
+        reading again (e.g. after the cluster dropped this node's state on a timeout)."""
+        self._reported_info.clear()
+        self._last_emitted.clear()
 
     async def start_monitoring(self, task_group: TaskGroup | None = None) -> None:
         """Report device facts, then sample in the background until stopped.

@@ -101,11 +101,15 @@ def test_threshold_decisions(changes: dict[str, Any], emitted: bool) -> None:
 
 
 def test_heartbeat() -> None:
+    # Default interval 2 s: a reading up to 0.5 s early still counts (sampling jitter).
     previous = reading()
-    later = reading(last_update=T0 + timedelta(seconds=9.9))
-    assert emit_reason(previous, later, T0 + timedelta(seconds=9.9), CONFIG) is None
-    due = reading(last_update=T0 + timedelta(seconds=10))
-    assert emit_reason(previous, due, T0 + timedelta(seconds=10), CONFIG) == "heartbeat"
+    later = reading(last_update=T0 + timedelta(seconds=9.4))
+    assert emit_reason(previous, later, T0 + timedelta(seconds=9.4), CONFIG) is None
+    due = reading(last_update=T0 + timedelta(seconds=9.5))
+    assert emit_reason(previous, due, T0 + timedelta(seconds=9.5), CONFIG) == "heartbeat"
+    fast = TelemetryConfig(interval_s=0.2, heartbeat_s=1.0)
+    assert emit_reason(previous, later, T0 + timedelta(seconds=0.94), fast) is None
+    assert emit_reason(previous, later, T0 + timedelta(seconds=0.95), fast) == "heartbeat"
 
 
 def test_flips_are_emitted_at_once_even_for_tiny_changes() -> None:
@@ -130,7 +134,7 @@ def test_custom_thresholds() -> None:
     utilisation=st.floats(min_value=0, max_value=100),
     utilisation_step=st.floats(min_value=-9.9, max_value=9.9),
     temperature_step=st.floats(min_value=-1.9, max_value=1.9),
-    seconds=st.floats(min_value=0, max_value=9.99),
+    seconds=st.floats(min_value=0, max_value=9.49),
 )
 def test_small_changes_within_the_heartbeat_are_never_emitted(
     memory_step: float,
@@ -254,6 +258,25 @@ async def test_collect_emits_changes_only() -> None:
     assert [state.memory_used_bytes for state in recorder.states("cuda:1")] == [10 * GIB, 40 * GIB]
     assert len(recorder.states("cuda:0")) == 1
     assert collector.last_readings[DeviceId("cuda:1")].memory_used_bytes == 40 * GIB
+
+
+@pytest.mark.anyio
+async def test_forget_reported_re_sends_facts_and_readings() -> None:
+    backend = ScriptedBackend(["cuda:0"])
+    recorder = Recorder()
+    collector = GPUTelemetryCollector(NODE, backend, recorder, FAST)
+    await collector.collect_device_state()
+    await collector.collect_device_state()
+    assert [event.kind for event in recorder.events] == [
+        "GPUDeviceInfoReported",
+        "DeviceGPUStateUpdated",
+    ]
+    collector.forget_reported()
+    await collector.collect_device_state()
+    assert [event.kind for event in recorder.events[2:]] == [
+        "GPUDeviceInfoReported",
+        "DeviceGPUStateUpdated",
+    ]
 
 
 @pytest.mark.anyio
