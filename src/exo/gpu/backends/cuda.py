@@ -20,7 +20,8 @@ Static facts, per device:
   a little above the boost clock datasheets use, so H100 SXM comes out at 132 x 1980 MHz x 4096
   = 1070 TFLOPS against the datasheet's 989.
 - SM count: ``nvmlDeviceGetAttributes().multiprocessorCount`` where available, else CUDA
-  cores (``nvmlDeviceGetNumGpuCores``) / cores per SM for the architecture.
+  cores (``nvmlDeviceGetNumGpuCores``) / cores per SM for the architecture, else the
+  published count for a known device name (``SM_COUNT_BY_NAME``).
   Unknown SM count or clocks give 0 (unknown) TFLOPS; unknown bus width gives 0 GB/s.
 
 Device ids are ``cuda:<NVML index>``.
@@ -123,6 +124,34 @@ CUDA_CORES_PER_SM: dict[tuple[int, int], int] = {
     (8, 0): 64,
 }
 """FP32 cores per SM where it is not 128 (used only to derive SM count from core count)."""
+
+
+SM_COUNT_BY_NAME: tuple[tuple[str, int], ...] = (
+    ("H100 PCIe", 114),
+    ("H100", 132),
+    ("H200", 132),
+    ("H800", 132),
+    ("GH200", 132),
+    ("B200", 148),
+    ("A100", 108),
+    ("A800", 108),
+    ("A30", 56),
+    ("A40", 84),
+    ("A10", 72),
+    ("L40", 142),
+    ("L4", 58),
+    ("V100", 80),
+    ("T4", 40),
+)
+"""Last resort for the SM count when NVML answers neither the attribute nor the core count
+query: published SM counts, first name contained in the device name wins."""
+
+
+def sm_count_from_name(device_name: str) -> int | None:
+    for fragment, count in SM_COUNT_BY_NAME:
+        if fragment in device_name:
+            return count
+    return None
 
 
 def fp16_flops_per_sm_per_clock(major: int, minor: int) -> int:
@@ -283,7 +312,7 @@ class CUDABackend:
         name = _as_text(_optional("nvmlDeviceGetName", handle) or f"NVIDIA GPU {index}")
         capability_raw = _optional("nvmlDeviceGetCudaComputeCapability", handle)
         capability = (int(capability_raw[0]), int(capability_raw[1])) if capability_raw else None
-        sm_count = self._read_sm_count(handle, capability)
+        sm_count = self._read_sm_count(handle, capability) or sm_count_from_name(name)
         memory = _optional("nvmlDeviceGetMemoryInfo", handle)
         memory_total = int(memory.total) if memory is not None else 0
         bus_width = _optional("nvmlDeviceGetMemoryBusWidth", handle)

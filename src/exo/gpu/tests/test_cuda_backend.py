@@ -54,7 +54,8 @@ class FakeGPU:
     power_mw: int | None = 250_000
     power_limit_mw: int | None = 700_000
     clock_reasons: int | None = 0
-    sample_error: int | None = None
+    sample_error: int | None = None  # every query of this device fails with this code
+    utilization_error: int | None = None  # only the utilisation query fails
 
 
 T = TypeVar("T")
@@ -151,6 +152,9 @@ class FakeNVML:
         return _answer(self._gpu(handle).sm_clock_mhz)
 
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any:
+        error = self._gpu(handle).utilization_error
+        if error is not None:
+            raise nvml_error(error)
         return SimpleNamespace(gpu=_answer(self._gpu(handle).utilization_gpu), memory=0)
 
     def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int:
@@ -296,11 +300,17 @@ async def test_unsupported_queries_are_absent_not_errors(
         sm_clock_mhz=None,
         clock_reasons=None,
     )
-    backend, _ = await _started(gpu, install=install_fake_nvml)
-    (info,) = await backend.list_devices(NODE)
-    assert info.sm_count is None
-    assert info.memory_bandwidth_gbps == 0.0
-    assert info.peak_tflops_fp16 == 0.0
+    backend, _ = await _started(
+        gpu,
+        FakeGPU(name="Prototype", multiprocessor_count=None, core_count=None),
+        install=install_fake_nvml,
+    )
+    known_name, unknown_name = await backend.list_devices(NODE)
+    assert known_name.sm_count == 132  # "H100" in the name: the published SM count
+    assert unknown_name.sm_count is None
+    assert unknown_name.peak_tflops_fp16 == 0.0
+    assert known_name.peak_tflops_fp16 > 0
+    assert known_name.memory_bandwidth_gbps == 0.0  # bus width unsupported
     state = await backend.sample(NODE, DeviceId("cuda:0"))
     assert state.compute_utilization_percent == 0.0
     assert state.thermal_temperature_c == -1.0
@@ -355,7 +365,11 @@ async def test_memory_v2_falls_back_to_v1_once(
 @pytest.mark.anyio
 async def test_real_failures_raise(install_fake_nvml: Callable[..., FakeNVML]) -> None:
     backend, fake = await _started(FakeGPU(), install=install_fake_nvml)
-    fake.gpus[0].sample_error = real_pynvml.NVML_ERROR_GPU_IS_LOST
+    fake.gpus[0].utilization_error = real_pynvml.NVML_ERROR_GPU_IS_LOST
+    with pytest.raises(real_pynvml.NVMLError):
+        await backend.sample(NODE, DeviceId("cuda:0"))
+    fake.gpus[0].utilization_error = None
+    fake.gpus[0].sample_error = real_pynvml.NVML_ERROR_UNKNOWN
     with pytest.raises(real_pynvml.NVMLError):
         await backend.sample(NODE, DeviceId("cuda:0"))
     with pytest.raises(GPUBackendError):
