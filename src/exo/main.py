@@ -76,6 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how often the worker measures latency and throughput to each peer (default 60)",
     )
+    parser.add_argument(
+        "--gpu-backend",
+        choices=["auto", "cuda", "metal", "cpu", "simulated"],
+        default="auto",
+        help="GPU backend (default auto: CUDA, then Metal, then CPU; $EXO_GPU_BACKEND overrides auto)",
+    )
+    parser.add_argument(
+        "--simulate-gpus",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="JSON file describing simulated devices (implies --gpu-backend simulated); re-read on change",
+    )
+    parser.add_argument(
+        "--telemetry-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how often GPU telemetry is sampled (default 2)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logs (-vv: trace)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
@@ -100,6 +120,10 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         raise StartupError(
             "--link-probe-interval must be positive and --election-settle not negative"
         )
+    if args.telemetry_interval <= 0:
+        raise StartupError("--telemetry-interval must be positive")
+    if args.simulate_gpus is not None and not args.simulate_gpus.is_file():
+        raise StartupError(f"--simulate-gpus {args.simulate_gpus}: no such file")
     if not args.namespace or "/" in args.namespace or "*" in args.namespace:
         raise StartupError("--namespace must be a non-empty name without '/' or '*'")
     home: Path = args.home or Path(os.environ.get("EXO_HOME", "~/.exo"))
@@ -115,6 +139,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         friendly_name=args.friendly_name,
         election_settle_s=args.election_settle,
         link_probe_interval_s=args.link_probe_interval,
+        gpu_backend="simulated" if args.simulate_gpus is not None else args.gpu_backend,
+        simulate_gpus_file=args.simulate_gpus,
+        telemetry_interval_s=args.telemetry_interval,
     )
 
 

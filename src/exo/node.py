@@ -48,6 +48,9 @@ class NodeConfig:
     friendly_name: str | None = None
     election_settle_s: float = 1.5
     link_probe_interval_s: float = 60.0
+    gpu_backend: str = "auto"
+    simulate_gpus_file: Path | None = None
+    telemetry_interval_s: float = 2.0
 
 
 def prepare_home(home: Path) -> NodeId:
@@ -144,9 +147,15 @@ async def run_node(config: NodeConfig) -> None:
             group.start_soon(master.run)
             group.start_soon(_sync_disk_periodically, store)
             if config.run_worker:
-                worker = Worker(
-                    node_id, store, sender, WorkerConfig(config.friendly_name, config.api_port)
+                worker_config = WorkerConfig(
+                    home=config.home,
+                    friendly_name=config.friendly_name,
+                    api_port=config.api_port,
+                    gpu_backend=config.gpu_backend,
+                    simulate_gpus_file=config.simulate_gpus_file,
+                    telemetry_interval_s=config.telemetry_interval_s,
                 )
+                worker = Worker(node_id, store, sender, worker_config)
                 group.start_soon(worker.run)
                 group.start_soon(link_prober.run)
             group.start_soon(_serve_api, server, api_socket)

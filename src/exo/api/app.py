@@ -4,10 +4,13 @@ import time
 import uuid
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from exo.api.chat import chat_routes, openai_error
 from exo.api.context import ApiContext
 from exo.master.commands import plan_instance
 from exo.shared.types.commands import CommandResult, DeleteInstance, PlaceInstance
@@ -32,6 +35,39 @@ def error_response(result: CommandResult) -> JSONResponse:
 
 def create_app(context: ApiContext) -> FastAPI:
     app = FastAPI(title="exo", description="Heterogeneous-GPU cluster runtime")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
+                for problem in error.errors()
+            )
+            return openai_error(422, f"invalid request: {problems}", "invalid_request_error")
+        return JSONResponse(status_code=422, content={"detail": jsonable_encoder(error.errors())})
+
+    @app.get("/gpus")
+    async def get_gpus() -> list[dict[str, Any]]:
+        """Every device in the cluster: node, static facts and the live reading."""
+        state = context.store.state
+        devices: list[dict[str, Any]] = []
+        for node_id in sorted(set(state.gpu_device_info) | set(state.gpu_device_state)):
+            node = state.nodes.get(node_id)
+            infos = state.gpu_device_info.get(node_id, {})
+            readings = state.gpu_device_state.get(node_id, {})
+            for device_id in sorted(set(infos) | set(readings)):
+                info = infos.get(device_id)
+                reading = readings.get(device_id)
+                devices.append(
+                    {
+                        "node_id": node_id,
+                        "friendly_name": node.friendly_name if node is not None else None,
+                        "device_id": device_id,
+                        "info": info.model_dump(mode="json") if info is not None else None,
+                        "state": reading.model_dump(mode="json") if reading is not None else None,
+                    }
+                )
+        return devices
 
     @app.get("/node_id")
     async def get_node_id() -> dict[str, str]:
@@ -98,4 +134,5 @@ def create_app(context: ApiContext) -> FastAPI:
             return error_response(result)
         return JSONResponse(content={"deleted": instance_id})
 
+    app.include_router(chat_routes(context))
     return app

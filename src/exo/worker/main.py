@@ -1,28 +1,39 @@
-"""The worker: reports this node (and its devices) to the cluster and runs what the
-cluster assigns to it."""
+"""The worker: reports this node and its devices to the cluster and runs what the cluster
+assigns to it (runner processes, tasks)."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
+from anyio.abc import TaskGroup
 from loguru import logger
 
+from exo.gpu.backend import GPUBackendFactory
 from exo.routing.local_events import LocalEventSender
 from exo.shared.event_store import EventStore
 from exo.shared.types.events import NodeInfoReported, NodeMemoryUpdated
 from exo.shared.types.ids import NodeId
+from exo.shared.types.node import NodeStaticInfo
+from exo.worker.gpu_telemetry import GPUTelemetryCollector, TelemetryConfig
 from exo.worker.node_info import (
     available_ram_bytes,
     gather_static_info,
     memory_changed_meaningfully,
 )
+from exo.worker.plan import CancelRunnerTask, ForwardTask, StartRunner, StopRunner, plan
+from exo.worker.supervisor import RunnerSupervisor
 
 MEMORY_CHECK_INTERVAL_S = 2.0
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
+    home: Path
     friendly_name: str | None = None
     api_port: int | None = None
+    gpu_backend: str = "auto"
+    simulate_gpus_file: Path | None = None
+    telemetry_interval_s: float = 2.0
 
 
 class Worker:
@@ -37,19 +48,33 @@ class Worker:
         self._store = store
         self._sender = sender
         self._config = config
+        self.supervisor = RunnerSupervisor(node_id, config.home, sender.emit)
+        self.gpu_telemetry: GPUTelemetryCollector | None = None
 
     async def run(self) -> None:
-        async with anyio.create_task_group() as group:
-            group.start_soon(self._report_node)
+        self.gpu_telemetry = GPUTelemetryCollector(
+            node_id=self.node_id,
+            gpu_backend=await GPUBackendFactory.create_backend(
+                self._config.gpu_backend, self._config.simulate_gpus_file
+            ),
+            event_emitter=self._sender.emit,
+            config=TelemetryConfig(interval_s=self._config.telemetry_interval_s),
+        )
+        try:
+            async with anyio.create_task_group() as group:
+                await self.gpu_telemetry.start_monitoring(group)
+                group.start_soon(self._report_node)
+                group.start_soon(self._plan_loop, group)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.supervisor.stop_all()
+                await self.gpu_telemetry.stop_monitoring()
 
     async def _report_node(self) -> None:
         info = await anyio.to_thread.run_sync(
             gather_static_info, self._config.friendly_name, self._config.api_port
         )
-        reported_ram = available_ram_bytes()
-        await self._sender.emit(
-            NodeInfoReported(node_id=self.node_id, info=info, ram_available_bytes=reported_ram)
-        )
+        reported_ram = await self._emit_node_info(info)
         logger.info(f"reported node info: {info.friendly_name}, {info.cpu_count} CPUs")
         while True:
             await anyio.sleep(MEMORY_CHECK_INTERVAL_S)
@@ -57,12 +82,7 @@ class Worker:
             if state.master_node_id is not None and self.node_id not in state.nodes:
                 if self._sender.pending_count == 0:
                     logger.info("this node is missing from the cluster state; reporting again")
-                    reported_ram = available_ram_bytes()
-                    await self._sender.emit(
-                        NodeInfoReported(
-                            node_id=self.node_id, info=info, ram_available_bytes=reported_ram
-                        )
-                    )
+                    reported_ram = await self._emit_node_info(info)
                 continue
             current = available_ram_bytes()
             if memory_changed_meaningfully(reported_ram, current, info.ram_total_bytes):
@@ -70,3 +90,44 @@ class Worker:
                 await self._sender.emit(
                     NodeMemoryUpdated(node_id=self.node_id, ram_available_bytes=current)
                 )
+
+    async def _emit_node_info(self, info: NodeStaticInfo) -> int:
+        ram = available_ram_bytes()
+        await self._sender.emit(
+            NodeInfoReported(node_id=self.node_id, info=info, ram_available_bytes=ram)
+        )
+        if self.gpu_telemetry is not None:
+            self.gpu_telemetry.forget_reported()
+        return ram
+
+    async def _plan_loop(self, group: TaskGroup) -> None:
+        while True:
+            state = self._store.state
+            for action in plan(state, self.node_id, self.supervisor.local_runners()):
+                match action:
+                    case StartRunner():
+                        await self.supervisor.start_runner(group, action.instance, action.shard)
+                    case StopRunner():
+                        group.start_soon(self.supervisor.stop_runner, action.runner_id)
+                    case ForwardTask():
+                        await self.supervisor.forward_task(action.runner_id, action.task)
+                    case CancelRunnerTask():
+                        await self.supervisor.cancel_task(action.runner_id, action.task_id)
+            self.supervisor.forget_instance_runners(set(state.instances))
+            await self._wait_for_change()
+
+    async def _wait_for_change(self) -> None:
+        store_changed = self._store.wait_for_change
+        runners_changed = self.supervisor.changed
+        async with anyio.create_task_group() as race:
+
+            async def wait_store() -> None:
+                await store_changed()
+                race.cancel_scope.cancel()
+
+            async def wait_runners() -> None:
+                await runners_changed.wait()
+                race.cancel_scope.cancel()
+
+            race.start_soon(wait_store)
+            race.start_soon(wait_runners)

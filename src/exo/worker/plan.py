@@ -2,7 +2,8 @@
 
 ``plan(state, node_id, local_runners)`` returns the actions, in order:
 
-1. stop a local runner whose instance is gone from the state;
+1. stop a local runner whose instance is gone from the state, or another of whose
+   instance's runners failed (the pipeline is broken);
 2. start a runner for each shard assigned to a device of this node that has none;
 3. give a pending task to the instance's rank-0 runner once every runner of the
    instance is ready (rank 0 drives the pipeline; the other ranks follow it);
@@ -74,12 +75,24 @@ def instance_ready(state: State, instance: Instance) -> bool:
     return True
 
 
+def _instance_failed(state: State, local: LocalRunner) -> bool:
+    """Another runner of the instance failed: the ring is broken, this rank would block."""
+    return any(
+        runner.instance_id == local.instance_id
+        and runner.runner_id != local.runner_id
+        and runner.status == "failed"
+        for runner in state.runners.values()
+    )
+
+
 def plan(
     state: State, node_id: NodeId, local_runners: Mapping[RunnerId, LocalRunner]
 ) -> list[Action]:
     actions: list[Action] = []
     for runner in local_runners.values():
-        if runner.instance_id not in state.instances and runner.status != "shut_down":
+        if runner.status in ("shut_down", "failed"):
+            continue
+        if runner.instance_id not in state.instances or _instance_failed(state, runner):
             actions.append(StopRunner(runner_id=runner.runner_id))
     for instance in state.instances.values():
         for shard in instance.shards:

@@ -124,7 +124,7 @@ class ChunkGenerated(BaseEvent):
     task_id: TaskId
     chunk_index: int = Field(ge=0)
     text: str
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "cancelled"] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

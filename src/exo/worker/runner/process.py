@@ -8,9 +8,11 @@ writes status lines to stdout (see :mod:`exo.worker.runner.messages`). Logs go t
 """
 
 import argparse
+import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -235,9 +237,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[RankConfig, GenerationReq
     return config, request
 
 
+PARENT_PID_ENV = "EXO_RUNNER_PARENT_PID"
+
+
+def _exit_with_parent() -> None:
+    """A supervised runner exits when its node process is gone (even after kill -9), so a
+    dead node never leaves ranks blocked on the ring."""
+    expected = os.environ.get(PARENT_PID_ENV)
+    if not expected:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(expected):
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="runner-parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     logger.remove()
     logger.add(sys.stderr, level="INFO")
+    _exit_with_parent()
     config, request = parse_args(argv)
     requests: RequestSource | None = None
     if config.rank == 0:

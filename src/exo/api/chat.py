@@ -1,0 +1,262 @@
+"""The OpenAI-compatible endpoints: ``GET /v1/models`` and ``POST /v1/chat/completions``.
+
+A chat request becomes a ``CreateChatTask`` command; the master assigns the task to an
+instance; its rank-0 runner streams ``ChunkGenerated`` events, which this node reads from
+its own copy of the log and passes on (SSE when ``stream`` is true). Errors use OpenAI's
+shape: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from exo.api.context import ApiContext
+from exo.master.commands import instance_health, instances_for_model
+from exo.models.cards import known_model_cards
+from exo.shared.types.commands import CancelTask, CommandResult, CreateChatTask
+from exo.shared.types.events import ChunkGenerated, Event, IndexedEvent
+from exo.shared.types.ids import TaskId
+from exo.shared.types.tasks import ChatCompletionParams, ChatMessage
+
+NO_PROGRESS_TIMEOUT_S = 120.0
+"""A request whose instance produces nothing for this long fails instead of hanging."""
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    def params(self) -> ChatCompletionParams:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return ChatCompletionParams(
+            model=self.model,
+            messages=self.messages,
+            max_tokens=self.max_completion_tokens or self.max_tokens or 256,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=stops,
+        )
+
+
+def openai_error(
+    status: int, message: str, error_type: str, code: str | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        status_code=status,
+        content={"error": {"message": message, "type": error_type, "param": None, "code": code}},
+    )
+
+
+def error_from_result(result: CommandResult) -> JSONResponse:
+    kinds = {404: "not_found_error", 422: "invalid_request_error", 503: "service_unavailable"}
+    return openai_error(
+        result.status_code,
+        result.error or "request failed",
+        kinds.get(result.status_code, "server_error"),
+        code="model_not_found" if result.status_code == 404 else None,
+    )
+
+
+class TaskFailedError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def chat_routes(context: ApiContext) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        cards = [card for card in known_model_cards().values() if card.source != "planning_only"]
+        return {
+            "object": "list",
+            "data": [
+                {"id": card.model_id, "object": "model", "created": 0, "owned_by": "exo"}
+                for card in sorted(cards, key=lambda card: card.model_id)
+            ],
+        }
+
+    @router.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+        state = context.store.state
+        instances = instances_for_model(state, request.model)
+        if not instances:
+            return openai_error(
+                404,
+                f"no instance serves model '{request.model}'; create one with "
+                f'POST /instance {{"model_id": "{request.model}"}}',
+                "not_found_error",
+                "model_not_found",
+            )
+        health = [instance_health(state, instance) for instance in instances]
+        if not any(status == "ready" for status, _ in health):
+            status, why = health[0]
+            return openai_error(
+                503, f"the instance for '{request.model}' is {status}: {why}", "service_unavailable"
+            )
+        task_id = TaskId(str(uuid.uuid4()))
+        events = context.store.subscribe()
+        command = CreateChatTask(
+            task_id=task_id, requested_by=context.node_id, params=request.params()
+        )
+        result = await context.send_command(command)
+        if not result.ok:
+            events.close()
+            return error_from_result(result)
+        chunks = _task_chunks(context, task_id, events)
+        completion_id = f"chatcmpl-{task_id}"
+        created = int(time.time())
+        if request.stream:
+            return StreamingResponse(
+                _sse(context, chunks, completion_id, created, request.model, task_id),
+                media_type="text/event-stream",
+            )
+        text: list[str] = []
+        finish: str | None = None
+        usage = (0, 0)
+        try:
+            async for chunk in chunks:
+                text.append(chunk.text)
+                usage = (chunk.prompt_tokens, chunk.completion_tokens)
+                finish = chunk.finish_reason
+        except TaskFailedError as error:
+            return openai_error(error.status, error.message, "service_unavailable")
+        return JSONResponse(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": request.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(text)},
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": _usage(*usage),
+            }
+        )
+
+    return router
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+async def _task_chunks(
+    context: ApiContext,
+    task_id: TaskId,
+    events: "anyio.abc.ObjectReceiveStream[IndexedEvent]",
+) -> AsyncIterator[ChunkGenerated]:
+    """The task's chunks in order, until the last; raises TaskFailedError when the task or
+    its instance fails, or nothing happens for NO_PROGRESS_TIMEOUT_S."""
+    pending: dict[int, ChunkGenerated] = {}
+    next_index = 0
+    async with events:
+        while True:
+            event = await _next_event(events)
+            if isinstance(event, ChunkGenerated):
+                if event.task_id != task_id or event.chunk_index < next_index:
+                    continue
+                pending[event.chunk_index] = event
+                while (chunk := pending.pop(next_index, None)) is not None:
+                    next_index += 1
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        return
+                continue
+            _raise_if_failed(context, task_id)
+
+
+async def _next_event(events: "anyio.abc.ObjectReceiveStream[IndexedEvent]") -> Event:
+    with anyio.move_on_after(NO_PROGRESS_TIMEOUT_S):
+        return (await events.receive()).event
+    raise TaskFailedError(504, "the model produced nothing for too long")
+
+
+def _raise_if_failed(context: ApiContext, task_id: TaskId) -> None:
+    state = context.store.state
+    task = state.tasks.get(task_id)
+    if task is None:
+        raise TaskFailedError(503, "the task's instance was deleted")
+    if task.status == "failed":
+        raise TaskFailedError(503, f"the request failed: {task.error}")
+    instance = state.instances.get(task.instance_id)
+    if instance is None:
+        raise TaskFailedError(503, "the task's instance was deleted")
+    status, why = instance_health(state, instance)
+    if status == "failed":
+        raise TaskFailedError(503, f"the instance failed: {why}")
+
+
+async def _sse(
+    context: ApiContext,
+    chunks: AsyncIterator[ChunkGenerated],
+    completion_id: str,
+    created: int,
+    model: str,
+    task_id: TaskId,
+) -> AsyncIterator[str]:
+    def frame(
+        delta: dict[str, str], finish: str | None, usage: dict[str, int] | None = None
+    ) -> str:
+        body: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    finished = False
+    try:
+        yield frame({"role": "assistant", "content": ""}, None)
+        async for chunk in chunks:
+            usage = (
+                _usage(chunk.prompt_tokens, chunk.completion_tokens)
+                if chunk.finish_reason
+                else None
+            )
+            yield frame({"content": chunk.text}, chunk.finish_reason, usage)
+        finished = True
+        yield "data: [DONE]\n\n"
+    except TaskFailedError as error:
+        finished = True
+        yield f"data: {json.dumps({'error': {'message': error.message, 'type': 'service_unavailable'}})}\n\n"
+    finally:
+        if not finished:
+            with anyio.CancelScope(shield=True):
+                await context.send_command(CancelTask(task_id=task_id))

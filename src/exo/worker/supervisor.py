@@ -1,0 +1,300 @@
+"""Runner processes of this node: start, feed, watch and stop them.
+
+One process per shard (``python -m exo.worker.runner.process``). Its stdout carries JSON
+lines (status, chunks, failed requests, see ``exo.worker.runner.messages``) which become
+cluster events; its stderr goes to ``EXO_HOME/runners/<runner_id>.log``. A process that
+exits unexpectedly is reported ``failed`` with its exit code and the end of its log, the
+other local ranks of that instance are stopped (they would block on the ring forever), and
+its unfinished tasks fail.
+"""
+
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+from anyio.abc import Process, TaskGroup
+from anyio.streams.buffered import BufferedByteReceiveStream
+from loguru import logger
+from pydantic import ValidationError
+
+from exo.shared.types.events import (
+    ChunkGenerated,
+    Event,
+    RunnerStatusUpdated,
+    TaskStatusUpdated,
+)
+from exo.shared.types.ids import InstanceId, NodeId, RunnerId, TaskId
+from exo.shared.types.instances import Instance, Shard
+from exo.shared.types.runners import RunnerStatus
+from exo.shared.types.tasks import Task
+from exo.worker.plan import LocalRunner
+from exo.worker.runner.engine import GenerationRequest
+from exo.worker.runner.messages import (
+    CancelInput,
+    ChunkOutput,
+    GenerateInput,
+    RequestFailedOutput,
+    StatusOutput,
+    parse_output,
+)
+from exo.worker.runner.pipeline import write_hostfile
+from exo.worker.runner.process import PARENT_PID_ENV
+
+Emit = Callable[[Event], Awaitable[None]]
+MAX_LINE_BYTES = 1 << 24
+STOP_GRACE_S = 5.0
+LOG_TAIL_CHARS = 600
+
+
+@dataclass
+class RunnerHandle:
+    instance: Instance
+    shard: Shard
+    process: Process | None = None
+    status: RunnerStatus = "starting"
+    forwarded: set[TaskId] = field(default_factory=set[TaskId])
+    cancelled: set[TaskId] = field(default_factory=set[TaskId])
+    open_tasks: set[TaskId] = field(default_factory=set[TaskId])
+    chunk_counts: dict[TaskId, int] = field(default_factory=dict[TaskId, int])
+    stopping: bool = False
+    log_path: Path | None = None
+
+    def view(self) -> LocalRunner:
+        return LocalRunner(
+            runner_id=self.shard.runner_id,
+            instance_id=self.instance.instance_id,
+            rank=self.shard.rank,
+            status=self.status,
+            forwarded_task_ids=frozenset(self.forwarded),
+            cancelled_task_ids=frozenset(self.cancelled),
+        )
+
+
+def runner_environment(shard: Shard) -> dict[str, str]:
+    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+    if shard.device_id.startswith("cuda:"):
+        env["CUDA_VISIBLE_DEVICES"] = shard.device_id.split(":", 1)[1]
+    return env
+
+
+def runner_command(instance: Instance, shard: Shard, hostfile: Path | None) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "exo.worker.runner.process",
+        "--rank",
+        str(shard.rank),
+        "--world-size",
+        str(shard.world_size),
+        "--layer-start",
+        str(shard.start_layer),
+        "--layer-end",
+        str(shard.end_layer),
+    ]
+    if hostfile is not None:
+        command += ["--hostfile", str(hostfile)]
+    return command
+
+
+class RunnerSupervisor:
+    def __init__(self, node_id: NodeId, home: Path, emit: Emit) -> None:
+        self._node_id = node_id
+        self._directory = home / "runners"
+        self._emit = emit
+        self._runners: dict[RunnerId, RunnerHandle] = {}
+        self.changed = anyio.Event()
+        """Set (and replaced) whenever a local runner's status or tasks change."""
+
+    def local_runners(self) -> dict[RunnerId, LocalRunner]:
+        return {runner_id: handle.view() for runner_id, handle in self._runners.items()}
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    async def _set_status(
+        self, handle: RunnerHandle, status: RunnerStatus, error: str | None = None
+    ) -> None:
+        if handle.status == status and error is None:
+            return
+        handle.status = status
+        self._notify()
+        await self._emit(
+            RunnerStatusUpdated(
+                runner_id=handle.shard.runner_id,
+                instance_id=handle.instance.instance_id,
+                node_id=self._node_id,
+                status=status,
+                error=error,
+            )
+        )
+
+    async def start_runner(self, group: TaskGroup, instance: Instance, shard: Shard) -> None:
+        handle = RunnerHandle(instance=instance, shard=shard)
+        self._runners[shard.runner_id] = handle
+        await self._set_status(handle, "starting")
+        self._directory.mkdir(parents=True, exist_ok=True)
+        hostfile = None
+        if shard.world_size > 1:
+            hostfile = write_hostfile(
+                self._directory / f"{shard.runner_id}.hostfile.json", instance.ring_endpoints
+            )
+        handle.log_path = self._directory / f"{shard.runner_id}.log"
+        log = handle.log_path.open("ab")
+        try:
+            handle.process = await anyio.open_process(
+                runner_command(instance, shard, hostfile),
+                stdin=-1,
+                stdout=-1,
+                stderr=log,
+                env=runner_environment(shard),
+            )
+        except OSError as error:
+            await self._set_status(handle, "failed", f"could not start the runner: {error}")
+            return
+        finally:
+            log.close()
+        logger.info(
+            f"started runner {shard.runner_id} (rank {shard.rank}/{shard.world_size}, "
+            f"layers {shard.start_layer}-{shard.end_layer}, {shard.device_id})"
+        )
+        group.start_soon(self._watch, handle)
+
+    async def _watch(self, handle: RunnerHandle) -> None:
+        process = handle.process
+        assert process is not None and process.stdout is not None
+        reader = BufferedByteReceiveStream(process.stdout)
+        try:
+            while True:
+                line = await reader.receive_until(b"\n", MAX_LINE_BYTES)
+                await self._on_output(handle, line)
+        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.ClosedResourceError):
+            pass
+        code = await process.wait()
+        await self._on_exit(handle, code)
+
+    async def _on_output(self, handle: RunnerHandle, line: bytes) -> None:
+        try:
+            output = parse_output(line.decode(errors="replace"))
+        except ValidationError:
+            logger.warning(f"runner {handle.shard.runner_id}: unparseable output line")
+            return
+        match output:
+            case StatusOutput():
+                if output.status != "shut_down" or handle.stopping:
+                    await self._set_status(handle, output.status, output.error)
+            case ChunkOutput():
+                await self._on_chunk(handle, output)
+            case RequestFailedOutput():
+                task_id = TaskId(output.request_id)
+                handle.open_tasks.discard(task_id)
+                await self._emit(
+                    TaskStatusUpdated(task_id=task_id, status="failed", error=output.error)
+                )
+
+    async def _on_chunk(self, handle: RunnerHandle, output: ChunkOutput) -> None:
+        chunk = output.chunk
+        task_id = TaskId(chunk.request_id)
+        index = handle.chunk_counts.get(task_id, 0)
+        handle.chunk_counts[task_id] = index + 1
+        await self._emit(
+            ChunkGenerated(
+                task_id=task_id,
+                chunk_index=index,
+                text=chunk.text,
+                finish_reason=chunk.finish_reason,
+                prompt_tokens=chunk.prompt_tokens,
+                completion_tokens=chunk.completion_tokens,
+            )
+        )
+        if chunk.finish_reason is not None:
+            handle.open_tasks.discard(task_id)
+            handle.chunk_counts.pop(task_id, None)
+            status = "cancelled" if chunk.finish_reason == "cancelled" else "complete"
+            await self._emit(TaskStatusUpdated(task_id=task_id, status=status))
+
+    async def _on_exit(self, handle: RunnerHandle, code: int) -> None:
+        if handle.stopping:
+            await self._set_status(handle, "shut_down")
+            return
+        tail = ""
+        if handle.log_path is not None and handle.log_path.exists():
+            tail = handle.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:].strip()
+        error = f"runner process exited with code {code}" + (f": ...{tail}" if tail else "")
+        logger.error(f"runner {handle.shard.runner_id} died: exit code {code}")
+        await self._set_status(handle, "failed", error)
+        for task_id in sorted(handle.open_tasks):
+            await self._emit(TaskStatusUpdated(task_id=task_id, status="failed", error=error))
+        handle.open_tasks.clear()
+        for other in self._runners.values():
+            if other.instance.instance_id == handle.instance.instance_id and other is not handle:
+                await self.stop_runner(other.shard.runner_id, reason="a rank of its instance died")
+
+    async def forward_task(self, runner_id: RunnerId, task: Task) -> None:
+        handle = self._runners[runner_id]
+        handle.forwarded.add(task.task_id)
+        handle.open_tasks.add(task.task_id)
+        self._notify()
+        params = task.params
+        request = GenerationRequest(
+            request_id=task.task_id,
+            messages=[message.model_dump() for message in params.messages],
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop=params.stop,
+        )
+        await self._emit(TaskStatusUpdated(task_id=task.task_id, status="running"))
+        await self._write(handle, GenerateInput(request=request).model_dump_json())
+
+    async def cancel_task(self, runner_id: RunnerId, task_id: TaskId) -> None:
+        handle = self._runners[runner_id]
+        handle.cancelled.add(task_id)
+        self._notify()
+        await self._write(handle, CancelInput(request_id=task_id).model_dump_json())
+
+    async def _write(self, handle: RunnerHandle, line: str) -> None:
+        process = handle.process
+        if process is None or process.stdin is None:
+            return
+        try:
+            await process.stdin.send((line + "\n").encode())
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as error:
+            logger.warning(f"runner {handle.shard.runner_id} did not take input: {error}")
+
+    async def stop_runner(
+        self, runner_id: RunnerId, reason: str = "its instance was deleted"
+    ) -> None:
+        handle = self._runners.get(runner_id)
+        if handle is None or handle.stopping:
+            return
+        handle.stopping = True
+        process = handle.process
+        logger.info(f"stopping runner {runner_id}: {reason}")
+        if process is None or process.returncode is not None:
+            await self._set_status(handle, "shut_down")
+            return
+        with anyio.CancelScope(shield=True):
+            process.terminate()
+            with anyio.move_on_after(STOP_GRACE_S):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    def forget_instance_runners(self, live_instances: set[InstanceId]) -> None:
+        """Drop bookkeeping of stopped runners whose instance is gone."""
+        for runner_id in [
+            runner_id
+            for runner_id, handle in self._runners.items()
+            if handle.instance.instance_id not in live_instances
+            and handle.status in ("shut_down", "failed")
+        ]:
+            del self._runners[runner_id]
+
+    async def stop_all(self) -> None:
+        for runner_id in list(self._runners):
+            await self.stop_runner(runner_id, reason="the node is shutting down")
