@@ -79,6 +79,11 @@ class ExoNode:
         response.raise_for_status()
         return response.json()
 
+    def get_list(self, path: str) -> list[JsonDict]:
+        response = httpx.get(self.url + path, timeout=5.0)
+        response.raise_for_status()
+        return response.json()
+
     def state(self) -> JsonDict:
         return self.get("/state")
 

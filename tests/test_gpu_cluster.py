@@ -1,0 +1,79 @@
+"""GPU telemetry across real nodes with simulated devices."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import converged, running_cluster, wait_until
+from tests.simulated import device, write_devices
+
+pytestmark = pytest.mark.cluster
+
+
+def test_every_node_sees_every_device_and_live_changes(tmp_path: Path) -> None:
+    files = [
+        write_devices(tmp_path / "gpus0.json", [device("cuda:0", "Sim RTX 4090", 24, 1008)]),
+        write_devices(
+            tmp_path / "gpus1.json",
+            [device("cuda:0", "Sim A100", 80, 2039), device("cuda:1", "Sim T4", 16, 320)],
+        ),
+        write_devices(tmp_path / "gpus2.json", [device("cuda:0", "Sim H100", 80, 3350)]),
+    ]
+
+    def args(index: int) -> list[str]:
+        return ["--simulate-gpus", str(files[index]), "--telemetry-interval", "0.2"]
+
+    with running_cluster(tmp_path, 3, args) as nodes:
+        ids = [node.node_id() for node in nodes]
+
+        def all_devices_everywhere() -> bool:
+            for node in nodes:
+                state = node.state()["gpu_device_state"]
+                counts = [len(state.get(node_id, {})) for node_id in ids]
+                if counts != [1, 2, 1]:
+                    return False
+            return True
+
+        wait_until(all_devices_everywhere, 5.0, "every node to show all 4 devices")
+        gpus = nodes[0].get_list("/gpus")
+        names = sorted(entry["info"]["name"] for entry in gpus)
+        assert names == ["Sim A100", "Sim H100", "Sim RTX 4090", "Sim T4"]
+        assert all(entry["state"]["is_simulated"] for entry in gpus)
+        # The same device id on two nodes is two devices.
+        assert sum(1 for entry in gpus if entry["device_id"] == "cuda:0") == 3
+
+        # Make node 1's T4 throttle: every node sees it within 3 s.
+        write_devices(
+            files[1],
+            [
+                device("cuda:0", "Sim A100", 80, 2039),
+                device(
+                    "cuda:1",
+                    "Sim T4",
+                    16,
+                    320,
+                    is_thermal_throttling=True,
+                    thermal_temperature_c=91,
+                ),
+            ],
+        )
+
+        def throttling_seen() -> bool:
+            return all(
+                node.state()["gpu_device_state"][ids[1]]["cuda:1"]["is_thermal_throttling"]
+                for node in nodes
+            )
+
+        elapsed = wait_until(throttling_seen, 3.0, "every node to see the throttling T4")
+        assert elapsed < 3.0
+
+        # A node that dies takes its devices with it.
+        nodes[2].kill()
+        survivors = nodes[:2]
+
+        def devices_gone() -> bool:
+            return all(ids[2] not in node.state()["gpu_device_state"] for node in survivors)
+
+        wait_until(devices_gone, 5.0, "the dead node's devices to disappear")
+        wait_until(lambda: converged(survivors, 2), 5.0, "survivors to agree")
+        assert all(entry["node_id"] != ids[2] for entry in survivors[0].get_list("/gpus"))
