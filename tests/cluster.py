@@ -131,6 +131,7 @@ def running_cluster(
     base: Path, count: int, extra_args: Callable[[int], list[str]] | None = None
 ) -> Generator[list[ExoNode]]:
     """Start count nodes that all know each other's endpoints; always stop them."""
+    base.mkdir(parents=True, exist_ok=True)
     nodes: list[ExoNode] = []
     for index in range(count):
         nodes.append(ExoNode(base / f"node{index}", [], extra_args(index) if extra_args else None))

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+import anyio
 from pydantic import ValidationError
 
 from exo.routing.local_events import LocalEventSender
@@ -13,6 +14,8 @@ from exo.shared.types.commands import Command, CommandAdapter, CommandResult
 from exo.shared.types.ids import NodeId
 
 COMMAND_TIMEOUT_S = 5.0
+MASTER_WAIT_S = 3.0
+"""A node that has just started waits this long for an election before answering 503."""
 
 
 @dataclass
@@ -26,6 +29,9 @@ class ApiContext:
 
     async def send_command(self, command: Command) -> CommandResult:
         """Send a command to the master and wait until this node has applied its events."""
+        with anyio.move_on_after(MASTER_WAIT_S):
+            while self.election.master_node_id is None:
+                await anyio.sleep(0.05)
         if self.election.master_node_id is None:
             return CommandResult(ok=False, status_code=503, error="no master elected yet")
         payload = CommandAdapter.dump_json(command)

@@ -1,0 +1,157 @@
+"""Real inference: the bundled SmolLM2 placed on real nodes and asked over the OpenAI API."""
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.cluster import ExoNode, converged, running_cluster, wait_until
+
+pytestmark = pytest.mark.cluster
+
+MODEL = "SmolLM2-135M-Instruct"
+QUESTION = "What is the capital of France?"
+
+
+def chat_body(content: str, stream: bool = False, max_tokens: int = 40) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+
+
+def ask(node: ExoNode, content: str, max_tokens: int = 40) -> httpx.Response:
+    return httpx.post(
+        node.url + "/v1/chat/completions",
+        json=chat_body(content, max_tokens=max_tokens),
+        timeout=120.0,
+    )
+
+
+def ask_streaming(node: ExoNode, content: str, max_tokens: int = 40) -> tuple[str, str | None]:
+    text: list[str] = []
+    finish: str | None = None
+    with httpx.stream(
+        "POST",
+        node.url + "/v1/chat/completions",
+        json=chat_body(content, True, max_tokens),
+        timeout=120.0,
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            frame = json.loads(line[len("data: ") :])
+            assert "error" not in frame, frame
+            choice = frame["choices"][0]
+            text.append(choice["delta"].get("content", ""))
+            finish = choice["finish_reason"] or finish
+    return "".join(text), finish
+
+
+def place(node: ExoNode, min_nodes: int) -> dict[str, Any]:
+    response = httpx.post(
+        node.url + "/instance", json={"model_id": MODEL, "min_nodes": min_nodes}, timeout=30.0
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def runners_ready(node: ExoNode, instance: dict[str, Any]) -> bool:
+    runners = node.state()["runners"]
+    return all(
+        runners.get(shard["runner_id"], {}).get("status") in ("ready", "running")
+        for shard in instance["shards"]
+    )
+
+
+def test_single_node_answers_paris(tmp_path: Path) -> None:
+    with running_cluster(tmp_path, 1) as (node,):
+        wait_until(lambda: converged([node], 1), 10.0, "the node to elect itself")
+        assert ask(node, QUESTION).status_code == 404
+        instance = place(node, 1)
+        wait_until(lambda: runners_ready(node, instance), 90.0, "the runner to be ready")
+        response = ask(node, QUESTION)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        text = body["choices"][0]["message"]["content"]
+        assert "Paris" in text
+        assert body["usage"]["completion_tokens"] > 0
+        assert (
+            body["usage"]["total_tokens"]
+            == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+        )
+        streamed, finish = ask_streaming(node, QUESTION)
+        assert streamed == text
+        assert finish == body["choices"][0]["finish_reason"]
+
+        # Two concurrent streamed requests complete with their own, unmixed text.
+        other_question = "Name a primary color."
+        expected_other = ask(node, other_question).json()["choices"][0]["message"]["content"]
+        results: dict[str, str] = {}
+
+        def run(question: str) -> None:
+            results[question] = ask_streaming(node, question)[0]
+
+        threads = [threading.Thread(target=run, args=(q,)) for q in (QUESTION, other_question)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+        assert results == {QUESTION: text, other_question: expected_other}
+
+        bad = httpx.post(node.url + "/v1/chat/completions", json={"model": MODEL}, timeout=10.0)
+        assert bad.status_code == 422 and "error" in bad.json()
+
+
+def test_three_node_pipeline_matches_single_node(tmp_path: Path) -> None:
+    with running_cluster(tmp_path / "single", 1) as (single,):
+        wait_until(lambda: converged([single], 1), 10.0, "the node to elect itself")
+        instance = place(single, 1)
+        wait_until(lambda: runners_ready(single, instance), 90.0, "the single runner to be ready")
+        reference = ask(single, QUESTION).json()["choices"][0]["message"]["content"]
+    assert "Paris" in reference
+
+    with running_cluster(tmp_path / "cluster", 3) as nodes:
+        wait_until(lambda: converged(nodes, 3), 10.0, "3 nodes to agree")
+        instance = place(nodes[0], 3)
+        shard_nodes = {shard["node_id"] for shard in instance["shards"]}
+        assert len(shard_nodes) == 3
+        assert sorted((s["start_layer"], s["end_layer"]) for s in instance["shards"])[0][0] == 0
+        wait_until(
+            lambda: all(runners_ready(node, instance) for node in nodes),
+            120.0,
+            "every runner ready",
+        )
+        response = ask(nodes[1], QUESTION)
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == reference
+
+        # Kill one runner process: the instance is marked failed, requests get 503 fast.
+        victim_shard = next(shard for shard in instance["shards"] if shard["rank"] == 1)
+        victim_node = next(node for node in nodes if node.node_id() == victim_shard["node_id"])
+        assert victim_node.process is not None
+        runners = [
+            child
+            for child in psutil.Process(victim_node.process.pid).children(recursive=True)
+            if "exo.worker.runner.process" in " ".join(child.cmdline())
+        ]
+        assert len(runners) == 1
+        runners[0].kill()
+
+        def marked_failed() -> bool:
+            runner = nodes[0].state()["runners"].get(victim_shard["runner_id"], {})
+            return runner.get("status") == "failed"
+
+        elapsed = wait_until(marked_failed, 10.0, "the runner to be reported failed")
+        assert elapsed < 10.0
+        failed = ask(nodes[2], QUESTION)
+        assert failed.status_code == 503
+        assert "failed" in failed.json()["error"]["message"]
