@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.cluster import converged, running_cluster, wait_until  # noqa: E402
+from tests.cluster import converged, running_cluster, wait_until
 
 TARGET_S = 5.0
 

@@ -18,7 +18,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.cluster import converged, running_cluster, wait_until  # noqa: E402
+from tests.cluster import converged, running_cluster, wait_until
 
 SEED_TARGET_MS = 500.0
 OUR_TARGET_P99_MS = 50.0
