@@ -23,8 +23,15 @@ def free_port() -> int:
 
 
 class ExoNode:
-    def __init__(self, home: Path, peers: list[str], extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        peers: list[str],
+        extra_args: list[str] | None = None,
+        discovery: bool = False,
+    ) -> None:
         self.home = home
+        self.discovery = discovery
         self.api_port = free_port()
         self.zenoh_port = free_port()
         self.peers = peers
@@ -45,7 +52,7 @@ class ExoNode:
             sys.executable,
             "-m",
             "exo.main",
-            "--no-discovery",
+            *([] if self.discovery else ["--no-discovery"]),
             "--api-host",
             "127.0.0.1",
             "--api-port",

@@ -39,6 +39,24 @@ def _identical_prefixes(logs: list[list[dict[str, object]]]) -> None:
             assert by_index.setdefault(position, event_id) == event_id, f"index {position} differs"
 
 
+def test_nodes_find_each_other_without_flags(tmp_path: Path) -> None:
+    """Multicast scouting: no --connect, only a namespace of the test's own."""
+    namespace = f"discovery-{tmp_path.name}"[:40]
+    nodes = [
+        ExoNode(tmp_path / f"node{index}", [], ["--namespace", namespace], discovery=True)
+        for index in range(2)
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        for node in nodes:
+            node.wait_ready()
+        wait_until(lambda: converged(nodes, 2), 10.0, "2 nodes to find each other")
+    finally:
+        for node in nodes:
+            node.kill()
+
+
 def test_master_killed_with_events_in_flight(tmp_path: Path) -> None:
     with running_cluster(tmp_path, 3) as nodes:
         wait_until(lambda: converged(nodes, 3), 5.0, "3 nodes to agree")
