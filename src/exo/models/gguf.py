@@ -361,13 +361,21 @@ def load_stage(
     path: Path | str,
     layer_start: int = 0,
     layer_end: int | None = None,
+    cache_dir: Path | None = None,
 ) -> StageWeights:
     """Load layers ``[layer_start, layer_end)`` and the end pieces that stage needs.
 
-    ``layer_end=None`` means the last layer. The full file passes through memory briefly
-    (``mx.load`` reads it whole); tensors outside the stage are released before returning.
+    ``layer_end=None`` means the last layer. Without ``cache_dir`` the full file passes
+    through memory briefly (``mx.load`` reads it whole); tensors outside the stage are
+    released before returning. With ``cache_dir`` the weights come from the per-machine
+    safetensors cache (``exo.models.tensor_cache``) and only the stage's tensors are read.
     """
-    tensors, metadata = load_gguf_file(path)
+    if cache_dir is not None:
+        from exo.models.tensor_cache import load_cached
+
+        tensors, metadata = load_cached(Path(path), cache_dir)
+    else:
+        tensors, metadata = load_gguf_file(path)
     hyperparameters = read_hyperparameters(metadata, set(tensors))
     end = hyperparameters.block_count if layer_end is None else layer_end
     if not 0 <= layer_start < end <= hyperparameters.block_count:

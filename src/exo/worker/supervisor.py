@@ -80,7 +80,9 @@ def runner_environment(shard: Shard) -> dict[str, str]:
     return env
 
 
-def runner_command(instance: Instance, shard: Shard, hostfile: Path | None) -> list[str]:
+def runner_command(
+    instance: Instance, shard: Shard, hostfile: Path | None, weights_cache: Path
+) -> list[str]:
     command = [
         sys.executable,
         "-m",
@@ -93,6 +95,8 @@ def runner_command(instance: Instance, shard: Shard, hostfile: Path | None) -> l
         str(shard.start_layer),
         "--layer-end",
         str(shard.end_layer),
+        "--weights-cache",
+        str(weights_cache),
     ]
     if hostfile is not None:
         command += ["--hostfile", str(hostfile)]
@@ -103,6 +107,7 @@ class RunnerSupervisor:
     def __init__(self, node_id: NodeId, home: Path, emit: Emit) -> None:
         self._node_id = node_id
         self._directory = home / "runners"
+        self._weights_cache = home / "weights"
         self._emit = emit
         self._runners: dict[RunnerId, RunnerHandle] = {}
         self.changed = anyio.Event()
@@ -146,7 +151,7 @@ class RunnerSupervisor:
         log = handle.log_path.open("ab")
         try:
             handle.process = await anyio.open_process(
-                runner_command(instance, shard, hostfile),
+                runner_command(instance, shard, hostfile, self._weights_cache),
                 stdin=-1,
                 stdout=-1,
                 stderr=log,

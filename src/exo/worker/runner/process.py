@@ -54,6 +54,8 @@ class RankConfig(BaseModel):
     layer_end: int | None = None
     """None: to the last layer."""
     model_path: str | None = None
+    weights_cache: str | None = None
+    """A directory for the per-machine safetensors cache (only the stage's tensors are read)."""
     """None: the bundled SmolLM2 GGUF."""
 
 
@@ -148,7 +150,8 @@ def run_rank(config: RankConfig, requests: RequestSource | None, emit: Emit = pr
     try:
         status("loading")
         model_path = Path(config.model_path) if config.model_path else bundled_gguf_path()
-        weights = load_stage(model_path, config.layer_start, config.layer_end)
+        cache_dir = Path(config.weights_cache) if config.weights_cache else None
+        weights = load_stage(model_path, config.layer_start, config.layer_end, cache_dir)
         tokenizer = GGUFTokenizer(weights.metadata) if config.rank == 0 else None
         weights.metadata = {}
         stage = LlamaStage(weights)
@@ -218,6 +221,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RankConfig, GenerationReq
     parser.add_argument("--layer-end", type=int, default=None)
     parser.add_argument("--model", help="GGUF path (default: the bundled SmolLM2)")
     parser.add_argument(
+        "--weights-cache", help="directory of the per-machine weights cache (lazy stage loading)"
+    )
+    parser.add_argument(
         "--request-json", help="rank 0: run this one GenerationRequest (JSON), then stop"
     )
     arguments = parser.parse_args(argv)
@@ -228,6 +234,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RankConfig, GenerationReq
         layer_start=arguments.layer_start,
         layer_end=arguments.layer_end,
         model_path=arguments.model,
+        weights_cache=arguments.weights_cache,
     )
     request = (
         GenerationRequest.model_validate_json(arguments.request_json)
