@@ -481,6 +481,7 @@ class ConstraintSatisfactionPlacement:
                 reasons=["no placement satisfies the memory and node constraints"],
             )
         stages, cost, lower_bound = outcome
+        stages = balance_equal_stages(stages, self.cost_model)
         proven = cost <= lower_bound + 1e-9 * max(1.0, abs(cost))
         if not proven:
             reasons.append(
@@ -905,6 +906,47 @@ class ConstraintSatisfactionPlacement:
             end = previous
         order_indices.reverse()
         return [middle[index] for index in order_indices]
+
+
+def balance_equal_stages(stages: Sequence[StagePlan], cost_model: CostModel) -> list[StagePlan]:
+    """Among stages whose devices have the same effective bandwidth, spread their layers as
+    evenly as memory allows. The predicted time per token is unchanged (each of those layers
+    costs the same wherever it goes), but no stage is left holding one layer while an equal
+    device holds the rest, which evens memory use and the pipeline's throughput."""
+    counts = [stage.n_layers for stage in stages]
+    groups: dict[float, list[int]] = {}
+    for position, stage in enumerate(stages):
+        bandwidth = round(cost_model.effective_bandwidth_gbps(stage.device), 6)
+        groups.setdefault(bandwidth, []).append(position)
+    last = len(stages) - 1
+    for positions in groups.values():
+        if len(positions) < 2:
+            continue
+        total = sum(counts[position] for position in positions)
+        caps = {
+            position: cost_model.max_layers(
+                stages[position].device, position == 0, position == last
+            )
+            for position in positions
+        }
+        share = dict.fromkeys(positions, 1)
+        remaining = total - len(positions)
+        while remaining > 0:
+            open_positions = [p for p in positions if share[p] < caps[p]]
+            if not open_positions:
+                return list(stages)
+            target = min(open_positions, key=lambda p: (share[p], p))
+            share[target] += 1
+            remaining -= 1
+        for position in positions:
+            counts[position] = share[position]
+    balanced = [
+        StagePlan(device=stage.device, n_layers=count)
+        for stage, count in zip(stages, counts, strict=True)
+    ]
+    if cost_model.violations(balanced):
+        return list(stages)
+    return balanced
 
 
 def _node_count(devices: Sequence[PlacementDevice]) -> int:

@@ -192,3 +192,20 @@ def test_layers_go_to_the_fastest_device_up_to_its_memory() -> None:
         "cuda:0"
     ] == cost_model.max_layers(fast, False, True)
     assert sum(by_device.values()) == 10
+
+
+def test_equal_devices_share_layers_evenly_at_the_same_cost() -> None:
+    """Devices of equal effective bandwidth tie on ms/token for any split; the solver then
+    spreads layers evenly instead of leaving one layer on a stage."""
+    devices = [
+        device(f"node-{index}", vendor=vendor, memory_gb=24, bandwidth_gbps=500)
+        for index, vendor in enumerate(["NVIDIA", "AMD", "Intel"])
+    ]
+    cost_model = CostModel(model_card=small_model(30, layer_mb=200))
+    result = ConstraintSatisfactionPlacement(cost_model, devices, min_nodes=3).solve()
+    assert sorted(stage.n_layers for stage in result.stages) == [10, 10, 10]
+    assert result.predicted_ms_per_token is not None
+    assert math.isclose(
+        cost_model.predict_ms_per_token(result.stages), result.predicted_ms_per_token, rel_tol=1e-9
+    )
+    assert not cost_model.violations(result.stages, min_nodes=3)
