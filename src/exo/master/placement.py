@@ -30,7 +30,13 @@ from exo.master.placement_csp import (
     greedy_stages,
 )
 from exo.shared.types.commands import PlaceInstance
-from exo.shared.types.gpu import DeviceGPUState, GPUDeviceInfo, GPULink
+from exo.shared.types.gpu import (
+    CPU_MEMORY_BANDWIDTH_GBPS,
+    CPU_PEAK_TFLOPS_FP16,
+    DeviceGPUState,
+    GPUDeviceInfo,
+    GPULink,
+)
 from exo.shared.types.ids import DeviceId, InstanceId, NodeId, RunnerId
 from exo.shared.types.instances import GPUDeviceScore, Instance, PlacementDecision, Shard
 from exo.shared.types.memory import format_bytes
@@ -56,11 +62,16 @@ DEFAULT_BANDWIDTH_GBPS: dict[str, float] = {
     "cuda": 300.0,
     "metal": 100.0,
     "simulated": 100.0,
-    "cpu": 40.0,
+    "cpu": CPU_MEMORY_BANDWIDTH_GBPS,
 }
 """Used when a device has not reported its static facts (or reports 0); unknown → CPU's."""
-DEFAULT_TFLOPS_FP16: dict[str, float] = {"cuda": 30.0, "metal": 10.0, "simulated": 10.0, "cpu": 1.0}
-CPU_BANDWIDTH_GBPS = DEFAULT_BANDWIDTH_GBPS["cpu"]
+DEFAULT_TFLOPS_FP16: dict[str, float] = {
+    "cuda": 30.0,
+    "metal": 10.0,
+    "simulated": 10.0,
+    "cpu": CPU_PEAK_TFLOPS_FP16,
+}
+CPU_BANDWIDTH_GBPS = DEFAULT_BANDWIDTH_GBPS["cpu"]  # same assumption as the CPU backend
 CPU_TFLOPS_FP16 = DEFAULT_TFLOPS_FP16["cpu"]
 
 HETEROGENEITY_TOLERANCE = 0.10

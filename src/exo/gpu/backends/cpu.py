@@ -22,12 +22,16 @@ import psutil
 
 from exo.gpu.backend import GPUDeviceNotFoundError
 from exo.gpu.backends.host import read_battery, read_cpu_temperature, utc_now
-from exo.shared.types.gpu import DeviceGPUState, GPUBackendName, GPUDeviceInfo
+from exo.shared.types.gpu import (
+    CPU_MEMORY_BANDWIDTH_GBPS,
+    CPU_PEAK_TFLOPS_FP16,
+    DeviceGPUState,
+    GPUBackendName,
+    GPUDeviceInfo,
+)
 from exo.shared.types.ids import DeviceId, NodeId
 
 CPU_DEVICE_ID = DeviceId("cpu:0")
-CPU_MEMORY_BANDWIDTH_GBPS = 50.0
-CPU_PEAK_TFLOPS_FP16 = 0.5
 
 
 def _cpu_model_name() -> str:

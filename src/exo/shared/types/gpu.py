@@ -11,6 +11,10 @@ GPUBackendName = Literal["cuda", "metal", "cpu", "simulated"]
 
 UNKNOWN_TEMPERATURE_C = -1.0
 """``thermal_temperature_c`` when the platform does not expose a temperature."""
+CPU_MEMORY_BANDWIDTH_GBPS = 50.0
+"""Assumed CPU memory bandwidth (cannot be read portably; dual-channel DDR4/DDR5: 40-90)."""
+CPU_PEAK_TFLOPS_FP16 = 0.5
+"""Assumed CPU fp16 throughput; deliberately below any recent multi-core CPU with SIMD."""
 NO_BATTERY_PERCENT = 100.0
 """``battery_percent`` for a machine without a battery (it behaves as fully charged)."""
 
