@@ -57,6 +57,12 @@ class LlamaHyperparameters(BaseModel):
     context_length: int
     vocab_size: int
     tied_embeddings: bool
+    rope_traditional: bool = True
+    """Rotary pairs: interleaved (GGUF keeps llama.cpp's Q/K row permutation) when True;
+    the two halves of each head (Hugging Face / MLX checkpoints) when False."""
+    rope_periods: tuple[float, ...] | None = None
+    """Per-pair rotation periods (``base ** (2i / rope_dimension)``, rescaled), for rope
+    scaling schemes; None: plain ``rope_base``."""
 
 
 @dataclass

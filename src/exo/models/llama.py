@@ -10,8 +10,9 @@ A stage built from :class:`exo.models.gguf.StageWeights` runs ``forward(inputs, 
 A single stage holding every layer is the whole model. Quantized linears run with
 ``mx.quantized_matmul`` straight on the packed GGUF weights (group size 32, bit width per
 tensor); the tied output head multiplies by the quantized token embedding the same way.
-Rotary embeddings use the interleaved ("traditional") layout: GGUF files keep llama.cpp's
-permutation of the Q/K rows, which pairs consecutive dimensions.
+Rotary embeddings follow ``LlamaHyperparameters.rope_traditional``: the interleaved layout
+for GGUF files (they keep llama.cpp's permutation of the Q/K rows, which pairs consecutive
+dimensions), the half-split layout for Hugging Face / MLX checkpoints.
 """
 
 import math
@@ -120,6 +121,23 @@ class DecoderLayer:
         self.rope_base = hyperparameters.rope_base
         self.eps = hyperparameters.rms_norm_eps
         self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.rope_traditional = hyperparameters.rope_traditional
+        self.rope_periods = (
+            mx.array(hyperparameters.rope_periods, dtype=mx.float32)
+            if hyperparameters.rope_periods is not None
+            else None
+        )
+
+    def _rope(self, x: mx.array, offset: int) -> mx.array:
+        return mx.fast.rope(
+            x,
+            self.rope_dimension,
+            traditional=self.rope_traditional,
+            base=None if self.rope_periods is not None else self.rope_base,
+            scale=1.0,
+            offset=offset,
+            freqs=self.rope_periods,
+        )
 
     def __call__(self, x: mx.array, mask: mx.array | None, cache: LayerCache) -> mx.array:
         w = self.weights
@@ -137,22 +155,8 @@ class DecoderLayer:
         values = values.reshape(batch, length, self.head_count_kv, self.head_dim).transpose(
             0, 2, 1, 3
         )
-        queries = mx.fast.rope(
-            queries,
-            self.rope_dimension,
-            traditional=True,
-            base=self.rope_base,
-            scale=1.0,
-            offset=offset,
-        )
-        keys = mx.fast.rope(
-            keys,
-            self.rope_dimension,
-            traditional=True,
-            base=self.rope_base,
-            scale=1.0,
-            offset=offset,
-        )
+        queries = self._rope(queries, offset)
+        keys = self._rope(keys, offset)
         all_keys, all_values = cache.append(keys, values)
         attended = mx.fast.scaled_dot_product_attention(
             queries, all_keys, all_values, scale=self.scale, mask=mask

@@ -185,17 +185,26 @@ class EventSync:
 
     async def align_with(self, source: NodeId) -> bool:
         """Make this log a prefix of source's (cutting a divergent tail), then fetch up to
-        source's head. False if source is behind us (try again later)."""
-        last = self._store.last_idx
-        window_end = last
+        source's head. False, changing nothing, if source's log is a prefix of ours (it is
+        behind: try again later)."""
+        window_end = self._store.last_idx
+        source_behind = False
+        compared_head = False
         while window_end >= 0:
             window_start = max(0, window_end - VERIFY_WINDOW + 1)
             reply = await self.fetch_log(source, window_start, window_end)
-            if reply.last_event_idx < last and window_end == last:
-                common = self._highest_common(reply.events)
-                if common == reply.last_event_idx:
-                    return False  # a prefix of ours: source is merely behind
+            if not source_behind and reply.last_event_idx < window_end:
+                # Source holds fewer events than we do: compare up to its head first.
+                if reply.last_event_idx < 0:
+                    return False
+                source_behind = True
+                window_end = reply.last_event_idx
+                continue
             common = self._highest_common(reply.events)
+            if not compared_head:
+                compared_head = True
+                if source_behind and common == window_end:
+                    return False
             if common is not None:
                 self._store.truncate_after(common)
                 break

@@ -130,3 +130,19 @@ async def test_duplicates_are_ignored_and_divergent_tail_is_repaired(tmp_path: P
             ours, theirs = follower.store.event_at(idx), leader.store.event_at(idx)
             assert ours is not None and theirs is not None
             assert ours.event.event_id == theirs.event.event_id
+
+
+async def test_a_follower_ahead_of_the_master_keeps_its_log(tmp_path: Path) -> None:
+    """A master still catching up (its log a prefix of ours) must not make us cut ours."""
+    port = free_port()
+    async with (
+        stack(tmp_path / "m", "master", 1, port, None) as leader,
+        stack(tmp_path / "f", "follower", 2, free_port(), port) as follower,
+    ):
+        await wait_for(lambda: leader.master.is_active)
+        await wait_for(lambda: follower.store.last_idx == leader.store.last_idx)
+        for _ in range(3):
+            follower.store.append(IndexedEvent(idx=follower.store.last_idx + 1, event=probe()))
+        ours = [follower.store.event_at(idx) for idx in range(follower.store.last_idx + 1)]
+        assert await follower.sync.align_with(leader.node_id) is False
+        assert [follower.store.event_at(idx) for idx in range(len(ours))] == ours
