@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how often GPU telemetry is sampled (default 2)",
     )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="directory of MLX model directories to serve, one per subdirectory "
+        "(default $EXO_MODELS_DIR)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logs (-vv: trace)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
@@ -127,6 +135,14 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     if not args.namespace or "/" in args.namespace or "*" in args.namespace:
         raise StartupError("--namespace must be a non-empty name without '/' or '*'")
     home: Path = args.home or Path(os.environ.get("EXO_HOME", "~/.exo"))
+    models_dir: Path | None = args.models_dir
+    models_dir_source = "--models-dir"
+    if models_dir is None and os.environ.get("EXO_MODELS_DIR"):
+        models_dir, models_dir_source = Path(os.environ["EXO_MODELS_DIR"]), "EXO_MODELS_DIR"
+    if models_dir is not None:
+        models_dir = models_dir.expanduser()
+        if not models_dir.is_dir():
+            raise StartupError(f"{models_dir_source} {models_dir} is not a directory")
     return NodeConfig(
         home=home.expanduser(),
         namespace=args.namespace,
@@ -142,6 +158,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         gpu_backend="simulated" if args.simulate_gpus is not None else args.gpu_backend,
         simulate_gpus_file=args.simulate_gpus,
         telemetry_interval_s=args.telemetry_interval,
+        models_dir=models_dir,
     )
 
 

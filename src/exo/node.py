@@ -17,6 +17,8 @@ from exo.api.app import create_app
 from exo.api.context import ApiContext
 from exo.master.commands import handle_command
 from exo.master.main import Master
+from exo.models.cards import register_model_card
+from exo.models.mlx_directory import scan_models_dir
 from exo.routing.event_sync import EventSync
 from exo.routing.local_events import LocalEventSender
 from exo.routing.router import Router, RouterConfig
@@ -24,6 +26,7 @@ from exo.routing.topics import Topics
 from exo.shared.election import Election, now_us
 from exo.shared.event_store import EventStore
 from exo.shared.types.ids import NodeId
+from exo.shared.types.models import ModelCard
 from exo.worker.link_probe import LinkProbeConfig, LinkProber
 from exo.worker.main import Worker, WorkerConfig
 
@@ -51,6 +54,8 @@ class NodeConfig:
     gpu_backend: str = "auto"
     simulate_gpus_file: Path | None = None
     telemetry_interval_s: float = 2.0
+    models_dir: Path | None = None
+    """MLX model directories to offer (one model per subdirectory, id = its name)."""
 
 
 def prepare_home(home: Path) -> NodeId:
@@ -99,8 +104,27 @@ class _ApiServer(uvicorn.Server):
         yield
 
 
+def register_models_dir(models_dir: Path) -> list[ModelCard]:
+    """Make every model directory under ``models_dir`` placeable and servable here."""
+    try:
+        cards = scan_models_dir(models_dir)
+    except OSError as error:
+        raise StartupError(
+            f"cannot read --models-dir {models_dir}: {error.strerror or error}"
+        ) from error
+    for card in cards:
+        register_model_card(card)
+        logger.info(
+            f"model {card.model_id}: {card.n_layers} layers, "
+            f"{card.total_bytes / 1e6:.1f} MB, from {card.weights_path}"
+        )
+    return cards
+
+
 async def run_node(config: NodeConfig) -> None:
     node_id = prepare_home(config.home)
+    if config.models_dir is not None:
+        register_models_dir(config.models_dir)
     api_socket = bind_api_socket(config.api_host, config.api_port)
     store = EventStore(config.home / "events")
     try:

@@ -20,6 +20,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from loguru import logger
 from pydantic import ValidationError
 
+from exo.models.cards import get_model_card
 from exo.shared.types.events import (
     ChunkGenerated,
     Event,
@@ -100,6 +101,15 @@ def runner_command(
     ]
     if hostfile is not None:
         command += ["--hostfile", str(hostfile)]
+    card = get_model_card(instance.model_id)
+    if card is not None and card.source == "mlx_directory" and card.weights_path:
+        command += ["--model", card.weights_path]
+    elif card is None:
+        # Without its card this node cannot know the weights (the model directory must be
+        # under this node's --models-dir too); starting the bundled model would be wrong.
+        raise FileNotFoundError(
+            f"model '{instance.model_id}' is not known on this node (is it in --models-dir?)"
+        )
     return command
 
 

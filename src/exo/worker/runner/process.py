@@ -22,10 +22,8 @@ import psutil
 from loguru import logger
 from pydantic import BaseModel, ConfigDict
 
-from exo.models.bundled import bundled_gguf_path
-from exo.models.gguf import load_stage
 from exo.models.llama import LlamaStage
-from exo.models.tokenizer import GGUFTokenizer
+from exo.models.loader import load_stage_for, load_tokenizer_for
 from exo.shared.types.runners import RunnerStatus
 from exo.worker.runner.engine import Engine, GenerationRequest, LocalStepper, TokenStepper
 from exo.worker.runner.messages import (
@@ -54,9 +52,9 @@ class RankConfig(BaseModel):
     layer_end: int | None = None
     """None: to the last layer."""
     model_path: str | None = None
+    """A GGUF file or an MLX model directory; None: the bundled SmolLM2 GGUF."""
     weights_cache: str | None = None
     """A directory for the per-machine safetensors cache (only the stage's tensors are read)."""
-    """None: the bundled SmolLM2 GGUF."""
 
 
 class RequestSource(Protocol):
@@ -149,10 +147,10 @@ def run_rank(config: RankConfig, requests: RequestSource | None, emit: Emit = pr
     stage: LlamaStage | None = None
     try:
         status("loading")
-        model_path = Path(config.model_path) if config.model_path else bundled_gguf_path()
+        model_path = Path(config.model_path) if config.model_path else None
         cache_dir = Path(config.weights_cache) if config.weights_cache else None
-        weights = load_stage(model_path, config.layer_start, config.layer_end, cache_dir)
-        tokenizer = GGUFTokenizer(weights.metadata) if config.rank == 0 else None
+        weights = load_stage_for(model_path, config.layer_start, config.layer_end, cache_dir)
+        tokenizer = load_tokenizer_for(model_path, weights) if config.rank == 0 else None
         weights.metadata = {}
         stage = LlamaStage(weights)
         stepper: TokenStepper
@@ -219,7 +217,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RankConfig, GenerationReq
     parser.add_argument("--hostfile", help="JSON ring hostfile (MLX_HOSTFILE format)")
     parser.add_argument("--layer-start", type=int, default=0)
     parser.add_argument("--layer-end", type=int, default=None)
-    parser.add_argument("--model", help="GGUF path (default: the bundled SmolLM2)")
+    parser.add_argument(
+        "--model", help="GGUF file or MLX model directory (default: the bundled SmolLM2)"
+    )
     parser.add_argument(
         "--weights-cache", help="directory of the per-machine weights cache (lazy stage loading)"
     )
