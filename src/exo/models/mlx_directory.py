@@ -203,11 +203,6 @@ def tensor_index(directory: Path) -> dict[str, TensorInfo]:
     return index
 
 
-def is_mlx_directory(path: Path) -> bool:
-    """Whether ``path`` looks like a model directory (it may still be malformed)."""
-    return path.is_dir() and (path / CONFIG_FILE).is_file()
-
-
 # --- configuration ------------------------------------------------------------------------
 
 
@@ -664,7 +659,7 @@ class DirectoryTokenizer(GGUFTokenizer):
     ``tokenizer.json``, ``tokenizer_config.json`` and ``config.json`` instead of GGUF
     metadata."""
 
-    def __init__(self, directory: Path) -> None:  # pyright: ignore[reportMissingSuperCall]
+    def __init__(self, directory: Path) -> None:  # builds every attribute the base class sets
         tokenizer_path = directory / TOKENIZER_FILE
         raw = _read_json_object(tokenizer_path)
         try:

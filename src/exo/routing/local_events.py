@@ -1,8 +1,8 @@
 """A worker's outbox: local events go to the master until they are seen in the global log.
 
 Nothing a worker emitted is lost across a master change: an event not yet seen in the
-global log is sent again (at once when the master changes, and after a short timeout
-otherwise); the master ignores duplicates by event id.
+global log is sent again (at once when the master changes and again when the new master
+announces itself in the log, and after a short timeout otherwise); the master ignores duplicates by event id.
 """
 
 import time
@@ -15,7 +15,7 @@ from exo.routing.router import Router
 from exo.routing.topics import Topics
 from exo.shared.election import Election
 from exo.shared.event_store import EventStore
-from exo.shared.types.events import Event
+from exo.shared.types.events import Event, MasterElected
 from exo.shared.types.ids import EventId, NodeId
 
 RESEND_AFTER_S = 1.0
@@ -68,6 +68,10 @@ class LocalEventSender:
             async with events:
                 async for indexed in events:
                     self._pending.pop(indexed.event.event_id, None)
+                    if isinstance(indexed.event, MasterElected):
+                        # The new master indexes from now on; what it ignored while it was
+                        # catching up goes again at once rather than after the timeout.
+                        self._resend_all()
             group.cancel_scope.cancel()
 
     async def _resend_loop(self) -> None:

@@ -106,7 +106,8 @@ class Router:
     def publish(self, key_expr: str, payload: bytes) -> None:
         if self._session is None or self._closed:
             return
-        self._session.put(key_expr, payload)
+        # BLOCK, not zenoh's default DROP: an event must not vanish under a burst.
+        self._session.put(key_expr, payload, congestion_control=zenoh.CongestionControl.BLOCK)
 
     def declare_queryable(self, key_expr: str, handler: QueryHandler) -> None:
         def on_query(query: zenoh.Query) -> None:

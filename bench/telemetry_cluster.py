@@ -1,0 +1,95 @@
+"""Telemetry sample -> applied on every node, across 3 real nodes on loopback.
+
+Each node runs the simulated backend at a 0.2 s interval on a device file that this script
+rewrites every 0.25 s (memory use moves by 5 % each time, so every pass has news). For each
+``DeviceGPUStateUpdated`` the latency is the time from the reading (``last_update``, taken
+when the sample was made) to the moment the last of the 3 nodes applied it.
+
+    uv run python bench/telemetry_cluster.py [--seconds 20]
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.cluster import converged, running_cluster, wait_until
+from tests.simulated import GB, device, write_devices
+
+SEED_TARGET_MS = 500.0
+GOAL_P99_MS = 100.0
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as directory:
+        base = Path(directory)
+        files = [
+            write_devices(base / f"gpus{index}.json", [device("cuda:0", "Sim GPU", 24, 1000)])
+            for index in range(3)
+        ]
+
+        def node_args(index: int) -> list[str]:
+            return ["--simulate-gpus", str(files[index]), "--telemetry-interval", "0.2"]
+
+        with running_cluster(base / "cluster", 3, node_args) as nodes:
+            wait_until(lambda: converged(nodes, 3), 15.0, "the cluster to converge")
+            time.sleep(2.0)  # start-up readings, emitted before a master existed, are not counted
+            measuring_since = time.time()
+            started = time.monotonic()
+            step = 0
+            while time.monotonic() - started < args.seconds:
+                step += 1
+                used = (step % 10) * 0.05 * 24
+                for path in files:
+                    write_devices(
+                        path,
+                        [device("cuda:0", "Sim GPU", 24, 1000, memory_used_bytes=int(used * GB))],
+                    )
+                time.sleep(0.25)
+            time.sleep(1.0)
+            logs = [node.all_events() for node in nodes]
+    applied: dict[str, float] = {}
+    sampled: dict[str, float] = {}
+    for log in logs:
+        for entry in log:
+            event = entry["event"]
+            if event["kind"] != "DeviceGPUStateUpdated":
+                continue
+            event_id = event["event_id"]
+            applied[event_id] = max(applied.get(event_id, 0.0), entry["applied_at"])
+            sampled[event_id] = datetime.fromisoformat(
+                event["device_state"]["last_update"]
+            ).timestamp()
+    on_every_node = set.intersection(*({e["event"]["event_id"] for e in log} for log in logs))
+    counted = [e for e in applied if e in on_every_node and sampled[e] >= measuring_since]
+    latencies = [(applied[event_id] - sampled[event_id]) * 1000 for event_id in counted]
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    print(
+        f"{len(latencies)} device readings sampled after the cluster settled, all applied on 3 nodes"
+    )
+    print(
+        f"sample -> applied everywhere: p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {max(latencies):.1f} ms, mean {statistics.mean(latencies):.1f} ms"
+    )
+    print(
+        f"seed target < {SEED_TARGET_MS:.0f} ms: p99/target = {p99 / SEED_TARGET_MS:.3f} {'OK' if p99 < SEED_TARGET_MS else 'MISSED'}"
+    )
+    print(
+        f"goal p99 < {GOAL_P99_MS:.0f} ms: p99/goal = {p99 / GOAL_P99_MS:.3f} {'OK' if p99 < GOAL_P99_MS else 'MISSED'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
