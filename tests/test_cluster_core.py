@@ -219,6 +219,8 @@ def test_bad_startup_arguments_exit_with_a_sentence(tmp_path: Path) -> None:
     import subprocess
     import sys
 
+    bad_devices = tmp_path / "bad.json"
+    bad_devices.write_text('{"devices": [{"device_id": "cuda:0"}]}')
     busy = ExoNode(tmp_path / "busy", [])
     busy.start()
     try:
@@ -229,6 +231,9 @@ def test_bad_startup_arguments_exit_with_a_sentence(tmp_path: Path) -> None:
             ["--api-port", str(busy.api_port)],
             ["--listen", busy.endpoint],
             ["--home", "/proc/no-such-dir/exo"],
+            ["--simulate-gpus", str(tmp_path / "missing.json")],
+            ["--simulate-gpus", str(bad_devices)],
+            ["--telemetry-interval", "0"],
         ]
         for extra in cases:
             args = [

@@ -8,6 +8,8 @@ from pathlib import Path
 import anyio
 from loguru import logger
 
+from exo.gpu.backend import GPUBackendError
+from exo.gpu.backends.simulated import load_simulated_file
 from exo.node import NodeConfig, StartupError, run_node
 from exo.routing.router import TransportError, validate_endpoint
 
@@ -130,8 +132,11 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         )
     if args.telemetry_interval <= 0:
         raise StartupError("--telemetry-interval must be positive")
-    if args.simulate_gpus is not None and not args.simulate_gpus.is_file():
-        raise StartupError(f"--simulate-gpus {args.simulate_gpus}: no such file")
+    if args.simulate_gpus is not None:
+        try:
+            load_simulated_file(args.simulate_gpus)
+        except GPUBackendError as error:
+            raise StartupError(f"--simulate-gpus: {error}") from error
     if not args.namespace or "/" in args.namespace or "*" in args.namespace:
         raise StartupError("--namespace must be a non-empty name without '/' or '*'")
     home: Path = args.home or Path(os.environ.get("EXO_HOME", "~/.exo"))
