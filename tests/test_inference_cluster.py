@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,27 @@ def test_single_node_answers_paris(tmp_path: Path) -> None:
         bad = httpx.post(node.url + "/v1/chat/completions", json={"model": MODEL}, timeout=10.0)
         assert bad.status_code == 422 and "error" in bad.json()
 
+        # A client that disconnects mid-stream cancels its task; the runner serves the next.
+        long_request = chat_body("Write a long story about a lighthouse keeper.", True, 400)
+        with httpx.stream(
+            "POST", node.url + "/v1/chat/completions", json=long_request, timeout=60.0
+        ) as response:
+            frames = 0
+            for line in response.iter_lines():
+                frames += line.startswith("data: {")
+                if frames >= 3:
+                    break
+
+        def cancelled() -> bool:
+            tasks = node.state()["tasks"].values()
+            return any(
+                task["params"]["max_tokens"] == 400 and task["status"] == "cancelled"
+                for task in tasks
+            )
+
+        wait_until(cancelled, 10.0, "the abandoned task to be cancelled")
+        assert ask(node, QUESTION).json()["choices"][0]["message"]["content"] == text
+
 
 def test_three_node_pipeline_matches_single_node(tmp_path: Path) -> None:
     with running_cluster(tmp_path / "single", 1) as (single,):
@@ -134,7 +156,25 @@ def test_three_node_pipeline_matches_single_node(tmp_path: Path) -> None:
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["message"]["content"] == reference
 
-        # Kill one runner process: the instance is marked failed, requests get 503 fast.
+        # Kill one runner process while a request streams: that request ends with an error
+        # instead of hanging, the instance is marked failed, new requests get 503 fast.
+        outcome: dict[str, object] = {}
+
+        def stream_long() -> None:
+            body = chat_body("Write a long story about a lighthouse keeper.", True, 400)
+            with httpx.stream(
+                "POST", nodes[1].url + "/v1/chat/completions", json=body, timeout=60.0
+            ) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        outcome.setdefault("first_frame_at", time.monotonic())
+                        if '"error"' in line:
+                            outcome["error"] = line
+                outcome["ended_at"] = time.monotonic()
+
+        streamer = threading.Thread(target=stream_long)
+        streamer.start()
+        wait_until(lambda: "first_frame_at" in outcome, 30.0, "the long request to start streaming")
         victim_shard = next(shard for shard in instance["shards"] if shard["rank"] == 1)
         victim_node = next(node for node in nodes if node.node_id() == victim_shard["node_id"])
         assert victim_node.process is not None
@@ -155,3 +195,6 @@ def test_three_node_pipeline_matches_single_node(tmp_path: Path) -> None:
         failed = ask(nodes[2], QUESTION)
         assert failed.status_code == 503
         assert "failed" in failed.json()["error"]["message"]
+        streamer.join(30.0)
+        assert not streamer.is_alive(), "the in-flight request hung"
+        assert "error" in outcome, "the in-flight request ended without saying it failed"

@@ -61,6 +61,7 @@ class RunnerHandle:
     open_tasks: set[TaskId] = field(default_factory=set[TaskId])
     chunk_counts: dict[TaskId, int] = field(default_factory=dict[TaskId, int])
     stopping: bool = False
+    stop_reason: str = ""
     log_path: Path | None = None
 
     def view(self) -> LocalRunner:
@@ -234,6 +235,7 @@ class RunnerSupervisor:
     async def _on_exit(self, handle: RunnerHandle, code: int) -> None:
         if handle.stopping:
             await self._set_status(handle, "shut_down")
+            await self._fail_open_tasks(handle, f"the runner was stopped: {handle.stop_reason}")
             return
         tail = ""
         if handle.log_path is not None and handle.log_path.exists():
@@ -241,12 +243,15 @@ class RunnerSupervisor:
         error = f"runner process exited with code {code}" + (f": ...{tail}" if tail else "")
         logger.error(f"runner {handle.shard.runner_id} died: exit code {code}")
         await self._set_status(handle, "failed", error)
-        for task_id in sorted(handle.open_tasks):
-            await self._emit(TaskStatusUpdated(task_id=task_id, status="failed", error=error))
-        handle.open_tasks.clear()
+        await self._fail_open_tasks(handle, error)
         for other in self._runners.values():
             if other.instance.instance_id == handle.instance.instance_id and other is not handle:
                 await self.stop_runner(other.shard.runner_id, reason="a rank of its instance died")
+
+    async def _fail_open_tasks(self, handle: RunnerHandle, error: str) -> None:
+        for task_id in sorted(handle.open_tasks):
+            await self._emit(TaskStatusUpdated(task_id=task_id, status="failed", error=error))
+        handle.open_tasks.clear()
 
     async def forward_task(self, runner_id: RunnerId, task: Task) -> None:
         handle = self._runners[runner_id]
@@ -287,6 +292,7 @@ class RunnerSupervisor:
         if handle is None or handle.stopping:
             return
         handle.stopping = True
+        handle.stop_reason = reason
         process = handle.process
         logger.info(f"stopping runner {runner_id}: {reason}")
         if process is None or process.returncode is not None:
