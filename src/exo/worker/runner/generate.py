@@ -12,18 +12,16 @@ from pathlib import Path
 
 from loguru import logger
 
-from exo.models.bundled import bundled_gguf_path
-from exo.models.gguf import load_stage
 from exo.models.llama import LlamaStage
-from exo.models.tokenizer import GGUFTokenizer
+from exo.models.loader import load_stage_for, load_tokenizer_for
 from exo.worker.runner.engine import Engine, GenerationChunk, GenerationRequest, LocalStepper
 from exo.worker.runner.launch import LocalPipelineRun, stream_local_pipeline
 
 
 def load_local_engine(model_path: Path | None = None) -> Engine:
     """The whole model in this process, ready to generate."""
-    weights = load_stage(model_path or bundled_gguf_path())
-    tokenizer = GGUFTokenizer(weights.metadata)
+    weights = load_stage_for(model_path)
+    tokenizer = load_tokenizer_for(model_path, weights)
     return Engine(tokenizer, LocalStepper(LlamaStage(weights)))
 
 

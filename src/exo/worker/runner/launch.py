@@ -15,8 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exo.models.bundled import bundled_gguf_path
-from exo.models.gguf import read_metadata
+from exo.models.loader import block_count_for
 from exo.worker.runner.engine import GenerationChunk, GenerationRequest
 from exo.worker.runner.messages import (
     ChunkOutput,
@@ -120,8 +119,7 @@ def stream_local_pipeline(
     record = run if run is not None else LocalPipelineRun()
     if layer_ranges is None:
         if block_count is None:
-            _, hyperparameters = read_metadata(model_path or bundled_gguf_path())
-            block_count = hyperparameters.block_count
+            block_count = block_count_for(model_path)
         layer_ranges = split_layers(block_count, world_size)
     ranges = layer_ranges
     if len(ranges) != world_size:
