@@ -19,6 +19,7 @@ from exo.master.commands import handle_command
 from exo.master.main import Master
 from exo.models.cards import register_model_card
 from exo.models.mlx_directory import scan_models_dir
+from exo.routing.context import ClusterContext
 from exo.routing.event_sync import EventSync
 from exo.routing.local_events import LocalEventSender
 from exo.routing.router import Router, RouterConfig
@@ -142,18 +143,11 @@ async def run_node(config: NodeConfig) -> None:
     logger.info(f"node {node_id} starting (home {config.home}, namespace {config.namespace})")
     topics = Topics(config.namespace)
     election = Election(router, topics, node_id, now_us(), config.election_settle_s)
-    sync = EventSync(router, topics, election, store, node_id)
-    sender = LocalEventSender(router, topics, election, store, node_id)
-    master = Master(router, topics, election, store, sync, node_id, handle_command)
-    link_prober = LinkProber(
-        router,
-        topics,
-        election,
-        store,
-        sender,
-        node_id,
-        LinkProbeConfig(interval_s=config.link_probe_interval_s),
-    )
+    cluster = ClusterContext(node_id, router, topics, election, store)
+    sync = EventSync(cluster)
+    sender = LocalEventSender(cluster)
+    master = Master(cluster, sync, handle_command)
+    link_prober = LinkProber(cluster, sender, LinkProbeConfig(config.link_probe_interval_s))
     sync.start()
     master.start()
     link_prober.start()

@@ -12,12 +12,9 @@ import anyio
 from loguru import logger
 from pydantic import ValidationError
 
+from exo.routing.context import ClusterContext
 from exo.routing.event_sync import EventSync, LogSourceUnavailableError
 from exo.routing.messages import GlobalEventMessage, LocalEventMessage
-from exo.routing.router import Router
-from exo.routing.topics import Topics
-from exo.shared.election import Election
-from exo.shared.event_store import EventStore
 from exo.shared.types.commands import Command, CommandAdapter, CommandResult
 from exo.shared.types.events import Event, IndexedEvent, MasterElected, NodeTimedOut
 from exo.shared.types.ids import NodeId
@@ -29,21 +26,14 @@ CommandHandler = Callable[[Command, State], "list[Event] | CommandResult"]
 
 class Master:
     def __init__(
-        self,
-        router: Router,
-        topics: Topics,
-        election: Election,
-        store: EventStore,
-        sync: EventSync,
-        node_id: NodeId,
-        command_handler: CommandHandler,
+        self, context: ClusterContext, sync: EventSync, command_handler: CommandHandler
     ) -> None:
-        self._router = router
-        self._topics = topics
-        self._election = election
-        self._store = store
+        self._router = context.router
+        self._topics = context.topics
+        self._election = context.election
+        self._store = context.store
         self._sync = sync
-        self._node_id = node_id
+        self._node_id = context.node_id
         self._handle_command = command_handler
         self._active = False
         self._role_changed = anyio.Event()

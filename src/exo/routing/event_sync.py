@@ -16,11 +16,8 @@ import anyio
 from loguru import logger
 from pydantic import ValidationError
 
+from exo.routing.context import ClusterContext
 from exo.routing.messages import ElectionAnnouncement, GlobalEventMessage, LogRangeReply
-from exo.routing.router import Router
-from exo.routing.topics import Topics
-from exo.shared.election import Election
-from exo.shared.event_store import EventStore
 from exo.shared.types.events import IndexedEvent
 from exo.shared.types.ids import NodeId
 
@@ -35,19 +32,12 @@ class LogSourceUnavailableError(Exception):
 
 
 class EventSync:
-    def __init__(
-        self,
-        router: Router,
-        topics: Topics,
-        election: Election,
-        store: EventStore,
-        node_id: NodeId,
-    ) -> None:
-        self._router = router
-        self._topics = topics
-        self._election = election
-        self._store = store
-        self._node_id = node_id
+    def __init__(self, context: ClusterContext) -> None:
+        self._router = context.router
+        self._topics = context.topics
+        self._election = context.election
+        self._store = context.store
+        self._node_id = context.node_id
         self._buffer: dict[int, IndexedEvent] = {}
         self._heads: dict[NodeId, int] = {}
         self._verified_master: NodeId | None = None

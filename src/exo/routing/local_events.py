@@ -10,32 +10,22 @@ import time
 import anyio
 from loguru import logger
 
+from exo.routing.context import ClusterContext
 from exo.routing.messages import LocalEventMessage
-from exo.routing.router import Router
-from exo.routing.topics import Topics
-from exo.shared.election import Election
-from exo.shared.event_store import EventStore
 from exo.shared.types.events import Event, MasterElected
-from exo.shared.types.ids import EventId, NodeId
+from exo.shared.types.ids import EventId
 
 RESEND_AFTER_S = 1.0
 
 
 class LocalEventSender:
-    def __init__(
-        self,
-        router: Router,
-        topics: Topics,
-        election: Election,
-        store: EventStore,
-        node_id: NodeId,
-    ) -> None:
-        self._router = router
-        self._topics = topics
-        self._store = store
-        self._node_id = node_id
+    def __init__(self, context: ClusterContext) -> None:
+        self._router = context.router
+        self._topics = context.topics
+        self._store = context.store
+        self._node_id = context.node_id
         self._pending: dict[EventId, tuple[Event, float]] = {}
-        election.on_master_change(lambda old, new: self._resend_all())
+        context.election.on_master_change(lambda old, new: self._resend_all())
 
     @property
     def pending_count(self) -> int:

@@ -13,11 +13,8 @@ from dataclasses import dataclass
 import anyio
 from loguru import logger
 
+from exo.routing.context import ClusterContext
 from exo.routing.local_events import LocalEventSender
-from exo.routing.router import Router
-from exo.routing.topics import Topics
-from exo.shared.election import Election
-from exo.shared.event_store import EventStore
 from exo.shared.types.events import GPUBandwidthMeasured
 from exo.shared.types.ids import NodeId
 
@@ -59,20 +56,16 @@ def link_changed_meaningfully(
 class LinkProber:
     def __init__(
         self,
-        router: Router,
-        topics: Topics,
-        election: Election,
-        store: EventStore,
+        context: ClusterContext,
         sender: LocalEventSender,
-        node_id: NodeId,
         config: LinkProbeConfig | None = None,
     ) -> None:
-        self._router = router
-        self._topics = topics
-        self._election = election
-        self._store = store
+        self._router = context.router
+        self._topics = context.topics
+        self._election = context.election
+        self._store = context.store
         self._sender = sender
-        self._node_id = node_id
+        self._node_id = context.node_id
         self._config = config or LinkProbeConfig()
         self._reported: dict[NodeId, LinkReading] = {}
 

@@ -11,6 +11,7 @@ import pytest
 
 from exo.master.commands import handle_command
 from exo.master.main import Master
+from exo.routing.context import ClusterContext
 from exo.routing.event_sync import EventSync
 from exo.routing.messages import GlobalEventMessage
 from exo.routing.router import Router, RouterConfig
@@ -50,8 +51,9 @@ async def stack(
     store = EventStore(home)
     store.load()
     election = Election(router, topics, NodeId(node_id), started_at_us, settle_s=0.2)
-    sync = EventSync(router, topics, election, store, NodeId(node_id))
-    master = Master(router, topics, election, store, sync, NodeId(node_id), handle_command)
+    cluster = ClusterContext(NodeId(node_id), router, topics, election, store)
+    sync = EventSync(cluster)
+    master = Master(cluster, sync, handle_command)
     sync.start()
     master.start()
     election.start()
