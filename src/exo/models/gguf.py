@@ -341,6 +341,22 @@ def _layer(tensors: dict[str, mx.array], index: int) -> LayerWeights:
     )
 
 
+def stage_bounds(
+    hyperparameters: LlamaHyperparameters, layer_start: int, layer_end: int | None
+) -> tuple[int, bool, bool, bool]:
+    """(end, is_first, is_last, needs_embedding) for the stage [layer_start, layer_end);
+    raises ValueError when the range is not inside the model. The embedding is needed by
+    the first stage, and by the last one when the output head is tied to it."""
+    end = hyperparameters.block_count if layer_end is None else layer_end
+    if not 0 <= layer_start < end <= hyperparameters.block_count:
+        raise ValueError(
+            f"layer range [{layer_start}, {end}) is not inside [0, {hyperparameters.block_count})"
+        )
+    is_first = layer_start == 0
+    is_last = end == hyperparameters.block_count
+    return end, is_first, is_last, is_first or (is_last and hyperparameters.tied_embeddings)
+
+
 def load_gguf_file(path: Path | str) -> tuple[dict[str, mx.array], Metadata]:
     """All tensors and the metadata of a GGUF file, as ``mx.load`` returns them."""
     path = Path(path)
@@ -383,14 +399,7 @@ def load_stage(
     else:
         tensors, metadata = load_gguf_file(path)
     hyperparameters = read_hyperparameters(metadata, set(tensors))
-    end = hyperparameters.block_count if layer_end is None else layer_end
-    if not 0 <= layer_start < end <= hyperparameters.block_count:
-        raise ValueError(
-            f"layer range [{layer_start}, {end}) is not inside [0, {hyperparameters.block_count})"
-        )
-    is_first = layer_start == 0
-    is_last = end == hyperparameters.block_count
-    needs_embedding = is_first or (is_last and hyperparameters.tied_embeddings)
+    end, is_first, is_last, needs_embedding = stage_bounds(hyperparameters, layer_start, layer_end)
 
     layers = [_layer(tensors, index) for index in range(layer_start, end)]
     stage = StageWeights(

@@ -44,6 +44,7 @@ from exo.models.gguf import (
     LinearWeights,
     LlamaHyperparameters,
     StageWeights,
+    stage_bounds,
 )
 from exo.models.tokenizer import ChatTemplate, GGUFTokenizer, byte_to_unicode_table
 from exo.shared.types.models import ModelCard
@@ -521,14 +522,7 @@ def load_directory_stage(
     stage). Only those tensors are read from disk."""
     model = read_directory_model(directory)
     hyperparameters = model.hyperparameters
-    end = hyperparameters.block_count if layer_end is None else layer_end
-    if not 0 <= layer_start < end <= hyperparameters.block_count:
-        raise ValueError(
-            f"layer range [{layer_start}, {end}) is not inside [0, {hyperparameters.block_count})"
-        )
-    is_first = layer_start == 0
-    is_last = end == hyperparameters.block_count
-    needs_embedding = is_first or (is_last and hyperparameters.tied_embeddings)
+    end, _, is_last, needs_embedding = stage_bounds(hyperparameters, layer_start, layer_end)
     has_head = is_last and not hyperparameters.tied_embeddings
 
     names: list[str] = []

@@ -1,7 +1,7 @@
 """GPUTelemetryCollector: change detection (pure), sampling passes and the monitoring loop."""
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -10,7 +10,6 @@ import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from loguru import logger
 
 from exo.gpu.backends.simulated import SimulatedBackend
 from exo.shared.types.events import DeviceGPUStateUpdated, Event, GPUDeviceInfoReported
@@ -30,23 +29,6 @@ GIB = 2**30
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 CONFIG = TelemetryConfig()
 FAST = TelemetryConfig(interval_s=0.01, heartbeat_s=60.0)
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def logged_warnings() -> Iterator[list[str]]:
-    messages: list[str] = []
-
-    def sink(message: Any) -> None:
-        messages.append(str(message.record["message"]))
-
-    sink_id = logger.add(sink, level="WARNING", format="{message}")
-    yield messages
-    logger.remove(sink_id)
 
 
 def reading(device_id: str = "cuda:0", **changes: Any) -> DeviceGPUState:
