@@ -13,7 +13,7 @@ from typing import IO
 from loguru import logger
 from pydantic import ValidationError
 
-from exo.shared.types.events import EventElided, IndexedEvent
+from exo.shared.types.events import IndexedEvent, elided
 
 LOG_FILE_NAME = "global_events.jsonl"
 
@@ -75,12 +75,7 @@ class DiskEventLog:
             raise RuntimeError("event log is not open")
         if indexed.idx != len(self._offsets):
             raise ValueError(f"event log expects index {len(self._offsets)}, got {indexed.idx}")
-        stored = indexed
-        if indexed.event.ephemeral:
-            stored = IndexedEvent(
-                idx=indexed.idx,
-                event=EventElided(event_id=indexed.event.event_id, elided_kind=indexed.event.kind),
-            )
+        stored = elided(indexed) if indexed.event.ephemeral else indexed
         line = stored.model_dump_json().encode() + b"\n"
         self._offsets.append(self._file.tell())
         self._file.write(line)

@@ -13,9 +13,11 @@ from loguru import logger
 
 from exo.shared.apply import apply
 from exo.shared.event_log import DiskEventLog
-from exo.shared.types.events import IndexedEvent
+from exo.shared.types.events import IndexedEvent, elided
 from exo.shared.types.ids import EventId
 from exo.shared.types.state import State
+
+EPHEMERAL_BODIES_KEPT = 10_000
 
 
 class EventStore:
@@ -65,6 +67,14 @@ class EventStore:
         if self._disk is not None:
             self._disk.append(indexed)
         self._notify(indexed)
+        self._elide_old_ephemeral(indexed.idx - EPHEMERAL_BODIES_KEPT)
+
+    def _elide_old_ephemeral(self, idx: int) -> None:
+        """Token chunks are only of use while their request streams: past the most recent
+        EPHEMERAL_BODIES_KEPT events, keep their id and place in the log, not their text."""
+        old = self.event_at(idx)
+        if old is not None and old.event.ephemeral:
+            self._events[idx] = elided(old)
 
     def _apply_in_memory(self, indexed: IndexedEvent) -> None:
         self._state = apply(self._state, indexed)

@@ -88,3 +88,14 @@ def test_store_reload_and_truncate(tmp_path: Path) -> None:
     assert reloaded.last_idx == 2
     assert reloaded.state.master_node_id == NodeId("a")
     assert reloaded.state.last_event_applied_idx == 2
+
+
+def test_store_keeps_only_recent_chunk_bodies_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("exo.shared.event_store.EPHEMERAL_BODIES_KEPT", 3)
+    store = EventStore(None)
+    for index in range(6):
+        chunk = ChunkGenerated(task_id=TaskId("t"), chunk_index=index, text=f"piece {index}")
+        store.append(IndexedEvent(idx=index, event=chunk))
+    kinds = [event.event.kind for event in store.events_between(0, 5)]
+    assert kinds == ["EventElided"] * 3 + ["ChunkGenerated"] * 3
+    assert store.contains_event(store.events_between(0, 0)[0].event.event_id)

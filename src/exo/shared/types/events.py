@@ -174,3 +174,9 @@ class IndexedEvent(BaseModel):
 
     idx: int = Field(ge=0)
     event: Event
+
+
+def elided(indexed: IndexedEvent) -> IndexedEvent:
+    """The same place in the log with the event's body dropped (same id and index)."""
+    stand_in = EventElided(event_id=indexed.event.event_id, elided_kind=indexed.event.kind)
+    return IndexedEvent(idx=indexed.idx, event=stand_in)
