@@ -9,6 +9,7 @@ its unfinished tasks fail.
 """
 
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class RunnerHandle:
     chunk_counts: dict[TaskId, int] = field(default_factory=dict[TaskId, int])
     stopping: bool = False
     stop_reason: str = ""
+    force_killed: bool = False
     log_path: Path | None = None
 
     def view(self) -> LocalRunner:
@@ -233,7 +235,9 @@ class RunnerSupervisor:
             await self._emit(TaskStatusUpdated(task_id=task_id, status=status))
 
     async def _on_exit(self, handle: RunnerHandle, code: int) -> None:
-        if handle.stopping:
+        # A runner we were stopping ends with 0 or by our SIGTERM; any other end (a crash, a
+        # SIGKILL from outside) is a failure even if a stop was under way when it came.
+        if handle.stopping and (code in (0, -signal.SIGTERM) or handle.force_killed):
             await self._set_status(handle, "shut_down")
             await self._fail_open_tasks(handle, f"the runner was stopped: {handle.stop_reason}")
             return
@@ -295,14 +299,17 @@ class RunnerSupervisor:
         handle.stop_reason = reason
         process = handle.process
         logger.info(f"stopping runner {runner_id}: {reason}")
-        if process is None or process.returncode is not None:
+        if process is None:
             await self._set_status(handle, "shut_down")
             return
+        if process.returncode is not None:
+            return  # it ended by itself; _on_exit reports how
         with anyio.CancelScope(shield=True):
             process.terminate()
             with anyio.move_on_after(STOP_GRACE_S):
                 await process.wait()
             if process.returncode is None:
+                handle.force_killed = True
                 process.kill()
                 await process.wait()
 
