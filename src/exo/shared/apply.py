@@ -7,7 +7,8 @@ Dispatch is a ``match`` over the event union ending in ``assert_never``, so an e
 that is added to the union without a handler fails type checking.
 """
 
-from typing import assert_never
+from collections.abc import Mapping
+from typing import TypeVar, assert_never
 
 from loguru import logger
 
@@ -35,6 +36,9 @@ from exo.shared.types.ids import NodeId
 from exo.shared.types.node import NodeInfo
 from exo.shared.types.runners import RunnerState
 from exo.shared.types.state import State
+
+
+V = TypeVar("V")
 
 
 class EventOutOfOrderError(ValueError):
@@ -85,7 +89,7 @@ def apply_event(state: State, event: Event) -> State:
             assert_never(event)
 
 
-def _without_node(mapping: dict[NodeId, object], node_id: NodeId) -> dict[NodeId, object]:
+def _without_node(mapping: Mapping[NodeId, V], node_id: NodeId) -> dict[NodeId, V]:
     return {key: value for key, value in mapping.items() if key != node_id}
 
 
@@ -121,9 +125,9 @@ def apply_node_timed_out(state: State, event: NodeTimedOut) -> State:
     node_id = event.node_id
     return state.model_copy(
         update={
-            "nodes": _without_node(dict(state.nodes), node_id),
-            "gpu_device_info": _without_node(dict(state.gpu_device_info), node_id),
-            "gpu_device_state": _without_node(dict(state.gpu_device_state), node_id),
+            "nodes": _without_node(state.nodes, node_id),
+            "gpu_device_info": _without_node(state.gpu_device_info, node_id),
+            "gpu_device_state": _without_node(state.gpu_device_state, node_id),
             "gpu_links": {
                 source: {dest: link for dest, link in links.items() if dest != node_id}
                 for source, links in state.gpu_links.items()
@@ -145,6 +149,8 @@ def apply_node_timed_out(state: State, event: NodeTimedOut) -> State:
 
 def apply_gpu_device_info_reported(state: State, event: GPUDeviceInfoReported) -> State:
     info = event.device_info
+    if info.node_id not in state.nodes:
+        return state  # a late report from a node that timed out; it reports again on rejoin
     devices = {**state.gpu_device_info.get(info.node_id, {}), info.device_id: info}
     return state.model_copy(
         update={"gpu_device_info": {**state.gpu_device_info, info.node_id: devices}}
@@ -153,11 +159,13 @@ def apply_gpu_device_info_reported(state: State, event: GPUDeviceInfoReported) -
 
 def apply_device_gpu_state_updated(state: State, event: DeviceGPUStateUpdated) -> State:
     reading = event.device_state
+    node = state.nodes.get(reading.node_id)
+    if node is None:
+        return state  # a late reading from a node that timed out
     devices = {**state.gpu_device_state.get(reading.node_id, {}), reading.device_id: reading}
     gpu_device_state = {**state.gpu_device_state, reading.node_id: devices}
     nodes = state.nodes
-    node = nodes.get(reading.node_id)
-    if node is not None and reading.last_update > node.last_seen:
+    if reading.last_update > node.last_seen:
         nodes = {
             **nodes,
             reading.node_id: node.model_copy(update={"last_seen": reading.last_update}),
@@ -166,6 +174,8 @@ def apply_device_gpu_state_updated(state: State, event: DeviceGPUStateUpdated) -
 
 
 def apply_gpu_bandwidth_measured(state: State, event: GPUBandwidthMeasured) -> State:
+    if event.source_node_id not in state.nodes or event.dest_node_id not in state.nodes:
+        return state
     link = GPULink(
         source_node_id=event.source_node_id,
         dest_node_id=event.dest_node_id,

@@ -60,22 +60,25 @@ class Worker:
             event_emitter=self._sender.emit,
             config=TelemetryConfig(interval_s=self._config.telemetry_interval_s),
         )
+        info = await anyio.to_thread.run_sync(
+            gather_static_info, self._config.friendly_name, self._config.api_port
+        )
         try:
             async with anyio.create_task_group() as group:
+                # The node first: the cluster ignores device reports of nodes it doesn't know.
+                reported_ram = await self._emit_node_info(info)
+                logger.info(f"reported node info: {info.friendly_name}, {info.cpu_count} CPUs")
                 await self.gpu_telemetry.start_monitoring(group)
-                group.start_soon(self._report_node)
+                group.start_soon(self._watch_node, info, reported_ram)
                 group.start_soon(self._plan_loop, group)
         finally:
             with anyio.CancelScope(shield=True):
                 await self.supervisor.stop_all()
                 await self.gpu_telemetry.stop_monitoring()
 
-    async def _report_node(self) -> None:
-        info = await anyio.to_thread.run_sync(
-            gather_static_info, self._config.friendly_name, self._config.api_port
-        )
-        reported_ram = await self._emit_node_info(info)
-        logger.info(f"reported node info: {info.friendly_name}, {info.cpu_count} CPUs")
+    async def _watch_node(self, info: NodeStaticInfo, reported_ram: int) -> None:
+        """Report memory when it moved meaningfully; report everything again if the cluster
+        dropped this node (it timed out while still alive)."""
         while True:
             await anyio.sleep(MEMORY_CHECK_INTERVAL_S)
             state = self._store.state

@@ -131,3 +131,23 @@ def test_every_event_type_is_handled() -> None:
 def test_state_round_trips_through_json() -> None:
     state = apply_all([node_info(NODE_A), gpu_reading(NODE_A, "cuda:0", 5)])
     assert State.model_validate_json(state.model_dump_json()) == state
+
+
+def test_late_reports_from_a_timed_out_node_change_nothing() -> None:
+    state = apply_all([node_info(NODE_A), node_info(NODE_B), NodeTimedOut(node_id=NODE_A)])
+    late = [
+        gpu_reading(NODE_A, "cuda:0", 100),
+        GPUBandwidthMeasured(
+            source_node_id=NODE_B,
+            dest_node_id=NODE_A,
+            source_device_id="net",
+            dest_device_id="net",
+            bandwidth_mbps=1,
+            latency_ms=1,
+            measurement_count=1,
+        ),
+    ]
+    for offset, event in enumerate(late):
+        state = apply(state, IndexedEvent(idx=3 + offset, event=event))
+    assert NODE_A not in state.gpu_device_state
+    assert state.gpu_links == {}
