@@ -37,7 +37,6 @@ from exo.shared.types.node import NodeInfo
 from exo.shared.types.runners import RunnerState
 from exo.shared.types.state import State
 
-
 V = TypeVar("V")
 
 
