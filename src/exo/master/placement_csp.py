@@ -292,18 +292,9 @@ def greedy_stages(
     chosen: list[PlacementDevice] = []
     nodes: set[NodeId] = set()
     remaining = list(ordered)
-
-    def capacity(selection: Sequence[PlacementDevice]) -> int:
-        if len(selection) == 1:
-            return cost_model.max_layers(selection[0], True, True)
-        last_index = len(selection) - 1
-        return sum(
-            cost_model.max_layers(device, index == 0, index == last_index)
-            for index, device in enumerate(selection)
-        )
-
-    while remaining and (capacity(chosen) < n_layers or len(nodes) < min_nodes):
-        if capacity(chosen) >= n_layers:
+    caps: list[int] = []  # each chosen device's layer cap in its role (alone: first and last)
+    while remaining and (sum(caps) < n_layers or len(nodes) < min_nodes):
+        if sum(caps) >= n_layers:
             # Memory suffices; take the largest device from a node not used yet.
             pick = next((device for device in remaining if device.node_id not in nodes), None)
             if pick is None:
@@ -313,15 +304,12 @@ def greedy_stages(
         remaining.remove(pick)
         chosen.append(pick)
         nodes.add(pick.node_id)
-    if len(chosen) > n_layers or capacity(chosen) < n_layers or len(nodes) < min_nodes:
+        caps = [
+            cost_model.max_layers(device, index == 0, index == len(chosen) - 1)
+            for index, device in enumerate(chosen)
+        ]
+    if len(chosen) > n_layers or sum(caps) < n_layers or len(nodes) < min_nodes:
         return None
-    last_index = len(chosen) - 1
-    caps = [
-        cost_model.max_layers(device, index == 0, index == last_index)
-        for index, device in enumerate(chosen)
-    ]
-    if len(chosen) == 1:
-        caps = [cost_model.max_layers(chosen[0], True, True)]
     weights = [max(1, cost_model.usable_bytes(device)) for device in chosen]
     counts = _proportional_counts(n_layers, weights, caps)
     if counts is None:
