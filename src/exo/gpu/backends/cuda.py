@@ -44,52 +44,44 @@ from exo.shared.types.gpu import (
 )
 from exo.shared.types.ids import DeviceId, NodeId
 
-# NVML return codes (stable C ABI values, nvml.h).
-_NVML_ERROR_INVALID_ARGUMENT = 2
-_NVML_ERROR_NOT_SUPPORTED = 3
-_NVML_ERROR_NO_PERMISSION = 4
-_NVML_ERROR_NOT_FOUND = 6
-_NVML_ERROR_DRIVER_NOT_LOADED = 9
-_NVML_ERROR_LIBRARY_NOT_FOUND = 12
-_NVML_ERROR_FUNCTION_NOT_FOUND = 13
-
 UNSUPPORTED_ERROR_CODES = frozenset(
     {
-        _NVML_ERROR_INVALID_ARGUMENT,
-        _NVML_ERROR_NOT_SUPPORTED,
-        _NVML_ERROR_NO_PERMISSION,
-        _NVML_ERROR_NOT_FOUND,
-        _NVML_ERROR_FUNCTION_NOT_FOUND,
+        pynvml.NVML_ERROR_INVALID_ARGUMENT,
+        pynvml.NVML_ERROR_NOT_SUPPORTED,
+        pynvml.NVML_ERROR_NO_PERMISSION,
+        pynvml.NVML_ERROR_NOT_FOUND,
+        pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,
     }
 )
 """NVML errors that mean "this query has no answer here", not "something broke"."""
 
-_NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25
-_MEMORY_V2_FALLBACK_CODES = UNSUPPORTED_ERROR_CODES | {_NVML_ERROR_ARGUMENT_VERSION_MISMATCH}
+_MEMORY_V2_FALLBACK_CODES = UNSUPPORTED_ERROR_CODES | {pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH}
 """Errors from the v2 memory query after which we use the v1 query instead."""
 
 _ABSENT_LIBRARY_ERROR_CODES = frozenset(
-    {_NVML_ERROR_DRIVER_NOT_LOADED, _NVML_ERROR_LIBRARY_NOT_FOUND}
+    {pynvml.NVML_ERROR_DRIVER_NOT_LOADED, pynvml.NVML_ERROR_LIBRARY_NOT_FOUND}
 )
 
-_NVML_TEMPERATURE_GPU = 0
-_NVML_TEMPERATURE_THRESHOLD_SHUTDOWN = 0
-_NVML_TEMPERATURE_THRESHOLD_SLOWDOWN = 1
-_NVML_TEMPERATURE_THRESHOLD_GPU_MAX = 3
-_NVML_CLOCK_SM = 1
-_NVML_CLOCK_MEM = 2
-_NVML_MEMORY_V2_VERSION = 0x02000028  # nvmlMemory_v2: sizeof(nvmlMemory_v2_t) | 2 << 24
+# NVML's constants, read from the real module at import: the tests swap ``pynvml`` for a fake
+# afterwards, and these values are the stable C ABI of nvml.h anyway.
+_NVML_TEMPERATURE_GPU = pynvml.NVML_TEMPERATURE_GPU
+_NVML_TEMPERATURE_THRESHOLD_SHUTDOWN = pynvml.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN
+_NVML_TEMPERATURE_THRESHOLD_SLOWDOWN = pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN
+_NVML_TEMPERATURE_THRESHOLD_GPU_MAX = pynvml.NVML_TEMPERATURE_THRESHOLD_GPU_MAX
+_NVML_CLOCK_SM = pynvml.NVML_CLOCK_SM
+_NVML_CLOCK_MEM = pynvml.NVML_CLOCK_MEM
+_NVML_MEMORY_V2_VERSION = pynvml.nvmlMemory_v2
 
 CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
-    (0x0001, "gpu_idle"),
-    (0x0002, "applications_clocks_setting"),
-    (0x0004, "sw_power_cap"),
-    (0x0008, "hw_slowdown"),
-    (0x0010, "sync_boost"),
-    (0x0020, "sw_thermal_slowdown"),
-    (0x0040, "hw_thermal_slowdown"),
-    (0x0080, "hw_power_brake_slowdown"),
-    (0x0100, "display_clock_setting"),
+    (pynvml.nvmlClocksEventReasonGpuIdle, "gpu_idle"),
+    (pynvml.nvmlClocksEventReasonApplicationsClocksSetting, "applications_clocks_setting"),
+    (pynvml.nvmlClocksEventReasonSwPowerCap, "sw_power_cap"),
+    (pynvml.nvmlClocksEventReasonHwSlowdown, "hw_slowdown"),
+    (pynvml.nvmlClocksEventReasonSyncBoost, "sync_boost"),
+    (pynvml.nvmlClocksEventReasonSwThermalSlowdown, "sw_thermal_slowdown"),
+    (pynvml.nvmlClocksEventReasonHwThermalSlowdown, "hw_thermal_slowdown"),
+    (pynvml.nvmlClocksEventReasonHwPowerBrakeSlowdown, "hw_power_brake_slowdown"),
+    (pynvml.nvmlClocksEventReasonDisplayClockSetting, "display_clock_setting"),
 )
 """NVML clock-event (formerly "clocks throttle") reason bits and the names we report."""
 
@@ -366,9 +358,8 @@ class CUDABackend:
         """(used, total) bytes. Prefers the v2 query, whose ``used`` leaves out memory the
         driver reserves; falls back to v1 for good once v2 turns out unsupported."""
         if self._memory_v2_usable.get(device.device_id, False):
-            version = getattr(pynvml, "nvmlMemory_v2", _NVML_MEMORY_V2_VERSION)
             try:
-                memory = pynvml.nvmlDeviceGetMemoryInfo(device.handle, version)
+                memory = pynvml.nvmlDeviceGetMemoryInfo(device.handle, _NVML_MEMORY_V2_VERSION)
                 return int(memory.used), int(memory.total)
             except TypeError:  # an older pynvml without the version argument
                 pass
