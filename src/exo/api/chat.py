@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from exo.api.context import ApiContext
-from exo.master.commands import instance_health, instances_for_model
+from exo.master.commands import instance_health
 from exo.models.cards import known_model_cards
 from exo.shared.types.commands import CancelTask, CommandResult, CreateChatTask
 from exo.shared.types.events import ChunkGenerated, Event, IndexedEvent
@@ -102,22 +102,7 @@ def chat_routes(context: ApiContext) -> APIRouter:
 
     @router.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
-        state = context.store.state
-        instances = instances_for_model(state, request.model)
-        if not instances:
-            return openai_error(
-                404,
-                f"no instance serves model '{request.model}'; create one with "
-                f'POST /instance {{"model_id": "{request.model}"}}',
-                "not_found_error",
-                "model_not_found",
-            )
-        health = [instance_health(state, instance) for instance in instances]
-        if not any(status == "ready" for status, _ in health):
-            status, why = health[0]
-            return openai_error(
-                503, f"the instance for '{request.model}' is {status}: {why}", "service_unavailable"
-            )
+        # The master decides: no instance for the model (404), none ready (503), or a task.
         task_id = TaskId(str(uuid.uuid4()))
         events = context.store.subscribe()
         command = CreateChatTask(
