@@ -386,20 +386,37 @@ class _Candidate(BaseModel):
     cap_last: int
 
 
-def _window_min(values: FloatArray, window: int, layer_ms: float) -> FloatArray:
-    """``out[..., n] = min_{k in 1..window} values[..., n - k] + k * layer_ms`` (inf where
-    n - k < 0 for every k), via a sparse table over ``values[..., i] - i * layer_ms``."""
+def _window_mins(
+    values: FloatArray, windows: Sequence[int], layer_ms: float
+) -> dict[int, FloatArray]:
+    """For each ``window`` (≥ 1): ``out[..., n] = min_{k in 1..window} values[..., n - k] +
+    k * layer_ms`` (inf where n - k < 0 for every k), via one sparse table over
+    ``values[..., i] - i * layer_ms`` shared by all the windows."""
+    if not windows:
+        return {}
     length = values.shape[-1]
+    widest = max(windows)
     offsets = np.arange(length, dtype=np.float64) * layer_ms
-    shifted = values - offsets
-    padding = np.full((*values.shape[:-1], window), np.inf)
-    table = np.concatenate([padding, shifted], axis=-1)
-    span = 1
-    while span * 2 <= window:
-        table = np.minimum(table[..., :-span], table[..., span:])
-        span *= 2
-    result = np.minimum(table[..., :length], table[..., window - span : window - span + length])
-    return result + offsets
+    padding = np.full((*values.shape[:-1], widest), np.inf)
+    # levels[j][..., i]: the minimum of the padded, shifted values over [i, i + 2**j).
+    levels = [np.concatenate([padding, values - offsets], axis=-1)]
+    while 2 ** len(levels) <= widest:
+        span = 2 ** (len(levels) - 1)
+        levels.append(np.minimum(levels[-1][..., :-span], levels[-1][..., span:]))
+    result: dict[int, FloatArray] = {}
+    for window in windows:
+        # values[n - window .. n - 1] sit at padded positions widest - window + n .. widest - 1 + n.
+        level = window.bit_length() - 1
+        span = 1 << level
+        low = widest - window
+        high = widest - span
+        result[window] = (
+            np.minimum(
+                levels[level][..., low : low + length], levels[level][..., high : high + length]
+            )
+            + offsets
+        )
+    return result
 
 
 class ConstraintSatisfactionPlacement:
@@ -553,11 +570,14 @@ class ConstraintSatisfactionPlacement:
                             best = (stages, cost, cost)
         self._check_deadline()
         if len(devices) >= 2 and n_layers >= 2:
-            multi = self._solve_pipeline(groups, "cheapest")
+            candidates = self._candidates(groups)
+            node_ids = [group[0].node_id for group in groups]
+            cheapest_entry, mean_entry, uniform = self._entry_costs(node_ids)
+            multi = self._solve_pipeline(candidates, node_ids, cheapest_entry, uniform)
             if multi is not None and multi[1] > multi[2] + 1e-9 * max(1.0, multi[1]):
                 # Uneven measured links: also plan against each node's mean incoming link
                 # (a heuristic, not a bound) and keep the cheaper realised placement.
-                alternative = self._solve_pipeline(groups, "mean")
+                alternative = self._solve_pipeline(candidates, node_ids, mean_entry, uniform)
                 if alternative is not None and alternative[1] < multi[1]:
                     multi = (alternative[0], alternative[1], multi[2])
             if multi is not None:
@@ -602,18 +622,13 @@ class ConstraintSatisfactionPlacement:
                 )
         return candidates
 
-    def _solve_pipeline(
-        self, groups: Sequence[Sequence[PlacementDevice]], entry_mode: str
-    ) -> tuple[list[StagePlan], float, float] | None:
-        """The exact programme over ≥ 2 stages. State per layer count ``n``:
-        ``[roles taken (bit 0 first, bit 1 last), nodes used (capped), current node used]``.
-        """
+    def _entry_costs(self, node_ids: Sequence[NodeId]) -> tuple[list[float], list[float], bool]:
+        """Per node: its cheapest and its mean incoming inter-node link cost (the local link
+        for a lone node), and whether every inter-node link costs the same."""
         cost_model = self.cost_model
-        n_layers = cost_model.model_card.n_layers
-        candidates = self._candidates(groups)
-        node_ids = [group[0].node_id for group in groups]
         local_ms = cost_model.link_ms(node_ids[0], node_ids[0])
-        entry_ms: list[float] = []
+        cheapest: list[float] = []
+        mean: list[float] = []
         inter_costs: list[float] = []
         for destination in node_ids:
             incoming = [
@@ -622,17 +637,30 @@ class ConstraintSatisfactionPlacement:
                 if source != destination
             ]
             inter_costs.extend(incoming)
-            if not incoming:
-                entry_ms.append(local_ms)
-            elif entry_mode == "mean":
-                entry_ms.append(sum(incoming) / len(incoming))
-            else:
-                entry_ms.append(min(incoming))
-        min_entry = min(entry_ms)
+            cheapest.append(min(incoming, default=local_ms))
+            mean.append(sum(incoming) / len(incoming) if incoming else local_ms)
         uniform = not inter_costs or (
             max(inter_costs) - min(inter_costs) <= 1e-12 * max(inter_costs)
         )
+        return cheapest, mean, uniform
+
+    def _solve_pipeline(
+        self,
+        candidates: Sequence[_Candidate],
+        node_ids: Sequence[NodeId],
+        entry_ms: Sequence[float],
+        uniform: bool,
+    ) -> tuple[list[StagePlan], float, float] | None:
+        """The exact programme over ≥ 2 stages, charging a node ``entry_ms[node]`` for the
+        inter-node link into it. State per layer count ``n``:
+        ``[roles taken (bit 0 first, bit 1 last), nodes used (capped), current node used]``.
+        """
+        cost_model = self.cost_model
+        n_layers = cost_model.model_card.n_layers
+        local_ms = cost_model.link_ms(node_ids[0], node_ids[0])
+        min_entry = min(entry_ms)
         max_nodes = max(2, self.min_nodes)
+        entry_adds = [self._entry_add(entry, min_entry, local_ms, max_nodes) for entry in entry_ms]
 
         shape = (4, max_nodes + 1, 2, n_layers + 1)
         values = np.full(shape, np.inf)
@@ -650,14 +678,17 @@ class ConstraintSatisfactionPlacement:
                 values[:, :, 1, :] = np.inf
             history.append(values)
             updated = values.copy()
-            entry_add = self._entry_add(
-                entry_ms[candidate.node_index], min_entry, local_ms, max_nodes
+            entry_add = entry_adds[candidate.node_index]
+            roles = [
+                (bit, min(cap, n_layers), extra)
+                for _role, bit, cap, extra in self._roles(candidate)
+                if cap >= 1
+            ]
+            reached_by_window = _window_mins(
+                values, [window for _bit, window, _extra in roles], candidate.layer_ms
             )
-            for _role, bit, cap, extra in self._roles(candidate):
-                window = min(cap, n_layers)
-                if window < 1:
-                    continue
-                reached = _window_min(values, window, candidate.layer_ms)
+            for bit, window, extra in roles:
+                reached = reached_by_window[window]
                 for roles_taken in range(4):
                     if roles_taken & bit:
                         continue
@@ -691,15 +722,7 @@ class ConstraintSatisfactionPlacement:
         if best_state is None or not math.isfinite(best_value):
             return None
         assignment = self._backtrack(
-            candidates,
-            history,
-            merged_from,
-            values,
-            best_state,
-            entry_ms,
-            min_entry,
-            local_ms,
-            max_nodes,
+            candidates, history, merged_from, values, best_state, entry_adds, local_ms
         )
         self._check_deadline()
         stages = self._arrange(assignment, candidates, node_ids, uniform)
@@ -732,10 +755,8 @@ class ConstraintSatisfactionPlacement:
         merged_from: Mapping[int, FloatArray],
         final_values: FloatArray,
         best_state: tuple[int, int],
-        entry_ms: Sequence[float],
-        min_entry: float,
+        entry_adds: Sequence[FloatArray],
         local_ms: float,
-        max_nodes: int,
     ) -> list[tuple[int, int, int]]:
         """(candidate index, role, layers) for every used device, from the stored tables."""
         roles_taken = 3
@@ -751,9 +772,8 @@ class ConstraintSatisfactionPlacement:
                 value = float(before[roles_taken, nodes_used, current, layers])
             else:
                 found = False
-                entry_add = self._entry_add(
-                    entry_ms[candidate.node_index], min_entry, local_ms, max_nodes
-                )
+                entry_add = entry_adds[candidate.node_index]
+                max_nodes = len(entry_add) - 1
                 for role, bit, cap, extra in self._roles(candidate):
                     if bit and not roles_taken & bit:
                         continue

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -10,6 +11,7 @@ from exo.master.placement_csp import (
     CostModel,
     LinkCost,
     PlacementDevice,
+    _window_mins,
     exclusion_reason,
     greedy_stages,
 )
@@ -209,3 +211,18 @@ def test_equal_devices_share_layers_evenly_at_the_same_cost() -> None:
         cost_model.predict_ms_per_token(result.stages), result.predicted_ms_per_token, rel_tol=1e-9
     )
     assert not cost_model.violations(result.stages, min_nodes=3)
+
+
+def test_window_minimum_matches_a_direct_scan() -> None:
+    rng = np.random.default_rng(7)
+    values = rng.uniform(0.0, 10.0, size=(2, 3, 17))
+    values[0, 1, :5] = np.inf
+    layer_ms = 0.37
+    windows = [1, 2, 3, 5, 8, 16]
+    reached = _window_mins(values, windows, layer_ms)
+    for window in windows:
+        expected = np.full_like(values, np.inf)
+        for n in range(values.shape[-1]):
+            for k in range(1, min(window, n) + 1):
+                expected[..., n] = np.minimum(expected[..., n], values[..., n - k] + k * layer_ms)
+        np.testing.assert_allclose(reached[window], expected, rtol=1e-12)
