@@ -6,7 +6,9 @@ NVML is initialised once in ``initialize`` and the device handles are kept until
 A query that the device, driver or library does not support (``NVMLError`` with
 NOT_SUPPORTED, FUNCTION_NOT_FOUND, NO_PERMISSION, INVALID_ARGUMENT or NOT_FOUND, or a function
 missing from an older ``pynvml``) is treated as "unknown": the field is None / [] / its
-documented default. Any other NVML error (GPU lost, unknown error) raises.
+documented default. Any other NVML error (GPU lost, unknown error) raises. A query the device
+or driver lacks (NOT_SUPPORTED, FUNCTION_NOT_FOUND, missing from ``pynvml``) is not asked again
+until the next ``initialize``, so a reading makes no call that is bound to fail.
 
 Static facts, per device:
 
@@ -54,6 +56,11 @@ UNSUPPORTED_ERROR_CODES = frozenset(
     }
 )
 """NVML errors that mean "this query has no answer here", not "something broke"."""
+
+_FOR_GOOD_ERROR_CODES = frozenset(
+    {pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND}
+)
+"""Unsupported answers that asking again cannot change (the device or driver lacks the query)."""
 
 _MEMORY_V2_FALLBACK_CODES = UNSUPPORTED_ERROR_CODES | {pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH}
 """Errors from the v2 memory query after which we use the v1 query instead."""
@@ -199,17 +206,34 @@ def _error_code(error: BaseException) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _optional(function_name: str, *args: Any) -> Any:
-    """Call ``pynvml.<function_name>``; None when the query is unsupported here."""
+class _Unanswered(Exception):
+    """An NVML query that has no answer here; ``for_good`` when asking again cannot help."""
+
+    def __init__(self, for_good: bool) -> None:
+        super().__init__()
+        self.for_good = for_good
+
+
+def _call(function_name: str, *args: Any) -> Any:
+    """Call ``pynvml.<function_name>``; ``_Unanswered`` when the query is unsupported here."""
     function: Callable[..., Any] | None = getattr(pynvml, function_name, None)
-    if function is None:
-        return None
+    if function is None:  # an older pynvml
+        raise _Unanswered(for_good=True)
     try:
         return function(*args)
     except Exception as error:
-        if _is_nvml_error(error) and _error_code(error) in UNSUPPORTED_ERROR_CODES:
-            return None
+        code = _error_code(error) if _is_nvml_error(error) else None
+        if code in UNSUPPORTED_ERROR_CODES:
+            raise _Unanswered(for_good=code in _FOR_GOOD_ERROR_CODES) from error
         raise
+
+
+def _optional(function_name: str, *args: Any) -> Any:
+    """Call ``pynvml.<function_name>``; None when the query is unsupported here."""
+    try:
+        return _call(function_name, *args)
+    except _Unanswered:
+        return None
 
 
 def _as_text(value: Any) -> str:
@@ -218,12 +242,16 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
+_QueryKey = tuple[DeviceId, str, tuple[int, ...]]
+"""(device, NVML function, arguments after the handle): one query of one device."""
+
+
 class CUDABackend:
     """NVIDIA GPUs via NVML."""
 
     def __init__(self) -> None:
         self._devices: dict[DeviceId, _CUDADevice] = {}
-        self._memory_v2_usable: dict[DeviceId, bool] = {}
+        self._unanswerable: set[_QueryKey] = set()
         self._initialised = False
 
     @property
@@ -235,7 +263,7 @@ class CUDABackend:
             return
         devices = await anyio.to_thread.run_sync(self._initialise_blocking)
         self._devices = {device.device_id: device for device in devices}
-        self._memory_v2_usable = {device.device_id: True for device in devices}
+        self._unanswerable = set()
         self._initialised = True
 
     async def shutdown(self) -> None:
@@ -354,10 +382,28 @@ class CUDABackend:
             return max(1, int(cores) // CUDA_CORES_PER_SM.get(capability, 128))
         return None
 
+    def _query(self, device: _CUDADevice, function_name: str, *args: int) -> Any:
+        """``_optional`` for a reading; a query the device or driver lacks is not asked again,
+        so a reading makes no NVML call that is bound to fail."""
+        key: _QueryKey = (device.device_id, function_name, args)
+        if key in self._unanswerable:
+            return None
+        try:
+            return _call(function_name, device.handle, *args)
+        except _Unanswered as unanswered:
+            if unanswered.for_good:
+                self._unanswerable.add(key)
+            return None
+
     def _read_memory(self, device: _CUDADevice) -> tuple[int, int] | None:
         """(used, total) bytes. Prefers the v2 query, whose ``used`` leaves out memory the
         driver reserves; falls back to v1 for good once v2 turns out unsupported."""
-        if self._memory_v2_usable.get(device.device_id, False):
+        v2_key: _QueryKey = (
+            device.device_id,
+            "nvmlDeviceGetMemoryInfo",
+            (_NVML_MEMORY_V2_VERSION,),
+        )
+        if v2_key not in self._unanswerable:
             try:
                 memory = pynvml.nvmlDeviceGetMemoryInfo(device.handle, _NVML_MEMORY_V2_VERSION)
                 return int(memory.used), int(memory.total)
@@ -367,26 +413,25 @@ class CUDABackend:
                 code = _error_code(error)
                 if not _is_nvml_error(error) or code not in _MEMORY_V2_FALLBACK_CODES:
                     raise
-            self._memory_v2_usable[device.device_id] = False
-        memory = _optional("nvmlDeviceGetMemoryInfo", device.handle)
+            self._unanswerable.add(v2_key)
+        memory = self._query(device, "nvmlDeviceGetMemoryInfo")
         if memory is None:
             return None
         return int(memory.used), int(memory.total)
 
     def _read_state(self, node_id: NodeId, device: _CUDADevice) -> DeviceGPUState:
-        handle = device.handle
         memory = self._read_memory(device)
         used, total = memory if memory is not None else (0, device.memory_total_bytes)
-        utilisation = _optional("nvmlDeviceGetUtilizationRates", handle)
-        temperature = _optional("nvmlDeviceGetTemperature", handle, _NVML_TEMPERATURE_GPU)
-        power_draw = _optional("nvmlDeviceGetPowerUsage", handle)
-        power_limit = _optional("nvmlDeviceGetEnforcedPowerLimit", handle)
+        utilisation = self._query(device, "nvmlDeviceGetUtilizationRates")
+        temperature = self._query(device, "nvmlDeviceGetTemperature", _NVML_TEMPERATURE_GPU)
+        power_draw = self._query(device, "nvmlDeviceGetPowerUsage")
+        power_limit = self._query(device, "nvmlDeviceGetEnforcedPowerLimit")
         if power_limit is None:
-            power_limit = _optional("nvmlDeviceGetPowerManagementLimit", handle)
-        sm_clock = _optional("nvmlDeviceGetClockInfo", handle, _NVML_CLOCK_SM)
-        reasons_mask = _optional("nvmlDeviceGetCurrentClocksEventReasons", handle)
-        if reasons_mask is None:
-            reasons_mask = _optional("nvmlDeviceGetCurrentClocksThrottleReasons", handle)
+            power_limit = self._query(device, "nvmlDeviceGetPowerManagementLimit")
+        sm_clock = self._query(device, "nvmlDeviceGetClockInfo", _NVML_CLOCK_SM)
+        reasons_mask = self._query(device, "nvmlDeviceGetCurrentClocksEventReasons")
+        if reasons_mask is None:  # a driver older than the "clocks event" name
+            reasons_mask = self._query(device, "nvmlDeviceGetCurrentClocksThrottleReasons")
         reasons = decode_clock_event_reasons(int(reasons_mask)) if reasons_mask is not None else []
         temperature_c = float(temperature) if temperature is not None else UNKNOWN_TEMPERATURE_C
         threshold_c = device.slowdown_threshold_c

@@ -56,6 +56,7 @@ class FakeGPU:
     clock_reasons: int | None = 0
     sample_error: int | None = None  # every query of this device fails with this code
     utilization_error: int | None = None  # only the utilisation query fails
+    event_reasons_error: int | None = None  # only the "clocks event" query fails
 
 
 T = TypeVar("T")
@@ -152,6 +153,7 @@ class FakeNVML:
         return _answer(self._gpu(handle).sm_clock_mhz)
 
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any:
+        self._count("nvmlDeviceGetUtilizationRates")
         error = self._gpu(handle).utilization_error
         if error is not None:
             raise nvml_error(error)
@@ -177,6 +179,13 @@ class FakeNVML:
         return _answer(self._gpu(handle).power_limit_mw)
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any) -> int:
+        self._count("nvmlDeviceGetCurrentClocksEventReasons")
+        error = self._gpu(handle).event_reasons_error
+        if error is not None:
+            raise nvml_error(error)
+        return _answer(self._gpu(handle).clock_reasons)
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: Any) -> int:
         return _answer(self._gpu(handle).clock_reasons)
 
 
@@ -360,6 +369,39 @@ async def test_memory_v2_falls_back_to_v1_once(
     second = await backend.sample(NODE, DeviceId("cuda:0"))
     assert first.memory_used_bytes == second.memory_used_bytes == 3 * GIB  # the v1 figure
     assert fake.calls["memory_v2"] == 1  # not retried on every reading
+
+
+@pytest.mark.anyio
+async def test_queries_the_device_lacks_are_asked_once(
+    install_fake_nvml: Callable[..., FakeNVML],
+) -> None:
+    # An older driver without the "clocks event" name, on a device without utilisation.
+    gpu = FakeGPU(clock_reasons=0x20, event_reasons_error=FUNCTION_NOT_FOUND, utilization_gpu=None)
+    backend, fake = await _started(gpu, install=install_fake_nvml)
+    for _ in range(3):
+        state = await backend.sample(NODE, DeviceId("cuda:0"))
+        assert state.throttle_reasons == ["sw_thermal_slowdown"]  # from the older name
+        assert state.is_thermal_throttling is True
+        assert state.compute_utilization_percent == 0.0
+    assert fake.calls["nvmlDeviceGetCurrentClocksEventReasons"] == 1
+    assert fake.calls["nvmlDeviceGetUtilizationRates"] == 1
+
+    # Missing permission may be granted later: that query is asked on every reading.
+    backend, fake = await _started(
+        FakeGPU(utilization_error=real_pynvml.NVML_ERROR_NO_PERMISSION), install=install_fake_nvml
+    )
+    for _ in range(3):
+        assert (await backend.sample(NODE, DeviceId("cuda:0"))).compute_utilization_percent == 0
+    assert fake.calls["nvmlDeviceGetUtilizationRates"] == 3
+
+    # A restart forgets what the devices lacked (the driver may have changed).
+    gpu.event_reasons_error = None
+    backend, fake = await _started(gpu, install=install_fake_nvml)
+    await backend.sample(NODE, DeviceId("cuda:0"))
+    await backend.shutdown()
+    await backend.initialize()
+    await backend.sample(NODE, DeviceId("cuda:0"))
+    assert fake.calls["nvmlDeviceGetUtilizationRates"] == 2
 
 
 @pytest.mark.anyio
