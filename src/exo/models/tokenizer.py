@@ -68,6 +68,11 @@ def _token_bytes(tokens: Sequence[str], token_types: Sequence[int]) -> list[byte
     return result
 
 
+class ChatTemplateError(ValueError):
+    """The chat template refused the messages (its ``raise_exception``, e.g. roles that do
+    not alternate) or failed to render them: a bad request, not a broken runner."""
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     source: str
@@ -84,13 +89,16 @@ class ChatTemplate:
 
         globals_: dict[str, object] = cast(dict[str, object], environment.globals)
         globals_["raise_exception"] = raise_exception
-        template = environment.from_string(self.source)
-        return template.render(
-            messages=list(messages),
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token,
-            eos_token=self.eos_token,
-        )
+        try:
+            template = environment.from_string(self.source)
+            return template.render(
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except jinja2.TemplateError as error:
+            raise ChatTemplateError(f"the chat template failed: {error}") from error
 
 
 class GGUFTokenizer:

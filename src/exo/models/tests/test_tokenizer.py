@@ -2,7 +2,12 @@
 
 import pytest
 
-from exo.models.tokenizer import GGUFTokenizer, byte_to_unicode_table
+from exo.models.tokenizer import (
+    ChatTemplate,
+    ChatTemplateError,
+    GGUFTokenizer,
+    byte_to_unicode_table,
+)
 
 SAMPLES = [
     "Hello world!",
@@ -104,3 +109,18 @@ def test_streaming_decoder_skips_special_tokens(tokenizer: GGUFTokenizer) -> Non
     decoder = tokenizer.streaming_decoder(skip_special_tokens=True)
     ids = tokenizer.encode("<|im_start|>assistant\nHi<|im_end|>")
     assert "".join(decoder.add(token) for token in ids) == "assistant\nHi"
+
+
+def test_a_template_refusing_the_messages_is_a_value_error() -> None:
+    # Runners turn ValueError into a failed request; any other error would end the runner.
+    template = ChatTemplate(
+        source="{% if messages[0]['role'] != 'user' %}"
+        "{{ raise_exception('Conversation must start with a user message') }}{% endif %}"
+        "{{ messages[0]['content'] }}",
+        bos_token="",
+        eos_token="",
+    )
+    assert template.render([{"role": "user", "content": "hi"}]) == "hi"
+    with pytest.raises(ChatTemplateError, match="must start with a user message"):
+        template.render([{"role": "assistant", "content": "hi"}])
+    assert issubclass(ChatTemplateError, ValueError)
