@@ -488,9 +488,14 @@ class ConstraintSatisfactionPlacement:
         stages, cost, lower_bound = outcome
         stages = balance_equal_stages(stages, self.cost_model)
         proven = cost <= lower_bound + 1e-9 * max(1.0, abs(cost))
-        if not proven:
+        if not proven and math.isfinite(lower_bound):
             reasons.append(
                 f"measured links are uneven: within {cost - lower_bound:.3f} ms/token of optimal"
+            )
+        elif not proven:
+            reasons.append(
+                "a measured link between nodes is cheaper than the link within a node: "
+                "optimality not proven"
             )
         return SolveResult(
             stages=stages,

@@ -226,3 +226,23 @@ def test_window_minimum_matches_a_direct_scan() -> None:
             for k in range(1, min(window, n) + 1):
                 expected[..., n] = np.minimum(expected[..., n], values[..., n - k] + k * layer_ms)
         np.testing.assert_allclose(reached[window], expected, rtol=1e-12)
+
+
+def test_inter_node_links_cheaper_than_local_ones_state_no_infinite_gap() -> None:
+    """The programme's bound assumes the local link is the cheapest; when a measured link
+    between nodes beats it there is no bound, and the reason must not claim an infinite gap."""
+    fast = LinkCost(latency_ms=0.01, bandwidth_mbps=40_000.0)
+    links = {NodeId(a): {NodeId(b): fast for b in ("a", "b") if b != a} for a in ("a", "b")}
+    cost_model = CostModel(model_card=small_model(8), links=links)
+    devices = [
+        device("a", "cuda:0", memory_gb=0.5, bandwidth_gbps=100.0),
+        device("a", "cuda:1", memory_gb=0.5, bandwidth_gbps=200.0),
+        device("b", "cuda:0", memory_gb=0.5, bandwidth_gbps=300.0),
+    ]
+    result = ConstraintSatisfactionPlacement(cost_model, devices).solve()
+    optimum = brute_force(cost_model, devices)
+    assert optimum is not None and result.predicted_ms_per_token is not None
+    assert result.predicted_ms_per_token >= optimum[0] - 1e-9
+    assert not result.proven_optimal
+    assert not any("inf" in reason for reason in result.reasons)
+    assert any("optimality not proven" in reason for reason in result.reasons)
