@@ -3,7 +3,6 @@
 Single-threaded by design: it is only touched from the event loop thread.
 """
 
-import math
 import time
 from pathlib import Path
 
@@ -120,9 +119,10 @@ class EventStore:
         self._subscribers.append(send)
         return receive
 
-    async def wait_for_change(self, timeout_s: float = math.inf) -> None:
-        with anyio.move_on_after(timeout_s):
-            await self._changed.wait()
+    @property
+    def changed(self) -> anyio.Event:
+        """Set (and replaced) on the next change of the log."""
+        return self._changed
 
     async def wait_for_index(self, idx: int, timeout_s: float) -> bool:
         with anyio.move_on_after(timeout_s):

@@ -24,6 +24,8 @@ from exo.worker.plan import CancelRunnerTask, ForwardTask, StartRunner, StopRunn
 from exo.worker.supervisor import RunnerSupervisor
 
 MEMORY_CHECK_INTERVAL_S = 2.0
+PLAN_RECHECK_S = 1.0
+"""The plan runs on every change of the state or of a local runner, and at least this often."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ class Worker:
 
     async def _plan_loop(self, group: TaskGroup) -> None:
         while True:
+            # Taken before acting, so a change that lands while we act is not missed.
+            store_changed, runners_changed = self._store.changed, self.supervisor.changed
             state = self._store.state
             for action in plan(state, self.node_id, self.supervisor.local_runners()):
                 match action:
@@ -117,20 +121,17 @@ class Worker:
                     case CancelRunnerTask():
                         await self.supervisor.cancel_task(action.runner_id, action.task_id)
             self.supervisor.forget_instance_runners(set(state.instances))
-            await self._wait_for_change()
+            await wait_for_any(store_changed, runners_changed, timeout_s=PLAN_RECHECK_S)
 
-    async def _wait_for_change(self) -> None:
-        store_changed = self._store.wait_for_change
-        runners_changed = self.supervisor.changed
+
+async def wait_for_any(*events: anyio.Event, timeout_s: float) -> None:
+    """Return when any of the events is set, or after timeout_s."""
+    with anyio.move_on_after(timeout_s):
         async with anyio.create_task_group() as race:
 
-            async def wait_store() -> None:
-                await store_changed()
+            async def wait(event: anyio.Event) -> None:
+                await event.wait()
                 race.cancel_scope.cancel()
 
-            async def wait_runners() -> None:
-                await runners_changed.wait()
-                race.cancel_scope.cancel()
-
-            race.start_soon(wait_store)
-            race.start_soon(wait_runners)
+            for event in events:
+                race.start_soon(wait, event)
