@@ -121,9 +121,7 @@ async def _initialise(backend: GPUBackend) -> GPUBackend:
 
 
 async def _cpu_backend() -> GPUBackend:
-    from exo.gpu.backends.cpu import CPUBackend
-
-    return await _initialise(CPUBackend())
+    return await _initialise(_make_backend("cpu", None))
 
 
 def _make_backend(name: str, simulate_gpus_file: Path | None) -> GPUBackend:
@@ -144,7 +142,7 @@ def _make_backend(name: str, simulate_gpus_file: Path | None) -> GPUBackend:
                     "the simulated GPU backend needs a device file (--simulate-gpus FILE)"
                 )
             return SimulatedBackend(simulate_gpus_file)
-        case _:
+        case _:  # "cpu" (names are validated before they get here)
             from exo.gpu.backends.cpu import CPUBackend
 
             return CPUBackend()

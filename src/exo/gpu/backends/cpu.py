@@ -58,23 +58,24 @@ class CPUBackend:
 
     def __init__(self) -> None:
         self._model_name = "CPU"
+        self._memory_total_bytes = 0
 
     @property
     def name(self) -> GPUBackendName:
         return "cpu"
 
     async def initialize(self) -> None:
-        def prime() -> str:
+        def prime() -> tuple[str, int]:
             psutil.cpu_percent(interval=None)  # first call only sets the reference point
-            return _cpu_model_name()
+            return _cpu_model_name(), int(psutil.virtual_memory().total)
 
-        self._model_name = await anyio.to_thread.run_sync(prime)
+        self._model_name, self._memory_total_bytes = await anyio.to_thread.run_sync(prime)
 
     async def shutdown(self) -> None:
         return None
 
     async def list_devices(self, node_id: NodeId) -> list[GPUDeviceInfo]:
-        total = await anyio.to_thread.run_sync(lambda: int(psutil.virtual_memory().total))
+        """The static facts, read at ``initialize`` (the collector lists devices every pass)."""
         return [
             GPUDeviceInfo(
                 device_id=CPU_DEVICE_ID,
@@ -82,7 +83,7 @@ class CPUBackend:
                 name=self._model_name,
                 vendor=_vendor_of(self._model_name),
                 backend="cpu",
-                memory_total_bytes=total,
+                memory_total_bytes=self._memory_total_bytes,
                 memory_bandwidth_gbps=CPU_MEMORY_BANDWIDTH_GBPS,
                 peak_tflops_fp16=CPU_PEAK_TFLOPS_FP16,
             )
