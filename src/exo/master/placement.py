@@ -28,6 +28,7 @@ from exo.master.placement_csp import (
     effective_bandwidth_gbps,
     exclusion_reason,
     greedy_stages,
+    usable_bytes,
 )
 from exo.shared.types.commands import PlaceInstance
 from exo.shared.types.gpu import (
@@ -227,10 +228,11 @@ def links_from_state(
 
 # --- heterogeneity -----------------------------------------------------------------------
 def _live_condition(device: PlacementDevice) -> tuple[bool, bool, bool]:
-    hot = device.is_thermal_throttling or (
-        device.temperature_known and device.temperature_c >= device.throttle_threshold_c
+    return (
+        device.is_hot,
+        not device.is_plugged_in,
+        device.utilization_percent >= BUSY_UTILIZATION_PERCENT,
     )
-    return (hot, not device.is_plugged_in, device.utilization_percent >= BUSY_UTILIZATION_PERCENT)
 
 
 def _spread(values: Sequence[float]) -> float:
@@ -273,13 +275,13 @@ def heterogeneity_reasons(devices: Sequence[PlacementDevice]) -> list[str]:
             f"memory bandwidth differs by more than {HETEROGENEITY_TOLERANCE:.0%} "
             f"({min(bandwidths):.0f} to {max(bandwidths):.0f} GB/s)"
         )
-    conditions = {_live_condition(device) for device in devices}
-    if len(conditions) > 1:
+    conditions = [_live_condition(device) for device in devices]
+    if len(set(conditions)) > 1:
         labels = ("throttling", "on battery", "busy")
         odd = [
-            f"{device.label} is {' and '.join(label for label, flag in zip(labels, _live_condition(device), strict=True) if flag)}"
-            for device in devices
-            if any(_live_condition(device))
+            f"{device.label} is {' and '.join(label for label, flag in zip(labels, condition, strict=True) if flag)}"
+            for device, condition in zip(devices, conditions, strict=True)
+            if any(condition)
         ]
         reasons.append("live condition differs: " + "; ".join(odd))
     return reasons
@@ -344,13 +346,9 @@ def score_devices(
 
     scores: list[GPUDeviceScore] = []
     for index, d in enumerate(devices):
-        usable = max(
-            0, d.memory_free_bytes - int(d.memory_total_bytes * config.memory_headroom_fraction)
-        )
+        usable = usable_bytes(d, config)
         memory = usable / shard_size_bytes if shard_size_bytes > 0 else float(usable > 0)
-        if d.is_thermal_throttling or (
-            d.temperature_known and d.temperature_c >= d.throttle_threshold_c
-        ):
+        if d.is_hot:
             thermal = 0.0
         elif d.temperature_known:
             thermal = (d.throttle_threshold_c - d.temperature_c) / 30.0

@@ -80,6 +80,13 @@ class PlacementDevice(BaseModel):
     def temperature_known(self) -> bool:
         return self.temperature_c > UNKNOWN_TEMPERATURE_C
 
+    @property
+    def is_hot(self) -> bool:
+        """Thermally throttling, or at or past its throttle threshold."""
+        return self.is_thermal_throttling or (
+            self.temperature_known and self.temperature_c >= self.throttle_threshold_c
+        )
+
 
 class LinkCost(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -139,14 +146,20 @@ def exclusion_reason(device: PlacementDevice, config: CostModelConfig) -> str | 
 def thermal_factor(device: PlacementDevice, config: CostModelConfig) -> float:
     """1.0 when cool; ``near_threshold_factor`` close to the threshold; ``throttling_factor``
     when throttling or past the threshold."""
-    if device.is_thermal_throttling:
+    if device.is_hot:
         return config.throttling_factor
-    if device.temperature_known:
-        if device.temperature_c >= device.throttle_threshold_c:
-            return config.throttling_factor
-        if device.temperature_c >= device.throttle_threshold_c - config.near_threshold_margin_c:
-            return config.near_threshold_factor
+    if (
+        device.temperature_known
+        and device.temperature_c >= device.throttle_threshold_c - config.near_threshold_margin_c
+    ):
+        return config.near_threshold_factor
     return 1.0
+
+
+def usable_bytes(device: PlacementDevice, config: CostModelConfig) -> int:
+    """Free memory less the headroom kept on every device (a fraction of its total)."""
+    headroom = math.ceil(device.memory_total_bytes * config.memory_headroom_fraction)
+    return max(0, device.memory_free_bytes - headroom)
 
 
 def effective_bandwidth_gbps(device: PlacementDevice, config: CostModelConfig) -> float:
@@ -189,15 +202,12 @@ class CostModel(BaseModel):
         total = card.context_length * card.kv_cache_bytes_per_token
         return -(-total * n_layers // card.n_layers)
 
-    def headroom_bytes(self, device: PlacementDevice) -> int:
-        return math.ceil(device.memory_total_bytes * self.config.memory_headroom_fraction)
-
     def memory_needed(self, n_layers: int, is_first: bool, is_last: bool) -> int:
         """Bytes a stage occupies: its weights plus the KV cache for the whole context."""
         return self.stage_bytes(n_layers, is_first, is_last) + self.kv_cache_bytes(n_layers)
 
     def usable_bytes(self, device: PlacementDevice) -> int:
-        return max(0, device.memory_free_bytes - self.headroom_bytes(device))
+        return usable_bytes(device, self.config)
 
     def fits(self, device: PlacementDevice, n_layers: int, is_first: bool, is_last: bool) -> bool:
         return self.memory_needed(n_layers, is_first, is_last) <= self.usable_bytes(device)
