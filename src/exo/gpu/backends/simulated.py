@@ -83,9 +83,16 @@ class SimulatedGPUFile(BaseModel):
 FileSignature = tuple[int, int, int, int]
 """(inode, size, mtime_ns, ctime_ns): what tells us the file changed."""
 
+_NO_FILE: FileSignature = (-1, -1, -1, -1)
+
 
 def _signature(path: Path) -> FileSignature:
-    status = os.stat(path)
+    """The file's signature; ``_NO_FILE`` when it cannot be looked at (``load_simulated_file``
+    then says why)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return _NO_FILE
     return (status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
 
 
@@ -119,13 +126,7 @@ class SimulatedBackend:
 
     async def initialize(self) -> None:
         def load() -> tuple[FileSignature, SimulatedGPUFile]:
-            try:
-                signature = _signature(self._path)
-            except OSError as error:
-                raise GPUBackendError(
-                    f"cannot read simulated GPU file {self._path}: {error}"
-                ) from error
-            return signature, load_simulated_file(self._path)
+            return _signature(self._path), load_simulated_file(self._path)
 
         signature, parsed = await anyio.to_thread.run_sync(load)
         self._seen_signature = signature
@@ -178,14 +179,7 @@ class SimulatedBackend:
 
     def _refresh(self) -> None:
         """Re-read the file if it changed; on failure log once and keep the last good one."""
-        try:
-            signature = _signature(self._path)
-        except OSError as error:
-            missing: FileSignature = (-1, -1, -1, -1)
-            if self._seen_signature != missing:
-                self._seen_signature = missing
-                logger.warning(f"{error}; keeping the last good simulated GPU readings")
-            return
+        signature = _signature(self._path)
         if signature == self._seen_signature:
             return
         self._seen_signature = signature
