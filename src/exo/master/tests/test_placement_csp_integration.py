@@ -20,7 +20,7 @@ from exo.master.tests.placement_helpers import NOW, gpu_info, gpu_state, node_in
 from exo.models.cards import get_model_card
 from exo.shared.types.commands import PlaceInstance
 from exo.shared.types.gpu import DeviceGPUState, GPUDeviceInfo, GPULink
-from exo.shared.types.ids import InstanceId, NodeId
+from exo.shared.types.ids import DeviceId, InstanceId, NodeId
 from exo.shared.types.instances import Instance, Shard
 from exo.shared.types.models import ModelCard
 from exo.shared.types.state import State
@@ -39,6 +39,21 @@ LLAMA_70B = "Llama-3.1-70B-Instruct-4bit"
 LLAMA_405B = "Llama-3.1-405B-Instruct-4bit"
 
 
+def _states(
+    *pairs: tuple[DeviceGPUState, GPUDeviceInfo | None],
+) -> tuple[
+    dict[NodeId, dict[DeviceId, DeviceGPUState]], dict[NodeId, dict[DeviceId, GPUDeviceInfo]]
+]:
+    """The nested node → device maps of live states and static infos."""
+    states: dict[NodeId, dict[DeviceId, DeviceGPUState]] = {}
+    infos: dict[NodeId, dict[DeviceId, GPUDeviceInfo]] = {}
+    for state, info in pairs:
+        states.setdefault(state.node_id, {})[state.device_id] = state
+        if info is not None:
+            infos.setdefault(info.node_id, {})[info.device_id] = info
+    return states, infos
+
+
 def build_state(
     node_ids: Sequence[str],
     gpus: Sequence[tuple[DeviceGPUState, GPUDeviceInfo | None]] = (),
@@ -46,12 +61,7 @@ def build_state(
     ram_available_gb: float = 12.0,
     links: Sequence[GPULink] = (),
 ) -> State:
-    gpu_device_state: dict[NodeId, dict] = {}  # type: ignore[type-arg]
-    gpu_device_info: dict[NodeId, dict] = {}  # type: ignore[type-arg]
-    for state, info in gpus:
-        gpu_device_state.setdefault(state.node_id, {})[state.device_id] = state
-        if info is not None:
-            gpu_device_info.setdefault(info.node_id, {})[info.device_id] = info
+    gpu_device_state, gpu_device_info = _states(*gpus)
     gpu_links: dict[NodeId, dict[NodeId, GPULink]] = {}
     for link in links:
         gpu_links.setdefault(link.source_node_id, {})[link.dest_node_id] = link
@@ -346,15 +356,6 @@ def test_measured_links_steer_the_ring_away_from_a_slow_link() -> None:
 
 
 # --- unit: heterogeneity and scores --------------------------------------------------------
-def _states(*pairs: tuple[DeviceGPUState, GPUDeviceInfo]) -> tuple[dict, dict]:  # type: ignore[type-arg]
-    states: dict[NodeId, dict] = {}  # type: ignore[type-arg]
-    infos: dict[NodeId, dict] = {}  # type: ignore[type-arg]
-    for state, info in pairs:
-        states.setdefault(state.node_id, {})[state.device_id] = state
-        infos.setdefault(info.node_id, {})[info.device_id] = info
-    return states, infos
-
-
 @pytest.mark.parametrize(
     ("second", "expected"),
     [
