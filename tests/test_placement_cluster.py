@@ -56,6 +56,17 @@ def test_heterogeneous_cluster_takes_the_solver(tmp_path: Path) -> None:
         )
         shards = created.json()["shards"]
         assert sum(shard["end_layer"] - shard["start_layer"] for shard in shards) == 80
+
+        # Its weights are not on these machines: the runners say so instead of running.
+        def runners_failed_clearly() -> bool:
+            runners = nodes[0].state()["runners"]
+            return all(
+                runners.get(shard["runner_id"], {}).get("status") == "failed"
+                and "planning only" in (runners[shard["runner_id"]]["error"] or "")
+                for shard in shards
+            )
+
+        wait_until(runners_failed_clearly, 10.0, "the runners to fail with a reason")
         assert (
             httpx.delete(nodes[0].url + f"/instance/{instance_id}", timeout=10.0).status_code == 200
         )

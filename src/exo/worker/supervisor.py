@@ -105,14 +105,18 @@ def runner_command(
     if hostfile is not None:
         command += ["--hostfile", str(hostfile)]
     card = get_model_card(instance.model_id)
-    if card is not None and card.source == "mlx_directory" and card.weights_path:
-        command += ["--model", card.weights_path]
-    elif card is None:
+    if card is None:
         # Without its card this node cannot know the weights (the model directory must be
         # under this node's --models-dir too); starting the bundled model would be wrong.
         raise FileNotFoundError(
             f"model '{instance.model_id}' is not known on this node (is it in --models-dir?)"
         )
+    if card.source == "planning_only":
+        raise FileNotFoundError(
+            f"no weights for '{instance.model_id}' on this node: its card is for planning only"
+        )
+    if card.source == "mlx_directory" and card.weights_path:
+        command += ["--model", card.weights_path]
     return command
 
 
