@@ -299,12 +299,14 @@ class GPUTelemetryCollector:
                 logger.warning(f"GPU telemetry: listing devices failed ({error!r})")
             return list(self._reported_info.values())
         self._listing_failed = False
-        current_ids = {info.device_id for info in devices}
-        for device_id in list(self._reported_info):
-            if device_id not in current_ids:
-                del self._reported_info[device_id]
-                self._last_emitted.pop(device_id, None)
-                self._last_readings.pop(device_id, None)
+        # Forget devices that are gone, including ones whose facts never went out (the emitter
+        # refused them) and ones that were failing: a device that comes back starts afresh.
+        known_ids = self._reported_info.keys() | self._last_readings.keys() | self._failing_devices
+        for device_id in known_ids - {info.device_id for info in devices}:
+            self._reported_info.pop(device_id, None)
+            self._last_emitted.pop(device_id, None)
+            self._last_readings.pop(device_id, None)
+            self._failing_devices.discard(device_id)
         for info in devices:
             if self._reported_info.get(info.device_id) == info:
                 continue

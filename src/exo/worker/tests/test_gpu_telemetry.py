@@ -329,6 +329,33 @@ async def test_failing_samples_are_logged_and_retried(logged_warnings: list[str]
 
 
 @pytest.mark.anyio
+async def test_a_device_that_disappears_is_forgotten(logged_warnings: list[str]) -> None:
+    backend = ScriptedBackend(["cuda:0", "cuda:1", "cuda:2"])
+    backend.failures[DeviceId("cuda:2")] = 100
+    recorder = Recorder()
+
+    async def refuse_cuda_1_facts(event: Event) -> None:
+        if isinstance(event, GPUDeviceInfoReported) and event.device_info.device_id == "cuda:1":
+            raise ConnectionError("not now")
+        await recorder(event)
+
+    collector = GPUTelemetryCollector(NODE, backend, refuse_cuda_1_facts, FAST)
+    await collector.collect_device_state()
+    assert set(collector.last_readings) == {"cuda:0", "cuda:1"}
+    assert sum("cuda:2" in message for message in logged_warnings) == 1
+
+    # cuda:1 (read, but its facts never went out) and cuda:2 (failing) go away...
+    unplugged = {key: backend.states.pop(DeviceId(key)) for key in ("cuda:1", "cuda:2")}
+    await collector.collect_device_state()
+    assert set(collector.last_readings) == {"cuda:0"}
+
+    # ...and when cuda:2 comes back still failing, that is a new failure streak, logged again.
+    backend.states[DeviceId("cuda:2")] = unplugged["cuda:2"]
+    await collector.collect_device_state()
+    assert sum("cuda:2" in message for message in logged_warnings) == 2
+
+
+@pytest.mark.anyio
 async def test_a_failing_emitter_is_retried(logged_warnings: list[str]) -> None:
     backend = ScriptedBackend(["cuda:0"])
     delivered: list[Event] = []
