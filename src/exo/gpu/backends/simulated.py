@@ -26,7 +26,7 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from exo.gpu.backend import GPUBackendError, GPUDeviceNotFoundError
-from exo.gpu.backends.host import utc_now
+from exo.gpu.backends.host import DEFAULT_THROTTLE_THRESHOLD_C, utc_now
 from exo.shared.types.gpu import (
     NO_BATTERY_PERCENT,
     UNKNOWN_TEMPERATURE_C,
@@ -49,7 +49,7 @@ class SimulatedDevice(BaseModel):
     peak_tflops_fp16: float = Field(default=10.0, ge=0)
     compute_utilization_percent: float = Field(default=0.0, ge=0, le=100)
     thermal_temperature_c: float = UNKNOWN_TEMPERATURE_C
-    thermal_throttle_threshold_c: float = 100.0
+    thermal_throttle_threshold_c: float = DEFAULT_THROTTLE_THRESHOLD_C
     is_thermal_throttling: bool = False
     battery_percent: float = Field(default=NO_BATTERY_PERCENT, ge=0, le=100)
     is_plugged_in: bool = True
