@@ -17,6 +17,7 @@ follows its share of the model.
 """
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -74,10 +75,6 @@ class LinearWeights:
     biases: mx.array | None = None
     bits: int | None = None
     group_size: int = GGUF_GROUP_SIZE
-
-    @property
-    def quantized(self) -> bool:
-        return self.scales is not None
 
     @property
     def out_features(self) -> int:
@@ -319,28 +316,6 @@ def _linear(tensors: dict[str, mx.array], name: str) -> LinearWeights:
     )
 
 
-def _plain(tensors: dict[str, mx.array], name: str) -> mx.array:
-    key = f"{name}.weight"
-    if key not in tensors:
-        raise GGUFFormatError(f"GGUF has no tensor '{key}'")
-    return tensors[key]
-
-
-def _layer(tensors: dict[str, mx.array], index: int) -> LayerWeights:
-    prefix = f"{LAYER_PREFIX}{index}."
-    return LayerWeights(
-        attention_norm=_plain(tensors, prefix + "attn_norm"),
-        query=_linear(tensors, prefix + "attn_q"),
-        key=_linear(tensors, prefix + "attn_k"),
-        value=_linear(tensors, prefix + "attn_v"),
-        attention_output=_linear(tensors, prefix + "attn_output"),
-        feed_forward_norm=_plain(tensors, prefix + "ffn_norm"),
-        gate=_linear(tensors, prefix + "ffn_gate"),
-        up=_linear(tensors, prefix + "ffn_up"),
-        down=_linear(tensors, prefix + "ffn_down"),
-    )
-
-
 def stage_bounds(
     hyperparameters: LlamaHyperparameters, layer_start: int, layer_end: int | None
 ) -> tuple[int, bool, bool, bool]:
@@ -355,6 +330,106 @@ def stage_bounds(
     is_first = layer_start == 0
     is_last = end == hyperparameters.block_count
     return end, is_first, is_last, is_first or (is_last and hyperparameters.tied_embeddings)
+
+
+@dataclass(frozen=True)
+class TensorNames:
+    """Where a checkpoint format keeps the pieces of a Llama model: module names, whose
+    tensors are ``<module>.weight`` (and ``.scales``/``.biases`` when quantized)."""
+
+    layer_prefix: str
+    """Layer N's modules are under ``f"{layer_prefix}{N}."``."""
+    layer_modules: dict[str, str]
+    """:class:`LayerWeights` field -> module name under the layer's prefix."""
+    embedding: str
+    final_norm: str
+    head: str
+
+
+GGUF_NAMES = TensorNames(
+    layer_prefix=LAYER_PREFIX,
+    layer_modules={
+        "attention_norm": "attn_norm",
+        "query": "attn_q",
+        "key": "attn_k",
+        "value": "attn_v",
+        "attention_output": "attn_output",
+        "feed_forward_norm": "ffn_norm",
+        "gate": "ffn_gate",
+        "up": "ffn_up",
+        "down": "ffn_down",
+    },
+    embedding=TOKEN_EMBEDDING,
+    final_norm=OUTPUT_NORM,
+    head=OUTPUT_HEAD,
+)
+
+
+def assemble_stage(
+    hyperparameters: LlamaHyperparameters,
+    tensors: dict[str, mx.array],
+    names: TensorNames,
+    linear: Callable[[dict[str, mx.array], str], LinearWeights],
+    layer_start: int,
+    layer_end: int | None,
+    source: str,
+    metadata: Metadata | None = None,
+) -> StageWeights:
+    """The :class:`StageWeights` for layers ``[layer_start, layer_end)`` (None: to the last)
+    picked out of ``tensors`` (both loaders' common part). ``linear`` builds one module's
+    :class:`LinearWeights` (each format knows its quantization). ``tensors`` is emptied:
+    what the stage does not keep is released, its own arrays are evaluated (read from disk
+    when they were mapped lazily) and the allocator's cache is cleared."""
+    end, _, is_last, needs_embedding = stage_bounds(hyperparameters, layer_start, layer_end)
+
+    def plain(module: str) -> mx.array:
+        key = f"{module}.weight"
+        if key not in tensors:
+            raise GGUFFormatError(f"{source} has no tensor '{key}'")
+        return tensors[key]
+
+    def layer(index: int) -> LayerWeights:
+        prefix = f"{names.layer_prefix}{index}."
+        modules = names.layer_modules
+        return LayerWeights(
+            attention_norm=plain(prefix + modules["attention_norm"]),
+            query=linear(tensors, prefix + modules["query"]),
+            key=linear(tensors, prefix + modules["key"]),
+            value=linear(tensors, prefix + modules["value"]),
+            attention_output=linear(tensors, prefix + modules["attention_output"]),
+            feed_forward_norm=plain(prefix + modules["feed_forward_norm"]),
+            gate=linear(tensors, prefix + modules["gate"]),
+            up=linear(tensors, prefix + modules["up"]),
+            down=linear(tensors, prefix + modules["down"]),
+        )
+
+    stage = StageWeights(
+        hyperparameters=hyperparameters,
+        layer_start=layer_start,
+        layer_end=end,
+        layers=[layer(index) for index in range(layer_start, end)],
+        token_embedding=linear(tensors, names.embedding) if needs_embedding else None,
+        output_norm=plain(names.final_norm) if is_last else None,
+        output_head=(
+            linear(tensors, names.head) if is_last and not hyperparameters.tied_embeddings else None
+        ),
+        metadata=metadata if metadata is not None else {},
+    )
+    total_bytes = sum(array.nbytes for array in tensors.values())
+    tensors.clear()
+    gc.collect()
+    mx.eval(stage.arrays())
+    mx.clear_cache()
+    logger.debug(
+        "loaded layers [{}, {}) of {} from {}: {:.1f} MB of {:.1f} MB",
+        layer_start,
+        end,
+        hyperparameters.block_count,
+        source,
+        stage.nbytes / 1e6,
+        total_bytes / 1e6,
+    )
+    return stage
 
 
 def load_gguf_file(path: Path | str) -> tuple[dict[str, mx.array], Metadata]:
@@ -399,41 +474,16 @@ def load_stage(
     else:
         tensors, metadata = load_gguf_file(path)
     hyperparameters = read_hyperparameters(metadata, set(tensors))
-    end, is_first, is_last, needs_embedding = stage_bounds(hyperparameters, layer_start, layer_end)
-
-    layers = [_layer(tensors, index) for index in range(layer_start, end)]
-    stage = StageWeights(
-        hyperparameters=hyperparameters,
-        layer_start=layer_start,
-        layer_end=end,
-        layers=layers,
-        token_embedding=_linear(tensors, TOKEN_EMBEDDING) if needs_embedding else None,
-        output_norm=_plain(tensors, OUTPUT_NORM) if is_last else None,
-        output_head=(
-            _linear(tensors, OUTPUT_HEAD)
-            if is_last and not hyperparameters.tied_embeddings
-            else None
-        ),
-        # Only the first stage (rank 0) builds the tokenizer; the others drop its tables.
-        metadata=(
-            metadata
-            if is_first
-            else {k: v for k, v in metadata.items() if not k.startswith("tokenizer.")}
-        ),
-    )
-    total_bytes = sum(array.nbytes for array in tensors.values())
-    # Drop the tensors this stage does not keep, then hand the freed buffers back.
-    tensors.clear()
-    del tensors, metadata
-    gc.collect()
-    mx.eval(stage.arrays())
-    mx.clear_cache()
-    logger.debug(
-        "loaded layers [{}, {}) of {}: {:.1f} MB of {:.1f} MB",
+    # Only the first stage (rank 0) builds the tokenizer; the others drop its tables.
+    if layer_start != 0:
+        metadata = {k: v for k, v in metadata.items() if not k.startswith("tokenizer.")}
+    return assemble_stage(
+        hyperparameters,
+        tensors,
+        GGUF_NAMES,
+        _linear,
         layer_start,
-        end,
-        hyperparameters.block_count,
-        stage.nbytes / 1e6,
-        total_bytes / 1e6,
+        layer_end,
+        Path(path).name,
+        metadata,
     )
-    return stage

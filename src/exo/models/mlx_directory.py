@@ -25,7 +25,6 @@ the order that pairs the two halves of each head for rotary embeddings, where GG
 hold llama.cpp's interleaved permutation of them.
 """
 
-import gc
 import json
 import math
 import struct
@@ -40,13 +39,18 @@ from tokenizers import Tokenizer
 
 from exo.models.cards import kv_cache_bytes_per_token
 from exo.models.gguf import (
-    LayerWeights,
     LinearWeights,
     LlamaHyperparameters,
     StageWeights,
-    stage_bounds,
+    TensorNames,
+    assemble_stage,
 )
-from exo.models.tokenizer import ChatTemplate, GGUFTokenizer, byte_to_unicode_table
+from exo.models.tokenizer import (
+    ChatTemplate,
+    GGUFTokenizer,
+    byte_level_token_bytes,
+    stop_token_ids,
+)
 from exo.shared.types.models import ModelCard
 
 CONFIG_FILE = "config.json"
@@ -74,9 +78,13 @@ LAYER_LINEARS = {
     "down": "mlp.down_proj",
 }
 LAYER_NORMS = {"attention_norm": "input_layernorm", "feed_forward_norm": "post_attention_layernorm"}
-
-# Names a model uses for "end of turn"; stop tokens when they are special tokens.
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>")
+HF_NAMES = TensorNames(
+    layer_prefix=LAYERS_PREFIX,
+    layer_modules={**LAYER_LINEARS, **LAYER_NORMS},
+    embedding=EMBEDDING,
+    final_norm=FINAL_NORM,
+    head=LM_HEAD,
+)
 
 _SAFETENSORS_DTYPE_BYTES = {
     "BOOL": 1,
@@ -475,28 +483,15 @@ def scan_models_dir(path: Path) -> list[ModelCard]:
 # --- loading a stage ----------------------------------------------------------------------
 
 
-def _load_tensors(model: DirectoryModel, names: list[str]) -> dict[str, mx.array]:
-    """The named tensors, lazily mapped from their files (read when evaluated)."""
-    by_file: dict[Path, list[str]] = {}
-    for name in names:
-        by_file.setdefault(model.tensors[name].file, []).append(name)
+def _load_tensors(model: DirectoryModel) -> dict[str, mx.array]:
+    """Every tensor of the directory, lazily mapped from its file (read when evaluated)."""
     result: dict[str, mx.array] = {}
-    for file, wanted in by_file.items():
+    for file in sorted({info.file for info in model.tensors.values()}):
         loaded = mx.load(str(file))
         if not isinstance(loaded, dict):
             raise MLXDirectoryError(file, "did not load as a dictionary of arrays")
-        for name in wanted:
-            result[name] = loaded[name]
-        del loaded
+        result.update(loaded)
     return result
-
-
-def _module_names(model: DirectoryModel, module: str) -> list[str]:
-    return [
-        f"{module}.{part}"
-        for part in ("weight", "scales", "biases")
-        if f"{module}.{part}" in model.tensors
-    ]
 
 
 def _linear(model: DirectoryModel, tensors: dict[str, mx.array], module: str) -> LinearWeights:
@@ -521,69 +516,19 @@ def load_directory_stage(
     (first stage; last stage too with a tied head) and the final norm and head (last
     stage). Only those tensors are read from disk."""
     model = read_directory_model(directory)
-    hyperparameters = model.hyperparameters
-    end, _, is_last, needs_embedding = stage_bounds(hyperparameters, layer_start, layer_end)
-    has_head = is_last and not hyperparameters.tied_embeddings
 
-    names: list[str] = []
-    for index in range(layer_start, end):
-        prefix = f"{LAYERS_PREFIX}{index}."
-        for module in LAYER_LINEARS.values():
-            names += _module_names(model, prefix + module)
-        names += [f"{prefix}{module}.weight" for module in LAYER_NORMS.values()]
-    if needs_embedding:
-        names += _module_names(model, EMBEDDING)
-    if is_last:
-        names.append(f"{FINAL_NORM}.weight")
-    if has_head:
-        names += _module_names(model, LM_HEAD)
-    tensors = _load_tensors(model, names)
+    def linear(tensors: dict[str, mx.array], module: str) -> LinearWeights:
+        return _linear(model, tensors, module)
 
-    layers: list[LayerWeights] = []
-    for index in range(layer_start, end):
-        prefix = f"{LAYERS_PREFIX}{index}."
-
-        def linear(name: str, prefix: str = prefix) -> LinearWeights:
-            return _linear(model, tensors, prefix + LAYER_LINEARS[name])
-
-        def norm(name: str, prefix: str = prefix) -> mx.array:
-            return tensors[f"{prefix}{LAYER_NORMS[name]}.weight"]
-
-        layers.append(
-            LayerWeights(
-                attention_norm=norm("attention_norm"),
-                query=linear("query"),
-                key=linear("key"),
-                value=linear("value"),
-                attention_output=linear("attention_output"),
-                feed_forward_norm=norm("feed_forward_norm"),
-                gate=linear("gate"),
-                up=linear("up"),
-                down=linear("down"),
-            )
-        )
-    stage = StageWeights(
-        hyperparameters=hyperparameters,
-        layer_start=layer_start,
-        layer_end=end,
-        layers=layers,
-        token_embedding=_linear(model, tensors, EMBEDDING) if needs_embedding else None,
-        output_norm=tensors[f"{FINAL_NORM}.weight"] if is_last else None,
-        output_head=_linear(model, tensors, LM_HEAD) if has_head else None,
-    )
-    tensors.clear()
-    gc.collect()
-    mx.eval(stage.arrays())
-    mx.clear_cache()
-    logger.debug(
-        "loaded layers [{}, {}) of {} from {}: {:.1f} MB",
+    return assemble_stage(
+        model.hyperparameters,
+        _load_tensors(model),
+        HF_NAMES,
+        linear,
         layer_start,
-        end,
-        hyperparameters.block_count,
+        layer_end,
         directory.name,
-        stage.nbytes / 1e6,
     )
-    return stage
 
 
 # --- tokenizer ------------------------------------------------------------------------------
@@ -703,12 +648,7 @@ class DirectoryTokenizer(GGUFTokenizer):
                 directory, "no end-of-sequence token (eos_token / eos_token_id)"
             )
         self.eos_token_id = eos_ids[0]
-        stop_ids = set(eos_ids)
-        for name in _END_OF_TURN_TOKENS:
-            found = tokenizer.token_to_id(name)
-            if found is not None and found in special:
-                stop_ids.add(found)
-        self.stop_token_ids = frozenset(stop_ids)
+        self.stop_token_ids = stop_token_ids(eos_ids, special, tokenizer.token_to_id)
 
         add_bos = tokenizer_config.get("add_bos_token")
         if isinstance(add_bos, bool):
@@ -731,15 +671,9 @@ class DirectoryTokenizer(GGUFTokenizer):
         byte alphabet; SentencePiece-style tokens use ``▁`` for a space and ``<0xNN>`` for
         a raw byte; anything else is decoded by the library one token at a time."""
         kinds = _decoder_kinds(raw.get("decoder"))
-        result: list[bytes] = []
         if "ByteLevel" in kinds:
-            unicode_to_byte = {char: byte for byte, char in byte_to_unicode_table().items()}
-            for index, token in enumerate(tokens):
-                if index in added_ids or any(char not in unicode_to_byte for char in token):
-                    result.append(token.encode("utf-8"))
-                else:
-                    result.append(bytes(unicode_to_byte[char] for char in token))
-            return result
+            return byte_level_token_bytes(tokens, added_ids)
+        result: list[bytes] = []
         byte_fallback = "ByteFallback" in kinds
         for index, token in enumerate(tokens):
             if index in added_ids:

@@ -12,9 +12,9 @@ incremental UTF-8 decoder holds back a character split across tokens until it is
 """
 
 import codecs
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import jinja2
 import jinja2.sandbox
@@ -37,6 +37,9 @@ USER_DEFINED_TOKEN_TYPE = 4
 _DIGIT_SPLITTING_PRE_TOKENIZERS = {"smollm", "starcoder", "refact", "codeshell", "command-r"}
 _GPT2_PRE_TOKENIZERS = {"gpt2", "default", ""}
 
+# Names models use for "end of turn"; stop tokens where the vocabulary has them as specials.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>")
+
 
 def byte_to_unicode_table() -> dict[int, str]:
     """GPT-2's reversible byte alphabet: printable Latin-1 bytes stand for themselves, every
@@ -55,17 +58,31 @@ def byte_to_unicode_table() -> dict[int, str]:
     return table
 
 
-def _token_bytes(tokens: Sequence[str], token_types: Sequence[int]) -> list[bytes]:
+def byte_level_token_bytes(tokens: Sequence[str], literal_ids: Container[int]) -> list[bytes]:
+    """The bytes each byte-level BPE token stands for. Tokens are written in GPT-2's byte
+    alphabet; ``literal_ids`` (control and added tokens) and tokens with a character
+    outside that alphabet stand for their own UTF-8 text."""
     unicode_to_byte = {char: byte for byte, char in byte_to_unicode_table().items()}
     result: list[bytes] = []
-    for token, token_type in zip(tokens, token_types, strict=True):
-        if token_type in (CONTROL_TOKEN_TYPE, USER_DEFINED_TOKEN_TYPE) or any(
-            char not in unicode_to_byte for char in token
-        ):
+    for index, token in enumerate(tokens):
+        if index in literal_ids or any(char not in unicode_to_byte for char in token):
             result.append(token.encode("utf-8"))
         else:
             result.append(bytes(unicode_to_byte[char] for char in token))
     return result
+
+
+def stop_token_ids(
+    eos_ids: Iterable[int], special_ids: Container[int], token_id: Callable[[str], int | None]
+) -> frozenset[int]:
+    """The end-of-sequence ids plus the usual end-of-turn tokens the vocabulary has as
+    special tokens."""
+    stops = set(eos_ids)
+    for name in END_OF_TURN_TOKENS:
+        found = token_id(name)
+        if found is not None and found in special_ids:
+            stops.add(found)
+    return frozenset(stops)
 
 
 class ChatTemplateError(ValueError):
@@ -157,7 +174,7 @@ class GGUFTokenizer:
         )
         self._tokenizer = tokenizer
         self._tokens = tokens
-        self._token_bytes = _token_bytes(tokens, token_types)
+        self._token_bytes = byte_level_token_bytes(tokens, self.special_token_ids)
 
         self.bos_token_id: int | None = (
             metadata_int(metadata, "tokenizer.ggml.bos_token_id")
@@ -166,12 +183,9 @@ class GGUFTokenizer:
         )
         self.eos_token_id: int = metadata_int(metadata, "tokenizer.ggml.eos_token_id")
         self.add_bos_token: bool = metadata_bool(metadata, "tokenizer.ggml.add_bos_token", False)
-        stop_ids = {self.eos_token_id}
-        for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
-            found = vocabulary.get(name)
-            if found is not None and found in self.special_token_ids:
-                stop_ids.add(found)
-        self.stop_token_ids: frozenset[int] = frozenset(stop_ids)
+        self.stop_token_ids: frozenset[int] = stop_token_ids(
+            [self.eos_token_id], self.special_token_ids, vocabulary.get
+        )
         self.chat_template: ChatTemplate | None = (
             ChatTemplate(
                 source=metadata_str(metadata, "tokenizer.chat_template"),
@@ -241,18 +255,3 @@ class StreamingDecoder:
     def flush(self) -> str:
         """Whatever is held back (an incomplete character becomes U+FFFD)."""
         return self._decoder.decode(b"", final=True)
-
-
-def load_tokenizer(metadata: Metadata) -> GGUFTokenizer:
-    return GGUFTokenizer(metadata)
-
-
-def chat_messages(messages: Sequence[Any]) -> list[dict[str, str]]:
-    """Accepts dicts or objects with ``role`` and ``content`` (e.g. pydantic ChatMessage)."""
-    result: list[dict[str, str]] = []
-    for message in messages:
-        if isinstance(message, dict):
-            result.append({"role": str(message["role"]), "content": str(message["content"])})
-        else:
-            result.append({"role": str(message.role), "content": str(message.content)})
-    return result
