@@ -5,7 +5,7 @@ Input (rank 0 only; other ranks take their orders from rank 0 over the ring):
 ``{"type": "shutdown"}``. End of input means shutdown.
 
 Output (every rank): ``{"type": "status", ...}`` as the rank moves through
-connecting → loading → ready → running → ready ... → shut_down (or failed, with the error);
+loading → connecting → ready → running → ready ... → shut_down (or failed, with the error);
 rank 0 also writes ``{"type": "chunk", "chunk": {...}}`` for streamed text (the last chunk of a
 request has ``finish_reason``) and ``{"type": "request_failed", ...}`` for a request it
 rejected (e.g. a prompt longer than the context) while staying ready for the next.

@@ -181,6 +181,9 @@ class PipelineStepper:
         self.stage = stage
         self.group = group
         self._cache: KVCache = stage.new_cache()
+        self._interrupted = False
+        """A begin or step did not finish (an error, often a lost neighbour): the other
+        ranks are mid-step, and the ring may be broken."""
         _check_layer_chain(stage, group)
 
     @property
@@ -188,18 +191,28 @@ class PipelineStepper:
         return self.stage.hyperparameters.context_length
 
     def begin(self, sampling: SamplingParams) -> None:
+        self._interrupted = True
         self._cache = self.stage.new_cache()
         _send(encode_header(COMMAND_BEGIN, 0, sampling), 1, self.group)
+        self._interrupted = False
 
     def step(self, token_ids: Sequence[int]) -> int:
+        self._interrupted = True
         _send(encode_header(COMMAND_FORWARD, len(token_ids)), 1, self.group)
         hidden = self.stage.forward(mx.array([list(token_ids)], dtype=mx.int32), self._cache)
         mx.eval(hidden, self._cache.arrays())
         _send(hidden, 1, self.group)
-        token = _receive((1,), mx.int32, self.group.size() - 1, self.group)
-        return scalar_int(token)
+        token = scalar_int(_receive((1,), mx.int32, self.group.size() - 1, self.group))
+        self._interrupted = False
+        return token
 
     def shutdown(self) -> None:
+        """Tell the other ranks to stop. Skipped after an interrupted step: they are not
+        waiting for a header then, and a send on a broken ring can block for good (MLX 0.32);
+        they fail on their own once this process exits and its sockets close."""
+        if self._interrupted:
+            logger.warning("pipeline interrupted mid-step; not sending shutdown")
+            return
         _send(encode_header(COMMAND_SHUTDOWN), 1, self.group)
 
 

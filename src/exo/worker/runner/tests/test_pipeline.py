@@ -2,6 +2,8 @@
 same request run in one process."""
 
 import json
+import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,20 @@ from exo.worker.runner.engine import (
     LocalStepper,
     SamplingParams,
 )
-from exo.worker.runner.launch import LocalPipelineRun, run_local_pipeline
+from exo.worker.runner.launch import (
+    LocalPipelineRun,
+    free_loopback_ports,
+    rank_command,
+    rank_environment,
+    run_local_pipeline,
+)
+from exo.worker.runner.messages import (
+    ChunkOutput,
+    GenerateInput,
+    RequestFailedOutput,
+    StatusOutput,
+    parse_output,
+)
 from exo.worker.runner.pipeline import (
     decode_header,
     encode_header,
@@ -117,3 +132,50 @@ def test_layer_ranges_that_do_not_chain_fail_clearly() -> None:
     assert failed, run.stderr
     assert any("starts at layer 12" in (s.error or "") for s in failed)
     assert run.chunks == []
+
+
+def test_rank_zero_fails_instead_of_hanging_when_its_neighbour_dies(tmp_path: Path) -> None:
+    # MLX's ring backend reports a closed peer socket as an error, so rank 0 blocked on the
+    # last rank's token ends with a failed status rather than waiting forever.
+    hostfile = write_hostfile(
+        tmp_path / "hosts.json", [f"127.0.0.1:{port}" for port in free_loopback_ports(2)]
+    )
+    ranges = split_layers(30, 2)
+    processes = [
+        subprocess.Popen(
+            rank_command(rank, 2, hostfile, ranges[rank]),
+            env=rank_environment(rank, hostfile),
+            stdin=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    # Without the fix rank 0 blocks; never let that hang the test run.
+    watchdog = threading.Timer(60, lambda: [process.kill() for process in processes])
+    watchdog.start()
+    try:
+        rank_zero = processes[0]
+        assert rank_zero.stdin is not None and rank_zero.stdout is not None
+        long_request = GenerationRequest(
+            request_id="long", prompt="Once upon a time", max_tokens=4000
+        )
+        rank_zero.stdin.write(GenerateInput(request=long_request).model_dump_json() + "\n")
+        rank_zero.stdin.flush()
+        outputs: list[StatusOutput | ChunkOutput | RequestFailedOutput] = []
+        for line in rank_zero.stdout:
+            outputs.append(parse_output(line))
+            if isinstance(outputs[-1], ChunkOutput):
+                processes[1].kill()
+                break
+        outputs += [parse_output(line) for line in rank_zero.stdout if line.strip()]
+        assert rank_zero.wait(timeout=30) != 0
+        failed = [o for o in outputs if isinstance(o, StatusOutput) and o.status == "failed"]
+        assert failed and "lost" in (failed[0].error or ""), outputs
+    finally:
+        watchdog.cancel()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
