@@ -132,6 +132,20 @@ def test_single_node_answers_paris(tmp_path: Path) -> None:
         wait_until(cancelled, 10.0, "the abandoned task to be cancelled")
         assert ask(node, QUESTION).json()["choices"][0]["message"]["content"] == text
 
+        # The same for a non-streaming client that gives up.
+        impatient = chat_body("Write a long poem about the moon.", False, 401)
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(node.url + "/v1/chat/completions", json=impatient, timeout=3.0)
+
+        def impatient_cancelled() -> bool:
+            tasks = node.state()["tasks"].values()
+            return any(
+                task["params"]["max_tokens"] == 401 and task["status"] == "cancelled"
+                for task in tasks
+            )
+
+        wait_until(impatient_cancelled, 10.0, "the non-streaming task to be cancelled")
+
 
 def test_three_node_pipeline_matches_single_node(tmp_path: Path) -> None:
     with running_cluster(tmp_path / "single", 1) as (single,):

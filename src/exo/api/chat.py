@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -25,6 +25,7 @@ from exo.shared.types.events import ChunkGenerated, Event, IndexedEvent
 from exo.shared.types.ids import TaskId
 from exo.shared.types.tasks import ChatCompletionParams, ChatMessage
 
+CLIENT_CHECK_INTERVAL_S = 0.5
 NO_PROGRESS_TIMEOUT_S = 120.0
 """A request whose instance produces nothing for this long fails instead of hanging."""
 
@@ -101,7 +102,9 @@ def chat_routes(context: ApiContext) -> APIRouter:
         }
 
     @router.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(request: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+    async def chat_completions(
+        request: ChatCompletionRequest, http_request: Request
+    ) -> JSONResponse | StreamingResponse:
         # The master decides: no instance for the model (404), none ready (503), or a task.
         task_id = TaskId(str(uuid.uuid4()))
         events = context.store.subscribe()
@@ -123,13 +126,17 @@ def chat_routes(context: ApiContext) -> APIRouter:
         text: list[str] = []
         finish: str | None = None
         usage = (0, 0)
-        try:
-            async for chunk in chunks:
-                text.append(chunk.text)
-                usage = (chunk.prompt_tokens, chunk.completion_tokens)
-                finish = chunk.finish_reason
-        except TaskFailedError as error:
-            return openai_error(error.status, error.message, "service_unavailable")
+        async with anyio.create_task_group() as group:
+            group.start_soon(_cancel_when_client_leaves, context, http_request, task_id)
+            try:
+                async for chunk in chunks:
+                    text.append(chunk.text)
+                    usage = (chunk.prompt_tokens, chunk.completion_tokens)
+                    finish = chunk.finish_reason
+            except TaskFailedError as error:
+                return openai_error(error.status, error.message, "service_unavailable")
+            finally:
+                group.cancel_scope.cancel()
         return JSONResponse(
             {
                 "id": completion_id,
@@ -148,6 +155,17 @@ def chat_routes(context: ApiContext) -> APIRouter:
         )
 
     return router
+
+
+async def _cancel_when_client_leaves(
+    context: ApiContext, http_request: Request, task_id: TaskId
+) -> None:
+    """A non-streaming client that hangs up cancels its task (streaming ones do so when
+    their response generator is closed)."""
+    while not await http_request.is_disconnected():
+        await anyio.sleep(CLIENT_CHECK_INTERVAL_S)
+    with anyio.CancelScope(shield=True):
+        await context.send_command(CancelTask(task_id=task_id))
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
