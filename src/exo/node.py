@@ -152,7 +152,7 @@ async def run_node(config: NodeConfig) -> None:
     master.start()
     link_prober.start()
     election.start()
-    context = ApiContext(node_id, store, election, sender, router, topics)
+    context = ApiContext(cluster, sender)
     server = _ApiServer(
         uvicorn.Config(create_app(context), log_level="warning", lifespan="off", access_log=False)
     )

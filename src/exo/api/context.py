@@ -5,9 +5,8 @@ from dataclasses import dataclass
 import anyio
 from pydantic import ValidationError
 
+from exo.routing.context import ClusterContext
 from exo.routing.local_events import LocalEventSender
-from exo.routing.router import Router
-from exo.routing.topics import Topics
 from exo.shared.election import Election
 from exo.shared.event_store import EventStore
 from exo.shared.types.commands import Command, CommandAdapter, CommandResult
@@ -18,14 +17,24 @@ MASTER_WAIT_S = 3.0
 """A node that has just started waits this long for an election before answering 503."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ApiContext:
-    node_id: NodeId
-    store: EventStore
-    election: Election
+    """The node's shared context, and its worker's outbox (for events the API emits)."""
+
+    cluster: ClusterContext
     sender: LocalEventSender
-    router: Router
-    topics: Topics
+
+    @property
+    def node_id(self) -> NodeId:
+        return self.cluster.node_id
+
+    @property
+    def store(self) -> EventStore:
+        return self.cluster.store
+
+    @property
+    def election(self) -> Election:
+        return self.cluster.election
 
     async def send_command(self, command: Command) -> CommandResult:
         """Send a command to the master and wait until this node has applied its events."""
@@ -35,7 +44,9 @@ class ApiContext:
         if self.election.master_node_id is None:
             return CommandResult(ok=False, status_code=503, error="no master elected yet")
         payload = CommandAdapter.dump_json(command)
-        replies = await self.router.query(self.topics.commands, payload, COMMAND_TIMEOUT_S)
+        replies = await self.cluster.router.query(
+            self.cluster.topics.commands, payload, COMMAND_TIMEOUT_S
+        )
         for reply in replies:
             try:
                 result = CommandResult.model_validate_json(reply)
