@@ -39,6 +39,10 @@ from exo.shared.types.state import State
 
 V = TypeVar("V")
 
+FINISHED_TASK_STATUSES = frozenset({"complete", "failed", "cancelled"})
+FINISHED_TASKS_KEPT = 1000
+"""Finished tasks stay in the state for inspection; past this many, the oldest go."""
+
 
 class EventOutOfOrderError(ValueError):
     """An indexed event was applied to a state that is not exactly one index behind it."""
@@ -212,4 +216,8 @@ def apply_task_status_updated(state: State, event: TaskStatusUpdated) -> State:
     if task is None:
         return state
     updated = task.model_copy(update={"status": event.status, "error": event.error})
-    return state.model_copy(update={"tasks": {**state.tasks, event.task_id: updated}})
+    tasks = {**state.tasks, event.task_id: updated}
+    finished = [task_id for task_id, kept in tasks.items() if kept.status in FINISHED_TASK_STATUSES]
+    for task_id in finished[: max(0, len(finished) - FINISHED_TASKS_KEPT)]:
+        del tasks[task_id]
+    return state.model_copy(update={"tasks": tasks})

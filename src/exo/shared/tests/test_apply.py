@@ -14,11 +14,14 @@ from exo.shared.types.events import (
     NodeInfoReported,
     NodeMemoryUpdated,
     NodeTimedOut,
+    TaskCreated,
+    TaskStatusUpdated,
 )
 from exo.shared.types.gpu import DeviceGPUState, GPUDeviceInfo
-from exo.shared.types.ids import DeviceId, NodeId
+from exo.shared.types.ids import CommandId, DeviceId, InstanceId, NodeId, TaskId
 from exo.shared.types.node import NodeStaticInfo
 from exo.shared.types.state import State
+from exo.shared.types.tasks import ChatCompletionParams, ChatMessage, Task
 
 NODE_A = NodeId("node-a")
 NODE_B = NodeId("node-b")
@@ -151,3 +154,24 @@ def test_late_reports_from_a_timed_out_node_change_nothing() -> None:
         state = apply(state, IndexedEvent(idx=3 + offset, event=event))
     assert NODE_A not in state.gpu_device_state
     assert state.gpu_links == {}
+
+
+def test_only_the_most_recent_finished_tasks_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("exo.shared.apply.FINISHED_TASKS_KEPT", 2)
+    params = ChatCompletionParams(model="m", messages=[ChatMessage(role="user", content="hi")])
+    events: list[Event] = []
+    for index in range(4):
+        task = Task(
+            task_id=TaskId(f"t{index}"),
+            command_id=CommandId("c"),
+            instance_id=InstanceId("i"),
+            requested_by=NODE_A,
+            params=params,
+        )
+        events.append(TaskCreated(task=task))
+    events += [
+        TaskStatusUpdated(task_id=TaskId(f"t{index}"), status="complete") for index in range(3)
+    ]
+    state = apply_all(events)
+    assert sorted(state.tasks) == ["t1", "t2", "t3"]  # t0 finished first and went; t3 runs
+    assert state.tasks[TaskId("t3")].status == "pending"
