@@ -234,6 +234,7 @@ def test_bad_startup_arguments_exit_with_a_sentence(tmp_path: Path) -> None:
             ["--simulate-gpus", str(tmp_path / "missing.json")],
             ["--simulate-gpus", str(bad_devices)],
             ["--telemetry-interval", "0"],
+            ["--home", str(busy.home)],
         ]
         for extra in cases:
             args = [

@@ -1,6 +1,7 @@
 """One exo node: router, election, log sync, master, worker and API in one task group."""
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -8,6 +9,7 @@ import uuid
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import anyio
 import uvicorn
@@ -32,6 +34,9 @@ from exo.worker.link_probe import LinkProbeConfig, LinkProber
 from exo.worker.main import Worker, WorkerConfig
 
 NODE_ID_FILE = "node_id"
+LOCK_FILE = "lock"
+_home_locks: list[IO[bytes]] = []
+"""Open lock files of the homes this process holds (kept open until it exits)."""
 FSYNC_INTERVAL_S = 1.0
 
 
@@ -59,10 +64,25 @@ class NodeConfig:
     """MLX model directories to offer (one model per subdirectory, id = its name)."""
 
 
+def lock_home(home: Path) -> IO[bytes]:
+    """Hold an exclusive lock on the home for the life of the process: two nodes writing one
+    event log would corrupt it. The lock goes with the process, even after kill -9."""
+    handle = (home / LOCK_FILE).open("ab")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as error:
+        handle.close()
+        raise StartupError(
+            f"home directory {home} is in use by another exo node; give this one its own --home"
+        ) from error
+    return handle
+
+
 def prepare_home(home: Path) -> NodeId:
-    """Create the home directory if needed and load (or create) this node's id."""
+    """Create the home directory if needed, lock it, and load (or create) this node's id."""
     try:
         home.mkdir(parents=True, exist_ok=True)
+        _home_locks.append(lock_home(home))
         (home / "events").mkdir(exist_ok=True)
         id_file = home / NODE_ID_FILE
         if id_file.exists():
