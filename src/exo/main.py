@@ -16,6 +16,7 @@ from exo.routing.router import TransportError, validate_endpoint
 DEFAULT_API_PORT = 52415
 DEFAULT_LISTEN = "tcp/0.0.0.0:52414"
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,7 +178,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"exo: {error}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
-        pass
+        _interrupted_again()
+    except BaseExceptionGroup as group:
+        if group.subgroup(KeyboardInterrupt) is None:
+            raise
+        _interrupted_again()
+
+
+def _interrupted_again() -> None:
+    """The first SIGINT/SIGTERM shuts the node down in order; a second one during that
+    shutdown ends it at once, without a traceback (the log is flushed per event)."""
+    print("exo: interrupted again; stopped before the shutdown finished", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":
