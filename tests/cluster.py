@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,10 +17,20 @@ import httpx
 JsonDict = dict[str, Any]
 
 
+PORT_RANGE = (20000, 32000)
+"""Below Linux's ephemeral range (32768+), so outgoing connections never take our ports."""
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port in PORT_RANGE that is free right now."""
+    while True:
+        port = random.randrange(*PORT_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 class ExoNode:
@@ -72,7 +83,31 @@ class ExoNode:
         log.close()
 
     def wait_ready(self, timeout_s: float = 20.0) -> None:
-        wait_until(lambda: self.try_get("/node_id") is not None, timeout_s, f"{self.url} to answer")
+        """Wait for the API. A node that exited because a port was taken meanwhile is
+        started again on new ports; any other early exit fails with the node's log."""
+        for _ in range(3):
+            assert self.process is not None
+            try:
+                wait_until(
+                    lambda: self.try_get("/node_id") is not None or self.process_exited(),
+                    timeout_s,
+                    f"{self.url} to answer",
+                )
+            except AssertionError as error:
+                raise AssertionError(
+                    f"{error}\n--- node log ---\n{self.log_text()[-3000:]}"
+                ) from error
+            if not self.process_exited():
+                return
+            log = self.log_text()
+            if self.process.returncode != 2 or "in use" not in log.splitlines()[-1]:
+                raise AssertionError(f"node exited with {self.process.returncode}:\n{log[-3000:]}")
+            self.api_port, self.zenoh_port = free_port(), free_port()
+            self.start()
+        raise AssertionError(f"node could not find free ports:\n{self.log_text()[-3000:]}")
+
+    def process_exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
 
     def try_get(self, path: str) -> JsonDict | None:
         try:
