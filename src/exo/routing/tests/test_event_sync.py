@@ -69,6 +69,26 @@ async def stack(
         store.close()
 
 
+@asynccontextmanager
+async def leader_and_follower(tmp_path: Path) -> AsyncGenerator[tuple[Stack, Stack]]:
+    """A master-elect and a follower connected to it, once the master is active."""
+    port = free_port()
+    async with (
+        stack(tmp_path / "m", "master", 1, port, None) as leader,
+        stack(tmp_path / "f", "follower", 2, free_port(), port) as follower,
+    ):
+        await wait_for(lambda: leader.master.is_active)
+        yield leader, follower
+
+
+def assert_same_events(follower: Stack, leader: Stack, count: int) -> None:
+    """Both logs hold the same event at each of the first count indices."""
+    for idx in range(count):
+        ours, theirs = follower.store.event_at(idx), leader.store.event_at(idx)
+        assert ours is not None and theirs is not None
+        assert ours.event.event_id == theirs.event.event_id
+
+
 async def wait_for(predicate: "object", timeout_s: float = 5.0) -> None:
     assert callable(predicate)
     with anyio.fail_after(timeout_s):
@@ -81,12 +101,7 @@ def probe() -> ProbeEmitted:
 
 
 async def test_follower_fills_a_gap_from_the_master(tmp_path: Path) -> None:
-    port = free_port()
-    async with (
-        stack(tmp_path / "m", "master", 1, port, None) as leader,
-        stack(tmp_path / "f", "follower", 2, free_port(), port) as follower,
-    ):
-        await wait_for(lambda: leader.master.is_active)
+    async with leader_and_follower(tmp_path) as (leader, follower):
         await wait_for(lambda: follower.store.last_idx == leader.store.last_idx)
         # Index three events on the master without broadcasting them: the follower misses them.
         for _ in range(3):
@@ -95,19 +110,11 @@ async def test_follower_fills_a_gap_from_the_master(tmp_path: Path) -> None:
         # The next one is broadcast; the follower sees the gap and fetches the range.
         leader.master.index(probe())
         await wait_for(lambda: follower.store.last_idx == leader.store.last_idx)
-        for idx in range(missed_up_to + 2):
-            ours, theirs = follower.store.event_at(idx), leader.store.event_at(idx)
-            assert ours is not None and theirs is not None
-            assert ours.event.event_id == theirs.event.event_id
+        assert_same_events(follower, leader, missed_up_to + 2)
 
 
 async def test_duplicates_are_ignored_and_divergent_tail_is_repaired(tmp_path: Path) -> None:
-    port = free_port()
-    async with (
-        stack(tmp_path / "m", "master", 1, port, None) as leader,
-        stack(tmp_path / "f", "follower", 2, free_port(), port) as follower,
-    ):
-        await wait_for(lambda: leader.master.is_active)
+    async with leader_and_follower(tmp_path) as (leader, follower):
         for _ in range(3):
             leader.master.index(probe())
         await wait_for(lambda: follower.store.last_idx == leader.store.last_idx)
@@ -128,20 +135,12 @@ async def test_duplicates_are_ignored_and_divergent_tail_is_repaired(tmp_path: P
         assert foreign is not None
         held = follower.store.event_at(foreign.idx)
         assert held is not None and held.event.event_id != foreign.event.event_id
-        for idx in range(leader.store.last_idx + 1):
-            ours, theirs = follower.store.event_at(idx), leader.store.event_at(idx)
-            assert ours is not None and theirs is not None
-            assert ours.event.event_id == theirs.event.event_id
+        assert_same_events(follower, leader, leader.store.last_idx + 1)
 
 
 async def test_a_follower_ahead_of_the_master_keeps_its_log(tmp_path: Path) -> None:
     """A master still catching up (its log a prefix of ours) must not make us cut ours."""
-    port = free_port()
-    async with (
-        stack(tmp_path / "m", "master", 1, port, None) as leader,
-        stack(tmp_path / "f", "follower", 2, free_port(), port) as follower,
-    ):
-        await wait_for(lambda: leader.master.is_active)
+    async with leader_and_follower(tmp_path) as (leader, follower):
         await wait_for(lambda: follower.store.last_idx == leader.store.last_idx)
         for _ in range(3):
             follower.store.append(IndexedEvent(idx=follower.store.last_idx + 1, event=probe()))
