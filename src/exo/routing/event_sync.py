@@ -50,11 +50,6 @@ class EventSync:
         self._router.declare_queryable(self._topics.log(self._node_id), self._answer_log_query)
         self._election.on_master_change(self._on_master_change)
 
-    @property
-    def known_heads(self) -> dict[NodeId, int]:
-        live = self._election.live_node_ids
-        return {node: head for node, head in self._heads.items() if node in live}
-
     def _wake(self) -> None:
         self._wakeup.set()
 
