@@ -1,10 +1,45 @@
 """Fixtures shared by every test directory."""
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from loguru import logger
+
+
+@pytest.fixture(scope="session", autouse=True)
+def exo_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A home of the test session's own (``$EXO_HOME``), so imported models and logs never
+    land in the user's ``~/.exo``; runner processes the tests start inherit it."""
+    home = tmp_path_factory.mktemp("exo-home")
+    previous = os.environ.get("EXO_HOME")
+    os.environ["EXO_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("EXO_HOME", None)
+    else:
+        os.environ["EXO_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool], Path]:
+    """(family, quantised) -> an MLX model directory built from mlx-lm's own model class
+    with random weights (see ``exo.models.tests.tiny_models``)."""
+    from exo.models.tests.tiny_models import FAMILY_CONFIGS, build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {
+        (family, quantized): build_tiny_model(
+            root / f"{family}-{'q4' if quantized else 'dense'}",
+            family,
+            quantized=quantized,
+            seed=index,
+        )
+        for index, family in enumerate(FAMILY_CONFIGS)
+        for quantized in (False, True)
+    }
 
 
 @pytest.fixture

@@ -19,8 +19,9 @@ from exo.api.app import create_app
 from exo.api.context import ApiContext
 from exo.master.commands import handle_command
 from exo.master.main import Master
-from exo.models.cards import register_model_card
-from exo.models.mlx_directory import scan_models_dir
+from exo.models.cards import register_model_card, use_weights_cache
+from exo.models.directory import scan_models_dir
+from exo.models.weights_cache import weights_cache_in
 from exo.routing.context import ClusterContext
 from exo.routing.event_sync import EventSync
 from exo.routing.local_events import LocalEventSender
@@ -144,6 +145,7 @@ def register_models_dir(models_dir: Path) -> list[ModelCard]:
 
 async def run_node(config: NodeConfig) -> None:
     node_id = prepare_home(config.home)
+    use_weights_cache(weights_cache_in(config.home))
     if config.models_dir is not None:
         register_models_dir(config.models_dir)
     api_socket = bind_api_socket(config.api_host, config.api_port)

@@ -2,8 +2,9 @@
 
 Two kinds of card live here:
 
-* the bundled ``SmolLM2-135M-Instruct``, whose per-layer and non-layer bytes are measured
-  from the real GGUF file (lazily, once per process), and
+* the bundled ``SmolLM2-135M-Instruct``, measured from its import into the per-machine
+  weights cache (:mod:`exo.models.weights_cache`; imported on first use, then read from
+  the directory's headers like any MLX model directory), and
 * planning-only cards for the Llama 3.1 family, derived from the published configurations.
   Their weights are not shipped; the cards exist so that placement can be planned,
   benchmarked and explained for models far larger than the machine at hand.
@@ -18,13 +19,13 @@ Other components add cards (for example for local MLX model directories) with
 """
 
 from collections.abc import Iterable
-from functools import cache
 from pathlib import Path
 
-import mlx.core as mx
 from loguru import logger
 
 from exo.models.bundled import BUNDLED_MODEL_ID, BundledModelMissingError, bundled_gguf_path
+from exo.models.directory import card_from_directory
+from exo.models.weights_cache import default_weights_cache, ensure_imported
 from exo.shared.types.models import ModelCard
 
 PLANNING_BITS_PER_WEIGHT = 4.5
@@ -82,56 +83,13 @@ def llama_planning_card(
     )
 
 
-def _metadata_int(metadata: dict[str, object], key: str) -> int:
-    value = metadata.get(key)
-    if value is None:
-        raise ValueError(f"GGUF metadata lacks '{key}'")
-    if isinstance(value, mx.array):
-        scalar = value.item()
-        if isinstance(scalar, int | float):
-            return int(scalar)
-        raise ValueError(f"GGUF metadata '{key}' is not an integer: {scalar!r}")
-    if isinstance(value, int | float | str):
-        return int(value)
-    raise ValueError(f"GGUF metadata '{key}' is not a number: {value!r}")
-
-
-def card_from_gguf(model_id: str, path: Path) -> ModelCard:
-    """Measure a llama-architecture GGUF: bytes of ``blk.{i}.*`` tensors per layer (the
-    largest layer, so that every layer fits) versus everything else."""
-    loaded = mx.load(str(path), return_metadata=True)
-    arrays: dict[str, mx.array] = loaded[0]  # type: ignore[index]
-    metadata: dict[str, object] = loaded[1]  # type: ignore[index]
-    n_layers = _metadata_int(metadata, "llama.block_count")
-    per_layer = [0] * n_layers
-    non_layer_bytes = 0
-    for name, array in arrays.items():
-        parts = name.split(".")
-        if parts[0] == "blk" and len(parts) > 1 and parts[1].isdigit():
-            per_layer[int(parts[1])] += array.nbytes
-        else:
-            non_layer_bytes += array.nbytes
-    hidden_size = _metadata_int(metadata, "llama.embedding_length")
-    n_heads = _metadata_int(metadata, "llama.attention.head_count")
-    n_kv_heads = _metadata_int(metadata, "llama.attention.head_count_kv")
-    head_dim = hidden_size // n_heads
-    return ModelCard(
-        model_id=model_id,
-        n_layers=n_layers,
-        layer_bytes=max(per_layer),
-        non_layer_bytes=non_layer_bytes,
-        hidden_size=hidden_size,
-        kv_cache_bytes_per_token=kv_cache_bytes_per_token(n_layers, n_kv_heads, head_dim),
-        context_length=_metadata_int(metadata, "llama.context_length"),
-        source="bundled_gguf",
-        weights_path=str(path),
+def bundled_model_card(weights_cache: Path) -> ModelCard:
+    """The bundled SmolLM2-135M-Instruct card, from its import into ``weights_cache``."""
+    gguf = bundled_gguf_path()
+    directory = ensure_imported(gguf, weights_cache)
+    return card_from_directory(
+        directory, model_id=BUNDLED_MODEL_ID, source="bundled_gguf", weights_path=gguf
     )
-
-
-@cache
-def bundled_model_card() -> ModelCard:
-    """The bundled SmolLM2-135M-Instruct card, measured from its GGUF once per process."""
-    return card_from_gguf(BUNDLED_MODEL_ID, bundled_gguf_path())
 
 
 def _planning_cards() -> list[ModelCard]:
@@ -176,13 +134,31 @@ def _normalise(model_id: str) -> str:
 class ModelRegistry:
     """Cards by model id. The bundled card is measured on first use, not at construction."""
 
-    def __init__(self, extra_cards: Iterable[ModelCard] = (), *, include_bundled: bool = True):
+    def __init__(
+        self,
+        extra_cards: Iterable[ModelCard] = (),
+        *,
+        include_bundled: bool = True,
+        weights_cache: Path | None = None,
+    ):
         self._cards: dict[str, ModelCard] = {}
         self._include_bundled = include_bundled
+        self._weights_cache = weights_cache
+        self._bundled_card: ModelCard | None = None
         for card in _planning_cards():
             self.register(card)
         for card in extra_cards:
             self.register(card)
+
+    @property
+    def weights_cache(self) -> Path:
+        return self._weights_cache or default_weights_cache()
+
+    def use_weights_cache(self, directory: Path) -> None:
+        """Import the bundled model into ``directory`` (a node's ``home/weights``)."""
+        if directory != self._weights_cache:
+            self._weights_cache = directory
+            self._bundled_card = None
 
     def register(self, card: ModelCard) -> None:
         """Add or replace a card (a later card with the same id wins)."""
@@ -191,11 +167,13 @@ class ModelRegistry:
     def _bundled(self) -> ModelCard | None:
         if not self._include_bundled:
             return None
-        try:
-            return bundled_model_card()
-        except (BundledModelMissingError, ValueError) as error:
-            logger.warning(f"bundled model card unavailable: {error}")
-            return None
+        if self._bundled_card is None:
+            try:
+                self._bundled_card = bundled_model_card(self.weights_cache)
+            except (BundledModelMissingError, OSError, ValueError) as error:
+                logger.warning(f"bundled model card unavailable: {error}")
+                return None
+        return self._bundled_card
 
     def get(self, model_id: str) -> ModelCard | None:
         key = _normalise(model_id)
@@ -231,3 +209,13 @@ def get_model_card(model_id: str) -> ModelCard | None:
 def register_model_card(card: ModelCard) -> None:
     """Make ``card`` known to :func:`get_model_card` (e.g. for a local MLX model directory)."""
     _default_registry.register(card)
+
+
+def use_weights_cache(directory: Path) -> None:
+    """Where the default registry imports the bundled model (a node's ``home/weights``)."""
+    _default_registry.use_weights_cache(directory)
+
+
+def weights_cache() -> Path:
+    """The default registry's weights cache."""
+    return _default_registry.weights_cache

@@ -10,7 +10,6 @@ its unfinished tasks fail.
 
 import os
 import signal
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +21,20 @@ from loguru import logger
 from pydantic import ValidationError
 
 from exo.models.cards import get_model_card
+from exo.models.weights_cache import weights_cache_in
 from exo.shared.types.events import (
     ChunkGenerated,
     Event,
     RunnerStatusUpdated,
     TaskStatusUpdated,
 )
+from exo.shared.types.generation import GenerationRequest
 from exo.shared.types.ids import InstanceId, NodeId, RunnerId, TaskId
 from exo.shared.types.instances import Instance, Shard
 from exo.shared.types.runners import RunnerStatus
 from exo.shared.types.tasks import Task
 from exo.worker.plan import LocalRunner
-from exo.worker.runner.engine import GenerationRequest
+from exo.worker.runner.arguments import RunnerArguments
 from exo.worker.runner.messages import (
     CancelInput,
     ChunkOutput,
@@ -84,26 +85,11 @@ def runner_environment(shard: Shard) -> dict[str, str]:
     return env
 
 
-def runner_command(
+def runner_arguments(
     instance: Instance, shard: Shard, hostfile: Path | None, weights_cache: Path
-) -> list[str]:
-    command = [
-        sys.executable,
-        "-m",
-        "exo.worker.runner.process",
-        "--rank",
-        str(shard.rank),
-        "--world-size",
-        str(shard.world_size),
-        "--layer-start",
-        str(shard.start_layer),
-        "--layer-end",
-        str(shard.end_layer),
-        "--weights-cache",
-        str(weights_cache),
-    ]
-    if hostfile is not None:
-        command += ["--hostfile", str(hostfile)]
+) -> RunnerArguments:
+    """The runner command line for ``shard``; raises ``FileNotFoundError`` when this node
+    has no weights for the instance's model."""
     card = get_model_card(instance.model_id)
     if card is None:
         # Without its card this node cannot know the weights (the model directory must be
@@ -115,16 +101,22 @@ def runner_command(
         raise FileNotFoundError(
             f"no weights for '{instance.model_id}' on this node: its card is for planning only"
         )
-    if card.source == "mlx_directory" and card.weights_path:
-        command += ["--model", card.weights_path]
-    return command
+    return RunnerArguments(
+        rank=shard.rank,
+        world_size=shard.world_size,
+        hostfile=hostfile,
+        layer_start=shard.start_layer,
+        layer_end=shard.end_layer,
+        model=Path(card.weights_path) if card.weights_path else None,
+        weights_cache=weights_cache,
+    )
 
 
 class RunnerSupervisor:
     def __init__(self, node_id: NodeId, home: Path, emit: Emit) -> None:
         self._node_id = node_id
         self._directory = home / "runners"
-        self._weights_cache = home / "weights"
+        self._weights_cache = weights_cache_in(home)
         self._emit = emit
         self._runners: dict[RunnerId, RunnerHandle] = {}
         self.changed = anyio.Event()
@@ -168,7 +160,7 @@ class RunnerSupervisor:
         log = handle.log_path.open("ab")
         try:
             handle.process = await anyio.open_process(
-                runner_command(instance, shard, hostfile, self._weights_cache),
+                runner_arguments(instance, shard, hostfile, self._weights_cache).command(),
                 stdin=-1,
                 stdout=-1,
                 stderr=log,

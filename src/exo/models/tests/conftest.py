@@ -1,23 +1,35 @@
-"""Fixtures: the bundled GGUF loaded once per session (whole model and its tokenizer)."""
+"""Fixtures: the bundled model imported once per session (tiny models: the root conftest)."""
+
+import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from exo.models.bundled import bundled_gguf_path
-from exo.models.gguf import StageWeights, load_stage
-from exo.models.llama import LlamaStage
-from exo.models.tokenizer import GGUFTokenizer
+from exo.models.stage import ModelStage, load_stage
+from exo.models.tokenizer import ModelTokenizer, load_model_tokenizer
+from exo.models.weights_cache import default_weights_cache, ensure_imported
+
+GOLDEN_FILE = Path(__file__).parent / "data" / "bundled_golden_tokens.json"
 
 
 @pytest.fixture(scope="session")
-def full_weights() -> StageWeights:
-    return load_stage(bundled_gguf_path())
+def bundled_directory() -> Path:
+    return ensure_imported(bundled_gguf_path(), default_weights_cache())
 
 
 @pytest.fixture(scope="session")
-def tokenizer(full_weights: StageWeights) -> GGUFTokenizer:
-    return GGUFTokenizer(full_weights.metadata)
+def bundled_stage(bundled_directory: Path) -> ModelStage:
+    return load_stage(bundled_directory)
 
 
 @pytest.fixture(scope="session")
-def full_model(full_weights: StageWeights) -> LlamaStage:
-    return LlamaStage(full_weights)
+def bundled_tokenizer(bundled_directory: Path) -> ModelTokenizer:
+    return load_model_tokenizer(bundled_directory)
+
+
+@pytest.fixture(scope="session")
+def golden_requests() -> list[dict[str, Any]]:
+    """Today's engine's greedy tokens on three prompts, recorded before the move to mlx-lm."""
+    return json.loads(GOLDEN_FILE.read_text())["requests"]

@@ -1,126 +1,88 @@
-"""The GGUF byte-level BPE tokenizer, chat template and streaming decoder."""
+"""The bundled model's tokenizer through mlx-lm: encoding, chat template, stop tokens and
+streaming text that never splits a character."""
+
+import json
+from pathlib import Path
 
 import pytest
 
-from exo.models.tokenizer import (
-    ChatTemplate,
-    ChatTemplateError,
-    GGUFTokenizer,
-    byte_to_unicode_table,
-)
+from exo.models.tokenizer import ChatTemplateError, ModelTokenizer, load_model_tokenizer
 
 SAMPLES = [
     "Hello world!",
-    "  leading spaces, trailing spaces   ",
     "The year 2024 costs $12.50 (approx.)",
     "naïve café, Straße, 日本語のテキスト, emoji 😀👍🏽",
-    "line one\nline two\n\n\ttabbed\r\n",
-    "I'm sure they'll say we've done it",
+    "line one\nline two\n\n\ttabbed",
     "def f(x):\n    return x ** 2  # comment",
 ]
 
 
-def test_byte_alphabet_is_a_bijection_over_all_bytes() -> None:
-    table = byte_to_unicode_table()
-    assert sorted(table) == list(range(256))
-    assert len(set(table.values())) == 256
-    assert table[ord("A")] == "A"
-    assert table[ord(" ")] == "Ġ"
-    assert table[ord("\n")] == "Ċ"
-
-
 @pytest.mark.parametrize("text", SAMPLES)
-def test_round_trip(tokenizer: GGUFTokenizer, text: str) -> None:
-    ids = tokenizer.encode(text)
+def test_round_trip(bundled_tokenizer: ModelTokenizer, text: str) -> None:
+    ids = bundled_tokenizer.encode(text)
     assert ids
-    assert tokenizer.decode(ids) == text
-    # Our byte table and the tokenizers library's ByteLevel decoder agree.
-    assert tokenizer._tokenizer.decode(ids, skip_special_tokens=False) == text
+    assert bundled_tokenizer.decode(ids) == text
 
 
-def test_known_encoding(tokenizer: GGUFTokenizer) -> None:
-    assert tokenizer.encode("Hello world!") == [19556, 905, 17]
-
-
-def test_digits_are_split_one_by_one(tokenizer: GGUFTokenizer) -> None:
+def test_known_encodings(bundled_tokenizer: ModelTokenizer) -> None:
+    assert bundled_tokenizer.encode("Hello world!") == [19556, 905, 17]
     # llama.cpp's "smollm" pre-tokenizer isolates each digit before GPT-2's regex.
-    ids = tokenizer.encode("12345")
-    assert [tokenizer.token(i) for i in ids] == ["1", "2", "3", "4", "5"]
+    assert len(bundled_tokenizer.encode("12345")) == 5
 
 
-def test_metadata_ids(tokenizer: GGUFTokenizer) -> None:
-    assert tokenizer.vocab_size == 49152
-    assert tokenizer.token(tokenizer.eos_token_id) == "<|im_end|>"
-    assert tokenizer.bos_token_id is not None
-    assert tokenizer.token(tokenizer.bos_token_id) == "<|im_start|>"
-    assert not tokenizer.add_bos_token
-    assert tokenizer.stop_token_ids == {
-        tokenizer.token_id("<|im_end|>"),
-        tokenizer.token_id("<|endoftext|>"),
-    }
+def test_stop_tokens(bundled_tokenizer: ModelTokenizer) -> None:
+    assert bundled_tokenizer.stop_token_ids == {0, 2}  # <|endoftext|>, <|im_end|>
 
 
-def test_chat_template_renders_and_special_tokens_are_single_ids(
-    tokenizer: GGUFTokenizer,
-) -> None:
+def test_chat_template(bundled_tokenizer: ModelTokenizer) -> None:
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = bundled_tokenizer.encode_chat(messages)
+    text = bundled_tokenizer._wrapper.decode(ids)  # pyright: ignore[reportPrivateUsage]
     assert text == (
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
         "Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    ids = tokenizer.encode(text)
-    start = tokenizer.token_id("<|im_start|>")
-    end = tokenizer.token_id("<|im_end|>")
-    assert (start, end) == (1, 2)
-    assert start is not None and end is not None
-    assert ids.count(start) == 3
-    assert ids.count(end) == 2
-    assert ids[0] == start
-    assert tokenizer.decode(ids) == text
-    # Without the generation prompt the assistant header is absent.
-    bare = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-    assert not bare.endswith("<|im_start|>assistant\n")
-
-
-def test_chat_template_keeps_a_given_system_message(tokenizer: GGUFTokenizer) -> None:
-    text = tokenizer.apply_chat_template(
+    assert ids.count(1) == 3 and ids.count(2) == 2  # specials are single ids
+    given = bundled_tokenizer.encode_chat(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     )
-    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
-    assert "SmolLM" not in text
+    assert "SmolLM" not in bundled_tokenizer.decode(given)
 
 
-def test_streaming_decoder_never_splits_a_character(tokenizer: GGUFTokenizer) -> None:
+def test_streaming_text_never_splits_a_character(bundled_tokenizer: ModelTokenizer) -> None:
     text = "😀 日本語 👍🏽 ok"
-    ids = tokenizer.encode(text)
-    # The emoji needs more than one token: a naive per-token decode would break it.
-    assert len(ids) > len(text.split())
-    decoder = tokenizer.streaming_decoder()
-    pieces = [decoder.add(token) for token in ids]
-    pieces.append(decoder.flush())
+    ids = bundled_tokenizer.encode(text)
+    assert len(ids) > len(text.split())  # the emoji take more than one token each
+    detokenizer = bundled_tokenizer.detokenizer()
+    pieces: list[str] = []
+    for token in ids:
+        detokenizer.add_token(token)
+        pieces.append(detokenizer.last_segment)
+    detokenizer.finalize()
+    pieces.append(detokenizer.last_segment)
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
     assert "" in pieces  # at least one token completed no character on its own
 
 
-def test_streaming_decoder_skips_special_tokens(tokenizer: GGUFTokenizer) -> None:
-    decoder = tokenizer.streaming_decoder(skip_special_tokens=True)
-    ids = tokenizer.encode("<|im_start|>assistant\nHi<|im_end|>")
-    assert "".join(decoder.add(token) for token in ids) == "assistant\nHi"
-
-
-def test_a_template_refusing_the_messages_is_a_value_error() -> None:
-    # Runners turn ValueError into a failed request; any other error would end the runner.
-    template = ChatTemplate(
-        source="{% if messages[0]['role'] != 'user' %}"
+def test_a_template_refusing_the_messages_is_a_value_error(
+    tmp_path: Path, tiny_models: dict[tuple[str, bool], Path]
+) -> None:
+    for file in tiny_models[("llama", False)].iterdir():
+        if file.name != "tokenizer_config.json":
+            (tmp_path / file.name).symlink_to(file)
+    refusing = (
+        "{% if messages[0]['role'] != 'user' %}"
         "{{ raise_exception('Conversation must start with a user message') }}{% endif %}"
-        "{{ messages[0]['content'] }}",
-        bos_token="",
-        eos_token="",
+        "{{ messages[0]['content'] }}"
     )
-    assert template.render([{"role": "user", "content": "hi"}]) == "hi"
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": refusing})
+    )
+    tokenizer = load_model_tokenizer(tmp_path)
+    assert tokenizer.encode_chat([{"role": "user", "content": "hi"}]) == tokenizer.encode("hi")
+    # Runners turn ValueError into a failed request; any other error would end the runner.
     with pytest.raises(ChatTemplateError, match="must start with a user message"):
-        template.render([{"role": "assistant", "content": "hi"}])
+        tokenizer.encode_chat([{"role": "assistant", "content": "hi"}])
     assert issubclass(ChatTemplateError, ValueError)

@@ -11,6 +11,8 @@ class ModelCard(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     model_id: str
+    family: str | None = None
+    """The mlx-lm module that builds the model (``llama`` for Mistral), when it has weights."""
     n_layers: int = Field(gt=0)
     layer_bytes: int = Field(gt=0, description="Bytes of weights in one transformer layer.")
     non_layer_bytes: int = Field(

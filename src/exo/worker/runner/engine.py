@@ -1,136 +1,94 @@
-"""Text generation: prefill, decode, sampling and stop conditions.
+"""Text generation: stop conditions, streaming text and cancellation around a token stream.
 
-The engine drives a :class:`TokenStepper`, which feeds tokens through the model (one process
-holding every layer, or rank 0 of a pipeline) and returns the next sampled token. The engine
-itself only handles text: it prefills the whole prompt in one step, then decodes one token at
-a time, turns tokens into whole-character text, holds back text that could still become a
-stop string, and stops on a stop token, ``max_tokens``, a stop string (which is not emitted),
-or a cancellation checked between tokens.
+The engine drives a :class:`TokenStepper`, which turns a prompt into a stream of sampled
+tokens: :class:`LocalStepper` runs mlx-lm's own ``generate_step`` over a stage holding every
+layer (prefill in chunks, then one token per step with the next step already scheduled
+while the current token is handed out), and the pipeline's rank 0 runs
+:class:`~exo.worker.runner.pipeline.PipelineStepper`. The engine itself only handles text:
+it turns tokens into whole-character text with the tokenizer's streaming detokenizer, holds
+back text that could still become a stop string, and stops on a stop token,
+``max_tokens``, a stop string (which is not emitted), or a cancellation checked between
+tokens.
 """
 
 import secrets
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal, Protocol
+from typing import Protocol
 
 import mlx.core as mx
-import numpy as np
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_sampler
 
-from exo.models.gguf import scalar_int
-from exo.models.llama import KVCache, LlamaStage
-from exo.models.tokenizer import GGUFTokenizer
+from exo.models.stage import ModelStage
+from exo.models.tokenizer import ModelTokenizer
+from exo.shared.types.generation import (
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingParams,
+)
 
-FinishReason = Literal["stop", "length", "cancelled"]
-
-
-class SamplingParams(BaseModel):
-    """How the next token is chosen. ``temperature == 0`` is greedy (argmax)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    temperature: float = Field(default=0.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
+TokenSampler = Callable[[mx.array], mx.array]
+"""Log-probabilities of the last position -> the sampled token id (mlx-lm's sampler)."""
 
 
-class GenerationRequest(BaseModel):
-    """One completion: a chat (rendered with the model's template) or a raw prompt."""
-
-    model_config = ConfigDict(frozen=True)
-
-    request_id: str = "request"
-    messages: list[dict[str, str]] | None = None
-    prompt: str | None = None
-    max_tokens: int = Field(default=256, ge=1)
-    temperature: float = Field(default=0.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+def token_sampler(sampling: SamplingParams) -> TokenSampler:
+    """mlx-lm's sampler for ``sampling``: argmax at temperature 0, else softmax(logits / T)
+    cut to the ``top_p`` nucleus. A seed reseeds MLX's generator, so the same seed draws
+    the same tokens wherever the logits are (one process, or a pipeline's last rank)."""
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed % 2**64)
+    top_p = sampling.top_p if sampling.top_p < 1.0 else 0.0
+    return make_sampler(temp=sampling.temperature, top_p=top_p)
 
 
-class GenerationChunk(BaseModel):
-    """A piece of streamed output. The last chunk of a request has ``finish_reason`` set."""
-
-    model_config = ConfigDict(frozen=True)
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: FinishReason | None = None
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class Sampler:
-    """Greedy at temperature 0; otherwise softmax(logits / T), nucleus-truncated to the
-    smallest set of tokens whose probability reaches ``top_p``, drawn with a seeded RNG."""
-
-    def __init__(self, params: SamplingParams) -> None:
-        self.params = params
-        self._rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)
-
-    def __call__(self, logits: mx.array) -> int:
-        """``logits``: the last position's scores, any shape ending in ``vocab``."""
-        last = logits.reshape(-1, logits.shape[-1])[-1]
-        if self.params.temperature == 0:
-            return scalar_int(mx.argmax(last))
-        scores = np.asarray(last.astype(mx.float32), dtype=np.float64) / self.params.temperature
-        scores -= scores.max()
-        probabilities = np.exp(scores)
-        probabilities /= probabilities.sum()
-        if self.params.top_p < 1.0:
-            order = np.argsort(-probabilities, kind="stable")
-            sorted_probabilities = probabilities[order]
-            mass_before = np.cumsum(sorted_probabilities) - sorted_probabilities
-            keep = order[mass_before < self.params.top_p]
-            kept = probabilities[keep]
-            return int(keep[self._rng.choice(len(keep), p=kept / kept.sum())])
-        return int(self._rng.choice(len(probabilities), p=probabilities))
+def sample_last_position(logits: mx.array, sampler: TokenSampler) -> mx.array:
+    """The token sampled from the last position's logits (as mlx-lm's ``generate_step``)."""
+    last = logits[:, -1, :]
+    return sampler(last - mx.logsumexp(last, keepdims=True))
 
 
 class TokenStepper(Protocol):
-    """Feeds tokens through the model and returns the next token (sampled where the logits
-    are: in this process, or on the pipeline's last rank)."""
+    """Turns a prompt into sampled tokens (sampled where the logits are)."""
 
     @property
     def context_length(self) -> int: ...
 
-    def begin(self, sampling: SamplingParams) -> None:
-        """Start a sequence: empty KV caches, a fresh sampler."""
-        ...
-
-    def step(self, token_ids: Sequence[int]) -> int:
-        """Append ``token_ids`` to the sequence; return the sampled next token."""
+    def generate(
+        self, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int
+    ) -> Iterator[int]:
+        """Tokens following ``prompt``, at most ``max_tokens``; closing the iterator early
+        (a stop, a cancellation) leaves the stepper ready for the next prompt."""
         ...
 
 
 class LocalStepper:
-    """Every layer in this process."""
+    """Every layer in this process, driven by mlx-lm's ``generate_step``."""
 
-    def __init__(self, model: LlamaStage) -> None:
-        if not (model.is_first and model.is_last):
+    def __init__(self, stage: ModelStage, stream: mx.Stream | None = None) -> None:
+        if not (stage.is_first and stage.is_last):
             raise ValueError("a local stepper needs the whole model (first and last stage)")
-        self.model = model
-        self._cache: KVCache = model.new_cache()
-        self._sampler = Sampler(SamplingParams())
+        self.stage = stage
+        self.stream = stream if stream is not None else mx.new_stream(mx.default_device())
 
     @property
     def context_length(self) -> int:
-        return self.model.hyperparameters.context_length
+        return self.stage.context_length
 
-    def begin(self, sampling: SamplingParams) -> None:
-        self._cache = self.model.new_cache()
-        self._sampler = Sampler(sampling)
-
-    def step(self, token_ids: Sequence[int]) -> int:
-        logits = self.model.forward(mx.array([list(token_ids)], dtype=mx.int32), self._cache)
-        mx.eval(logits, self._cache.arrays())
-        return self._sampler(logits)
+    def generate(
+        self, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int
+    ) -> Iterator[int]:
+        steps = generate_step(
+            mx.array(list(prompt)),
+            self.stage,  # pyright: ignore[reportArgumentType]  (called like an mlx-lm model)
+            self.stream,
+            max_tokens=max_tokens,
+            sampler=token_sampler(sampling),
+            prompt_cache=self.stage.make_cache(),
+        )
+        for token, _ in steps:
+            yield int(token)
 
 
 def _held_back_length(text: str, stops: Sequence[str]) -> int:
@@ -147,7 +105,7 @@ def _held_back_length(text: str, stops: Sequence[str]) -> int:
 class Engine:
     """Generates text for requests with a tokenizer and a :class:`TokenStepper`."""
 
-    def __init__(self, tokenizer: GGUFTokenizer, stepper: TokenStepper) -> None:
+    def __init__(self, tokenizer: ModelTokenizer, stepper: TokenStepper) -> None:
         self.tokenizer = tokenizer
         self.stepper = stepper
 
@@ -166,7 +124,8 @@ class Engine:
         """Stream chunks for ``request``; the last one carries the finish reason and counts.
 
         ``should_cancel`` is called between tokens; when it returns True, generation ends
-        with finish reason ``"cancelled"``.
+        with finish reason ``"cancelled"``. Bad requests (an empty or too long prompt, a
+        chat template that refuses the messages) raise ``ValueError`` before any token.
         """
         prompt = self.prompt_ids(request)
         if not prompt:
@@ -182,7 +141,7 @@ class Engine:
         if sampling.temperature > 0 and sampling.seed is None:
             sampling = sampling.model_copy(update={"seed": secrets.randbits(31)})
 
-        decoder = self.tokenizer.streaming_decoder(skip_special_tokens=True)
+        detokenizer = self.tokenizer.detokenizer()
         pending = ""
         pending_ids: list[int] = []
         completion_tokens = 0
@@ -199,35 +158,44 @@ class Engine:
             pending_ids.clear()
             return result
 
+        def rest() -> str:
+            detokenizer.finalize()
+            return detokenizer.last_segment
+
         if should_cancel is not None and should_cancel():
             yield chunk("", "cancelled")
             return
-        self.stepper.begin(sampling)
         logger.debug("prefill {} tokens for {}", len(prompt), request.request_id)
-        token = self.stepper.step(prompt)
-        while True:
-            completion_tokens += 1
-            pending_ids.append(token)
-            if token in self.tokenizer.stop_token_ids:
-                yield chunk(pending + decoder.flush(), "stop")
-                return
-            pending += decoder.add(token)
-            if stops:
-                found = [index for index in (pending.find(stop) for stop in stops) if index >= 0]
-                if found:
-                    yield chunk(pending[: min(found)], "stop")
+        tokens = self.stepper.generate(prompt, sampling, max_tokens)
+        try:
+            for token in tokens:
+                completion_tokens += 1
+                pending_ids.append(token)
+                if token in self.tokenizer.stop_token_ids:
+                    yield chunk(pending + rest(), "stop")
                     return
-            if completion_tokens >= max_tokens:
-                yield chunk(pending + decoder.flush(), "length")
-                return
-            if should_cancel is not None and should_cancel():
-                yield chunk(pending, "cancelled")
-                return
-            held = _held_back_length(pending, stops) if stops else 0
-            ready, pending = pending[: len(pending) - held], pending[len(pending) - held :]
-            if ready:
-                yield chunk(ready)
-            token = self.stepper.step([token])
+                detokenizer.add_token(token)
+                pending += detokenizer.last_segment
+                if stops:
+                    found = [i for i in (pending.find(stop) for stop in stops) if i >= 0]
+                    if found:
+                        yield chunk(pending[: min(found)], "stop")
+                        return
+                if completion_tokens >= max_tokens:
+                    yield chunk(pending + rest(), "length")
+                    return
+                if should_cancel is not None and should_cancel():
+                    yield chunk(pending, "cancelled")
+                    return
+                held = _held_back_length(pending, stops) if stops else 0
+                ready, pending = pending[: len(pending) - held], pending[len(pending) - held :]
+                if ready:
+                    yield chunk(ready)
+            yield chunk(pending + rest(), "length")
+        finally:
+            close = getattr(tokens, "close", None)
+            if close is not None:
+                close()
 
     def complete(
         self, request: GenerationRequest, should_cancel: Callable[[], bool] | None = None

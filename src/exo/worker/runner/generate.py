@@ -12,17 +12,19 @@ from pathlib import Path
 
 from loguru import logger
 
-from exo.models.llama import LlamaStage
-from exo.models.loader import load_stage_for, load_tokenizer_for
-from exo.worker.runner.engine import Engine, GenerationChunk, GenerationRequest, LocalStepper
+from exo.models.locate import model_directory
+from exo.models.stage import load_stage
+from exo.models.tokenizer import load_model_tokenizer
+from exo.models.weights_cache import default_weights_cache
+from exo.shared.types.generation import GenerationChunk, GenerationRequest
+from exo.worker.runner.engine import Engine, LocalStepper
 from exo.worker.runner.launch import LocalPipelineRun, stream_local_pipeline
 
 
 def load_local_engine(model_path: Path | None = None) -> Engine:
     """The whole model in this process, ready to generate."""
-    weights = load_stage_for(model_path)
-    tokenizer = load_tokenizer_for(model_path, weights)
-    return Engine(tokenizer, LocalStepper(LlamaStage(weights)))
+    directory = model_directory(model_path, default_weights_cache())
+    return Engine(load_model_tokenizer(directory), LocalStepper(load_stage(directory)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,15 +8,17 @@ as it streams.
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exo.models.loader import block_count_for
-from exo.worker.runner.engine import GenerationChunk, GenerationRequest
+from exo.models.config import ModelConfig
+from exo.models.locate import model_directory
+from exo.models.weights_cache import default_weights_cache
+from exo.shared.types.generation import GenerationChunk, GenerationRequest
+from exo.worker.runner.arguments import RunnerArguments
 from exo.worker.runner.messages import (
     ChunkOutput,
     RequestFailedOutput,
@@ -24,8 +26,6 @@ from exo.worker.runner.messages import (
     parse_output,
 )
 from exo.worker.runner.pipeline import HOSTFILE_ENV, RANK_ENV, split_layers, write_hostfile
-
-PROCESS_MODULE = "exo.worker.runner.process"
 
 
 def free_loopback_ports(count: int) -> list[int]:
@@ -50,26 +50,21 @@ def rank_command(
     model_path: Path | None = None,
     request: GenerationRequest | None = None,
 ) -> list[str]:
-    command = [
-        sys.executable,
-        "-m",
-        PROCESS_MODULE,
-        "--rank",
-        str(rank),
-        "--world-size",
-        str(world_size),
-        "--hostfile",
-        str(hostfile),
-        "--layer-start",
-        str(layer_range[0]),
-        "--layer-end",
-        str(layer_range[1]),
-    ]
-    if model_path is not None:
-        command += ["--model", str(model_path)]
-    if request is not None:
-        command += ["--request-json", request.model_dump_json()]
-    return command
+    return RunnerArguments(
+        rank=rank,
+        world_size=world_size,
+        hostfile=hostfile,
+        layer_start=layer_range[0],
+        layer_end=layer_range[1],
+        model=model_path,
+        request=request,
+    ).command()
+
+
+def block_count_for(model_path: Path | None) -> int:
+    """How many layers the model has (imports a GGUF into the weights cache first)."""
+    config, _ = ModelConfig.read(model_directory(model_path, default_weights_cache()))
+    return config.num_hidden_layers
 
 
 def rank_environment(rank: int, hostfile: Path) -> dict[str, str]:

@@ -15,8 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from exo.shared.types.generation import GenerationChunk, GenerationRequest
 from exo.shared.types.runners import RunnerStatus
-from exo.worker.runner.engine import GenerationChunk, GenerationRequest
 
 
 class GenerateInput(BaseModel):

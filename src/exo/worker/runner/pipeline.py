@@ -1,8 +1,9 @@
 """Pipeline-parallel generation across processes over MLX's ring backend.
 
-Every rank is one process holding a contiguous layer range (rank 0 the first layers and the
-embedding, the last rank the last layers, the final norm and the head). The ranks join one
-group with ``mx.distributed.init(backend="ring", strict=True)``, which reads:
+Every rank is one process holding a contiguous layer range (:class:`ModelStage`: rank 0 the
+first layers and the embedding, the last rank the last layers, the final norm and the head).
+The ranks join one group with ``mx.distributed.init(backend="ring", strict=True)``, which
+reads:
 
 * ``MLX_RANK``: this process's rank;
 * ``MLX_HOSTFILE``: the path of a JSON file listing, per rank, the ``"ip:port"`` addresses
@@ -11,17 +12,21 @@ group with ``mx.distributed.init(backend="ring", strict=True)``, which reads:
 
 Only neighbour links are used. Rank 0 runs the :class:`~exo.worker.runner.engine.Engine`
 (tokenizer, stop conditions, streaming) with a :class:`PipelineStepper`; every other rank
-runs :func:`serve_stage`. Per step, a control header then the activations travel
-0 -> 1 -> ... -> last; the last rank samples the next token and sends it to rank 0, which
-feeds it back in as the next step's input. Each rank's KV cache therefore advances by the
-same positions on every step; a BEGIN header empties every cache and reseeds the sampler.
+runs :func:`serve_stage`. A request goes as mlx-lm's ``generate_step`` does it in one
+process, so a pipeline produces exactly the single process's tokens: BEGIN (every rank
+empties its caches, the last rank makes the sampler), the prompt but its last token in
+PREFILL chunks of :data:`PREFILL_STEP` tokens, then one FORWARD per generated token. Per
+step a header then the hidden state travel 0 -> 1 -> ... -> last; after a FORWARD the last
+rank samples the next token and sends it to rank 0 (its ring neighbour), which feeds it in
+as the next step's input.
 
-Header (8 x uint32): command, length, seed (u64), temperature (f64), top_p (f64).
+Header (:data:`HEADER_WORDS` uint32): command, length, activation dtype, hidden size, seed
+(u64), temperature (f64), top_p (f64).
 """
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -29,17 +34,22 @@ import mlx.core as mx
 import numpy as np
 from loguru import logger
 
-from exo.models.gguf import scalar_int
-from exo.models.llama import ACTIVATION_DTYPE, KVCache, LlamaStage
-from exo.worker.runner.engine import Sampler, SamplingParams
+from exo.models.stage import ModelStage
+from exo.shared.types.generation import SamplingParams
+from exo.worker.runner.engine import TokenSampler, sample_last_position, token_sampler
 
 HOSTFILE_ENV = "MLX_HOSTFILE"
 RANK_ENV = "MLX_RANK"
 
 COMMAND_BEGIN = 1
-COMMAND_FORWARD = 2
-COMMAND_SHUTDOWN = 3
-HEADER_WORDS = 8
+COMMAND_PREFILL = 2
+COMMAND_FORWARD = 3
+COMMAND_SHUTDOWN = 4
+HEADER_WORDS = 10
+PREFILL_STEP = 2048
+"""Prompt tokens per prefill chunk (mlx-lm's ``generate_step`` default)."""
+
+_DTYPES: tuple[mx.Dtype, ...] = (mx.float32, mx.float16, mx.bfloat16)
 
 
 class PipelineError(RuntimeError):
@@ -114,48 +124,68 @@ def _receive(
     return received
 
 
-def encode_header(
-    command: int, length: int = 0, sampling: SamplingParams | None = None
-) -> mx.array:
-    seed = (sampling.seed or 0) % 2**64 if sampling else 0
-    temperature = sampling.temperature if sampling else 0.0
-    top_p = sampling.top_p if sampling else 1.0
-    words = np.concatenate(
-        [
-            np.array([command, length], dtype=np.uint32),
-            np.array([seed], dtype=np.uint64).view(np.uint32),
-            np.array([temperature, top_p], dtype=np.float64).view(np.uint32),
-        ]
-    )
-    return mx.array(words)
+def _scalar(array: mx.array) -> int:
+    return int(cast(int, array.item()))
 
 
-def decode_header(header: mx.array) -> tuple[int, int, SamplingParams]:
-    words = np.array(header, dtype=np.uint32)
-    seed = int(words[2:4].view(np.uint64)[0])
-    temperature, top_p = (float(v) for v in words[4:8].view(np.float64))
-    return (
-        int(words[0]),
-        int(words[1]),
-        SamplingParams(temperature=temperature, top_p=top_p, seed=seed),
-    )
+class Header:
+    """One step's control words."""
+
+    def __init__(
+        self,
+        command: int,
+        length: int = 0,
+        dtype: mx.Dtype = mx.float32,
+        hidden_size: int = 0,
+        sampling: SamplingParams | None = None,
+    ) -> None:
+        self.command = command
+        self.length = length
+        self.dtype = dtype
+        self.hidden_size = hidden_size
+        self.sampling = sampling or SamplingParams()
+
+    def encode(self) -> mx.array:
+        words = np.concatenate(
+            [
+                np.array(
+                    [self.command, self.length, _DTYPES.index(self.dtype), self.hidden_size],
+                    dtype=np.uint32,
+                ),
+                np.array([(self.sampling.seed or 0) % 2**64], dtype=np.uint64).view(np.uint32),
+                np.array([self.sampling.temperature, self.sampling.top_p], dtype=np.float64).view(
+                    np.uint32
+                ),
+            ]
+        )
+        return mx.array(words)
+
+    @classmethod
+    def decode(cls, array: mx.array) -> "Header":
+        words = np.array(array, dtype=np.uint32)
+        seed = int(words[4:6].view(np.uint64)[0])
+        temperature, top_p = (float(value) for value in words[6:10].view(np.float64))
+        return cls(
+            command=int(words[0]),
+            length=int(words[1]),
+            dtype=_DTYPES[int(words[2])],
+            hidden_size=int(words[3]),
+            sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed),
+        )
 
 
-def _check_layer_chain(stage: LlamaStage, group: mx.distributed.Group) -> None:
+def _check_layer_chain(stage: ModelStage, group: mx.distributed.Group) -> None:
     """Each rank checks that its range starts where the previous rank's ended; the last rank
     checks that it ends at the last layer and tells rank 0 the chain is whole."""
     rank, size = group.rank(), group.size()
     if rank > 0:
-        previous_end = scalar_int(_receive((1,), mx.int32, rank - 1, group))
+        previous_end = _scalar(_receive((1,), mx.int32, rank - 1, group))
         if previous_end != stage.layer_start:
             message = (
                 f"rank {rank} starts at layer {stage.layer_start} but rank {rank - 1} "
                 f"ends at {previous_end}"
             )
-            if rank < size - 1:
-                _send(mx.array([-1], dtype=mx.int32), rank + 1, group)
-            else:
-                _send(mx.array([-1], dtype=mx.int32), 0, group)
+            _send(mx.array([-1], dtype=mx.int32), (rank + 1) % size, group)
             raise PipelineError(message)
     if rank < size - 1:
         _send(mx.array([stage.layer_end], dtype=mx.int32), rank + 1, group)
@@ -165,46 +195,57 @@ def _check_layer_chain(stage: LlamaStage, group: mx.distributed.Group) -> None:
     else:
         _send(mx.array([stage.layer_end], dtype=mx.int32), 0, group)
     if rank == 0:
-        answer = scalar_int(_receive((1,), mx.int32, size - 1, group))
-        if answer != stage.hyperparameters.block_count:
+        answer = _scalar(_receive((1,), mx.int32, size - 1, group))
+        if answer != stage.n_layers_total:
             raise PipelineError("the pipeline's layer ranges do not chain (see the other ranks)")
 
 
 class PipelineStepper:
     """Rank 0's side of the pipeline: a :class:`~exo.worker.runner.engine.TokenStepper`."""
 
-    def __init__(self, stage: LlamaStage, group: mx.distributed.Group) -> None:
+    def __init__(self, stage: ModelStage, group: mx.distributed.Group) -> None:
         if group.rank() != 0 or not stage.is_first:
             raise PipelineError("the pipeline stepper runs on rank 0 with the first layers")
         if group.size() < 2:
             raise PipelineError("a pipeline needs at least two ranks")
         self.stage = stage
         self.group = group
-        self._cache: KVCache = stage.new_cache()
         self._interrupted = False
-        """A begin or step did not finish (an error, often a lost neighbour): the other
-        ranks are mid-step, and the ring may be broken."""
+        """A step did not finish (an error, often a lost neighbour): the other ranks are
+        mid-step, and the ring may be broken."""
         _check_layer_chain(stage, group)
 
     @property
     def context_length(self) -> int:
-        return self.stage.hyperparameters.context_length
+        return self.stage.context_length
 
-    def begin(self, sampling: SamplingParams) -> None:
-        self._interrupted = True
-        self._cache = self.stage.new_cache()
-        _send(encode_header(COMMAND_BEGIN, 0, sampling), 1, self.group)
-        self._interrupted = False
-
-    def step(self, token_ids: Sequence[int]) -> int:
-        self._interrupted = True
-        _send(encode_header(COMMAND_FORWARD, len(token_ids)), 1, self.group)
-        hidden = self.stage.forward(mx.array([list(token_ids)], dtype=mx.int32), self._cache)
-        mx.eval(hidden, self._cache.arrays())
+    def _forward(self, command: int, token_ids: Sequence[int], cache: list[object]) -> None:
+        hidden = self.stage(mx.array([list(token_ids)]), cache)
+        mx.eval(hidden)
+        header = Header(command, len(token_ids), hidden.dtype, hidden.shape[-1])
+        _send(header.encode(), 1, self.group)
         _send(hidden, 1, self.group)
-        token = scalar_int(_receive((1,), mx.int32, self.group.size() - 1, self.group))
+
+    def generate(
+        self, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int
+    ) -> Iterator[int]:
+        self._interrupted = True
+        _send(Header(COMMAND_BEGIN, sampling=sampling).encode(), 1, self.group)
+        cache: list[object] = self.stage.make_cache()
+        remaining = list(prompt)
+        while len(remaining) > 1:
+            chunk = remaining[: min(PREFILL_STEP, len(remaining) - 1)]
+            self._forward(COMMAND_PREFILL, chunk, cache)
+            remaining = remaining[len(chunk) :]
+        last_rank = self.group.size() - 1
         self._interrupted = False
-        return token
+        for _ in range(max_tokens):
+            self._interrupted = True
+            self._forward(COMMAND_FORWARD, remaining, cache)
+            token = _scalar(_receive((1,), mx.int32, last_rank, self.group))
+            self._interrupted = False
+            yield token
+            remaining = [token]
 
     def shutdown(self) -> None:
         """Tell the other ranks to stop. Skipped after an interrupted step: they are not
@@ -213,37 +254,43 @@ class PipelineStepper:
         if self._interrupted:
             logger.warning("pipeline interrupted mid-step; not sending shutdown")
             return
-        _send(encode_header(COMMAND_SHUTDOWN), 1, self.group)
+        _send(Header(COMMAND_SHUTDOWN).encode(), 1, self.group)
 
 
-def serve_stage(stage: LlamaStage, group: mx.distributed.Group) -> None:
+def serve_stage(stage: ModelStage, group: mx.distributed.Group) -> None:
     """Ranks 1..n-1: follow rank 0's headers until SHUTDOWN."""
     rank, size = group.rank(), group.size()
     if rank == 0:
         raise PipelineError("rank 0 drives the pipeline; it does not serve a stage")
     _check_layer_chain(stage, group)
     is_last = rank == size - 1
-    cache = stage.new_cache()
-    sampler = Sampler(SamplingParams())
-    hidden_size = stage.hidden_size
+    cache: list[object] = stage.make_cache()
+    sampler: TokenSampler = token_sampler(SamplingParams())
     while True:
-        header = _receive((HEADER_WORDS,), mx.uint32, rank - 1, group)
-        command, length, sampling = decode_header(header)
-        if not is_last:
-            _send(header, rank + 1, group)
-        if command == COMMAND_SHUTDOWN:
+        encoded = _receive((HEADER_WORDS,), mx.uint32, rank - 1, group)
+        header = Header.decode(encoded)
+        if header.command == COMMAND_SHUTDOWN:
+            if not is_last:
+                _send(encoded, rank + 1, group)
             logger.debug("rank {} shutting down", rank)
             return
-        if command == COMMAND_BEGIN:
-            cache = stage.new_cache()
-            sampler = Sampler(sampling)
+        if header.command == COMMAND_BEGIN:
+            if not is_last:
+                _send(encoded, rank + 1, group)
+            cache = stage.make_cache()
+            if is_last:
+                sampler = token_sampler(header.sampling)
             continue
-        if command != COMMAND_FORWARD:
-            raise PipelineError(f"rank {rank} got an unknown command {command}")
-        hidden = _receive((1, length, hidden_size), ACTIVATION_DTYPE, rank - 1, group)
-        output = stage.forward(hidden, cache)
-        mx.eval(output, cache.arrays())
-        if is_last:
-            _send(mx.array([sampler(output)], dtype=mx.int32), 0, group)
-        else:
+        if header.command not in (COMMAND_PREFILL, COMMAND_FORWARD):
+            raise PipelineError(f"rank {rank} got an unknown command {header.command}")
+        hidden = _receive((1, header.length, header.hidden_size), header.dtype, rank - 1, group)
+        output = stage(hidden, cache)
+        if not is_last:
+            mx.eval(output)
+            _send(encoded, rank + 1, group)
             _send(output, rank + 1, group)
+        elif header.command == COMMAND_FORWARD:
+            token = sample_last_position(output, sampler)
+            _send(token.astype(mx.int32).reshape(1), 0, group)
+        else:
+            mx.eval([layer_cache.state for layer_cache in cache])  # pyright: ignore[reportAttributeAccessIssue]

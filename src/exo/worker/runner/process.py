@@ -1,31 +1,33 @@
 """A runner process: one rank of a model instance.
 
-Start one per device with ``python -m exo.worker.runner.process --rank R --world-size N
---hostfile PATH --layer-start S --layer-end E [--model PATH]``. With ``--world-size 1`` no
-hostfile is needed and the process holds the whole model. Rank 0 serves requests read as JSON
-lines from stdin (or the single ``--request-json``, then shuts the pipeline down); every rank
-writes status lines to stdout (see :mod:`exo.worker.runner.messages`). Logs go to stderr.
+Start one per device; its command line is :class:`~exo.worker.runner.arguments.RunnerArguments`
+(``--rank R --world-size N --hostfile PATH --layer-start S --layer-end E [--model PATH]``).
+With ``--world-size 1`` no hostfile is needed and the process holds the whole model. Rank 0
+serves requests read as JSON lines from stdin (or the single ``--request``, then shuts the
+pipeline down); every rank writes status lines to stdout (see
+:mod:`exo.worker.runner.messages`). Logs go to stderr.
 """
 
-import argparse
 import os
 import queue
 import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Protocol
 
 import mlx.core as mx
 import psutil
 from loguru import logger
-from pydantic import BaseModel, ConfigDict
 
-from exo.models.llama import LlamaStage
-from exo.models.loader import load_stage_for, load_tokenizer_for
+from exo.models.locate import model_directory
+from exo.models.stage import ModelStage, load_stage
+from exo.models.tokenizer import load_model_tokenizer
+from exo.models.weights_cache import default_weights_cache
+from exo.shared.types.generation import GenerationRequest
 from exo.shared.types.runners import RunnerStatus
-from exo.worker.runner.engine import Engine, GenerationRequest, LocalStepper, TokenStepper
+from exo.worker.runner.arguments import RunnerArguments, RunnerArgumentsError
+from exo.worker.runner.engine import Engine, LocalStepper, TokenStepper
 from exo.worker.runner.messages import (
     CancelInput,
     ChunkOutput,
@@ -38,23 +40,6 @@ from exo.worker.runner.messages import (
 from exo.worker.runner.pipeline import PipelineStepper, init_ring_group, serve_stage
 
 Emit = Callable[[StatusOutput | ChunkOutput | RequestFailedOutput], None]
-
-
-class RankConfig(BaseModel):
-    """Where one rank sits in its instance and what it loads."""
-
-    model_config = ConfigDict(frozen=True)
-
-    rank: int = 0
-    world_size: int = 1
-    hostfile: str | None = None
-    layer_start: int = 0
-    layer_end: int | None = None
-    """None: to the last layer."""
-    model_path: str | None = None
-    """A GGUF file or an MLX model directory; None: the bundled SmolLM2 GGUF."""
-    weights_cache: str | None = None
-    """A directory for the per-machine safetensors cache (only the stage's tensors are read)."""
 
 
 class RequestSource(Protocol):
@@ -126,11 +111,13 @@ def _rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def run_rank(config: RankConfig, requests: RequestSource | None, emit: Emit = print_output) -> None:
+def run_rank(
+    config: RunnerArguments, requests: RequestSource | None, emit: Emit = print_output
+) -> None:
     """Run one rank to completion: load, join the group, serve (rank 0: ``requests``)."""
 
     def status(
-        value: RunnerStatus, stage: LlamaStage | None = None, error: str | None = None
+        value: RunnerStatus, stage: ModelStage | None = None, error: str | None = None
     ) -> None:
         emit(
             StatusOutput(
@@ -139,20 +126,17 @@ def run_rank(config: RankConfig, requests: RequestSource | None, emit: Emit = pr
                 error=error,
                 layer_start=stage.layer_start if stage else None,
                 layer_end=stage.layer_end if stage else None,
-                weight_bytes=stage.weights.nbytes if stage else None,
+                weight_bytes=stage.nbytes if stage else None,
                 rss_bytes=_rss_bytes(),
             )
         )
 
-    stage: LlamaStage | None = None
+    stage: ModelStage | None = None
     try:
         status("loading")
-        model_path = Path(config.model_path) if config.model_path else None
-        cache_dir = Path(config.weights_cache) if config.weights_cache else None
-        weights = load_stage_for(model_path, config.layer_start, config.layer_end, cache_dir)
-        tokenizer = load_tokenizer_for(model_path, weights) if config.rank == 0 else None
-        weights.metadata = {}
-        stage = LlamaStage(weights)
+        directory = model_directory(config.model, config.weights_cache or default_weights_cache())
+        stage = load_stage(directory, config.layer_start, config.layer_end)
+        tokenizer = load_model_tokenizer(directory) if config.rank == 0 else None
         stepper: TokenStepper
         if config.world_size == 1:
             status("ready", stage)
@@ -210,40 +194,6 @@ def _serve_requests(
         status("ready")
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[RankConfig, GenerationRequest | None]:
-    parser = argparse.ArgumentParser(description="Run one rank of a model instance.")
-    parser.add_argument("--rank", type=int, default=0)
-    parser.add_argument("--world-size", type=int, default=1)
-    parser.add_argument("--hostfile", help="JSON ring hostfile (MLX_HOSTFILE format)")
-    parser.add_argument("--layer-start", type=int, default=0)
-    parser.add_argument("--layer-end", type=int, default=None)
-    parser.add_argument(
-        "--model", help="GGUF file or MLX model directory (default: the bundled SmolLM2)"
-    )
-    parser.add_argument(
-        "--weights-cache", help="directory of the per-machine weights cache (lazy stage loading)"
-    )
-    parser.add_argument(
-        "--request-json", help="rank 0: run this one GenerationRequest (JSON), then stop"
-    )
-    arguments = parser.parse_args(argv)
-    config = RankConfig(
-        rank=arguments.rank,
-        world_size=arguments.world_size,
-        hostfile=arguments.hostfile,
-        layer_start=arguments.layer_start,
-        layer_end=arguments.layer_end,
-        model_path=arguments.model,
-        weights_cache=arguments.weights_cache,
-    )
-    request = (
-        GenerationRequest.model_validate_json(arguments.request_json)
-        if arguments.request_json
-        else None
-    )
-    return config, request
-
-
 PARENT_PID_ENV = "EXO_RUNNER_PARENT_PID"
 
 
@@ -266,10 +216,20 @@ def main(argv: list[str] | None = None) -> int:
     logger.remove()
     logger.add(sys.stderr, level="INFO")
     _exit_with_parent()
-    config, request = parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments in (["-h"], ["--help"]):
+        print(RunnerArguments.usage())
+        return 0
+    try:
+        config = RunnerArguments.parse(arguments)
+    except RunnerArgumentsError as error:
+        print(f"exo runner: {error}", file=sys.stderr)
+        return 2
     requests: RequestSource | None = None
     if config.rank == 0:
-        requests = FixedRequests([request]) if request is not None else StdinRequests()
+        requests = (
+            FixedRequests([config.request]) if config.request is not None else StdinRequests()
+        )
     try:
         run_rank(config, requests)
     except Exception:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from exo.models.tokenizer import GGUFTokenizer
+from exo.models.tokenizer import ModelTokenizer
 from exo.worker.runner.engine import Engine
 from exo.worker.runner.generate import load_local_engine
 
@@ -13,5 +13,5 @@ def engine() -> Engine:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(engine: Engine) -> GGUFTokenizer:
+def tokenizer(engine: Engine) -> ModelTokenizer:
     return engine.tokenizer

@@ -1,48 +1,55 @@
 """The engine: greedy and sampled decoding, stop tokens/strings, max_tokens, cancellation."""
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import cast
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from exo.models.tokenizer import GGUFTokenizer
-from exo.worker.runner.engine import (
-    Engine,
-    GenerationChunk,
-    GenerationRequest,
-    Sampler,
-    SamplingParams,
-)
+from exo.models.tokenizer import ModelTokenizer
+from exo.shared.types.generation import GenerationChunk, GenerationRequest, SamplingParams
+from exo.worker.runner.engine import Engine, token_sampler
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 class ScriptedStepper:
-    """Answers with a fixed token sequence, whatever the input (engine logic in isolation)."""
+    """Answers with a fixed token sequence, whatever the prompt (engine logic in isolation)."""
 
     def __init__(self, script: Sequence[int]) -> None:
         self.script = list(script)
-        self.fed: list[list[int]] = []
-        self.begun: list[SamplingParams] = []
+        self.prompts: list[list[int]] = []
+        self.sampling: list[SamplingParams] = []
+        self.max_tokens: list[int] = []
+        self.pulled = 0
+        self.closed = False
 
     @property
     def context_length(self) -> int:
         return 8192
 
-    def begin(self, sampling: SamplingParams) -> None:
-        self.begun.append(sampling)
-        self.fed.clear()
+    def generate(
+        self, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int
+    ) -> Iterator[int]:
+        self.prompts.append(list(prompt))
+        self.sampling.append(sampling)
+        self.max_tokens.append(max_tokens)
+        try:
+            for token in self.script[:max_tokens]:
+                self.pulled += 1
+                yield token
+        finally:
+            self.closed = True
 
-    def step(self, token_ids: Sequence[int]) -> int:
-        self.fed.append(list(token_ids))
-        return self.script[len(self.fed) - 1]
+
+STOP = 2  # <|im_end|>, the bundled model's end of turn
 
 
-def _scripted(tokenizer: GGUFTokenizer, text: str, then_stop: bool = True) -> ScriptedStepper:
+def _scripted(tokenizer: ModelTokenizer, text: str, then_stop: bool = True) -> ScriptedStepper:
     tokens = tokenizer.encode(text)
     if then_stop:
-        tokens.append(tokenizer.eos_token_id)
+        tokens.append(STOP)
     return ScriptedStepper(tokens)
 
 
@@ -88,7 +95,7 @@ def test_stop_string_is_not_emitted(engine: Engine) -> None:
     assert result.text.startswith("The capital of France is")
 
 
-def test_stop_string_split_across_tokens_is_held_back(tokenizer: GGUFTokenizer) -> None:
+def test_stop_string_split_across_tokens_is_held_back(tokenizer: ModelTokenizer) -> None:
     stepper = _scripted(tokenizer, "alpha beta STOPPING gamma delta")
     engine = Engine(tokenizer, stepper)
     chunks = list(engine.generate(GenerationRequest(prompt="x", stop=["STOP"])))
@@ -98,7 +105,7 @@ def test_stop_string_split_across_tokens_is_held_back(tokenizer: GGUFTokenizer) 
 
 
 def test_partial_stop_prefix_is_released_when_it_does_not_complete(
-    tokenizer: GGUFTokenizer,
+    tokenizer: ModelTokenizer,
 ) -> None:
     stepper = _scripted(tokenizer, "one ST two STA three")
     engine = Engine(tokenizer, stepper)
@@ -107,7 +114,7 @@ def test_partial_stop_prefix_is_released_when_it_does_not_complete(
     assert result.finish_reason == "stop"  # the scripted EOS
 
 
-def test_multibyte_characters_stream_whole(tokenizer: GGUFTokenizer) -> None:
+def test_multibyte_characters_stream_whole(tokenizer: ModelTokenizer) -> None:
     stepper = _scripted(tokenizer, "emoji 😀👍🏽 and 日本")
     chunks = list(Engine(tokenizer, stepper).generate(GenerationRequest(prompt="x")))
     assert _joined(chunks) == "emoji 😀👍🏽 and 日本"
@@ -115,18 +122,18 @@ def test_multibyte_characters_stream_whole(tokenizer: GGUFTokenizer) -> None:
     assert sum(len(chunk.token_ids) for chunk in chunks) == len(stepper.script)
 
 
-def test_prefill_then_one_token_per_step(tokenizer: GGUFTokenizer) -> None:
+def test_the_stepper_gets_the_prompt_and_the_token_budget(tokenizer: ModelTokenizer) -> None:
     stepper = _scripted(tokenizer, "a b c", then_stop=False)
     engine = Engine(tokenizer, stepper)
     request = GenerationRequest(prompt="hello there", max_tokens=len(stepper.script))
     result = engine.complete(request)
     assert result.finish_reason == "length"
-    assert stepper.fed[0] == tokenizer.encode("hello there")
-    assert all(len(fed) == 1 for fed in stepper.fed[1:])
-    assert [fed[0] for fed in stepper.fed[1:]] == stepper.script[:-1]
+    assert stepper.prompts == [tokenizer.encode("hello there")]
+    assert stepper.max_tokens == [len(stepper.script)]
+    assert result.token_ids == stepper.script
 
 
-def test_cancellation_between_tokens(tokenizer: GGUFTokenizer) -> None:
+def test_cancellation_between_tokens(tokenizer: ModelTokenizer) -> None:
     stepper = _scripted(tokenizer, "one two three four five six seven")
     engine = Engine(tokenizer, stepper)
     calls = 0
@@ -140,19 +147,19 @@ def test_cancellation_between_tokens(tokenizer: GGUFTokenizer) -> None:
     # Checked once before the prefill, then after each token: cancelled after two tokens.
     assert chunks[-1].finish_reason == "cancelled"
     assert chunks[-1].completion_tokens == 2
-    assert len(stepper.fed) == 2
+    assert stepper.pulled == 2 and stepper.closed  # the token stream was closed early
 
 
-def test_cancelled_before_start_runs_nothing(tokenizer: GGUFTokenizer) -> None:
+def test_cancelled_before_start_runs_nothing(tokenizer: ModelTokenizer) -> None:
     stepper = _scripted(tokenizer, "never")
     chunks = list(Engine(tokenizer, stepper).generate(GenerationRequest(prompt="x"), lambda: True))
     assert [(c.finish_reason, c.completion_tokens, c.text) for c in chunks] == [
         ("cancelled", 0, "")
     ]
-    assert stepper.fed == [] and stepper.begun == []
+    assert stepper.prompts == []
 
 
-def test_prompt_longer_than_context_is_refused(tokenizer: GGUFTokenizer) -> None:
+def test_prompt_longer_than_context_is_refused(tokenizer: ModelTokenizer) -> None:
     class Tiny(ScriptedStepper):
         @property
         def context_length(self) -> int:
@@ -163,16 +170,22 @@ def test_prompt_longer_than_context_is_refused(tokenizer: GGUFTokenizer) -> None
         list(engine.generate(GenerationRequest(prompt="one two three four five six")))
 
 
-def test_sampler_greedy_and_top_p() -> None:
+def test_sampler_greedy_seeded_and_top_p() -> None:
     logits = mx.array([[0.0, 3.0, 2.9, -1.0]])
-    assert Sampler(SamplingParams(temperature=0))(logits) == 1
+    logprobs = logits - mx.logsumexp(logits, keepdims=True)
+
+    def draw(sampling: SamplingParams, count: int) -> list[int]:
+        sampler = token_sampler(sampling)
+        return [int(cast(int, sampler(logprobs).item())) for _ in range(count)]
+
+    assert draw(SamplingParams(temperature=0), 5) == [1] * 5
     # A tiny nucleus keeps only the most likely token, whatever the temperature.
-    narrow = Sampler(SamplingParams(temperature=5.0, top_p=0.01, seed=0))
-    assert {narrow(logits) for _ in range(50)} == {1}
-    wide = Sampler(SamplingParams(temperature=1.0, top_p=1.0, seed=0))
-    draws = np.array([wide(logits) for _ in range(2000)])
-    assert set(draws.tolist()) <= {0, 1, 2, 3}
-    assert 0.3 < np.mean(draws == 1) < 0.65  # ~0.50 in theory
-    assert 0.3 < np.mean(draws == 2) < 0.6  # ~0.45
-    half = Sampler(SamplingParams(temperature=1.0, top_p=0.6, seed=0))
-    assert {half(logits) for _ in range(200)} == {1, 2}
+    assert set(draw(SamplingParams(temperature=5.0, top_p=0.01, seed=0), 50)) == {1}
+    wide = np.array(draw(SamplingParams(temperature=1.0, seed=0), 2000))
+    assert set(wide.tolist()) <= {0, 1, 2, 3}
+    assert 0.3 < np.mean(wide == 1) < 0.65  # ~0.50 in theory
+    assert 0.3 < np.mean(wide == 2) < 0.6  # ~0.45
+    assert set(draw(SamplingParams(temperature=1.0, top_p=0.6, seed=0), 200)) == {1, 2}
+    # The same seed draws the same tokens.
+    seeded = SamplingParams(temperature=1.0, seed=7)
+    assert draw(seeded, 30) == draw(seeded, 30)

@@ -6,15 +6,13 @@ import subprocess
 import threading
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
-from exo.worker.runner.engine import (
-    Engine,
-    GenerationChunk,
-    GenerationRequest,
-    LocalStepper,
-    SamplingParams,
-)
+from exo.models.tests.tiny_models import FAMILY_CONFIGS
+from exo.shared.types.generation import GenerationChunk, GenerationRequest, SamplingParams
+from exo.worker.runner.engine import Engine, LocalStepper
+from exo.worker.runner.generate import load_local_engine
 from exo.worker.runner.launch import (
     LocalPipelineRun,
     free_loopback_ports,
@@ -30,8 +28,8 @@ from exo.worker.runner.messages import (
     parse_output,
 )
 from exo.worker.runner.pipeline import (
-    decode_header,
-    encode_header,
+    COMMAND_FORWARD,
+    Header,
     read_hostfile,
     split_layers,
     write_hostfile,
@@ -64,9 +62,11 @@ def test_split_layers() -> None:
 
 def test_header_round_trip() -> None:
     sampling = SamplingParams(temperature=0.7, top_p=0.9, seed=2**40 + 3)
-    command, length, decoded = decode_header(encode_header(2, 37, sampling))
-    assert (command, length) == (2, 37)
-    assert decoded == sampling
+    header = Header(COMMAND_FORWARD, 37, mx.bfloat16, 576, sampling)
+    decoded = Header.decode(header.encode())
+    assert (decoded.command, decoded.length, decoded.hidden_size) == (COMMAND_FORWARD, 37, 576)
+    assert decoded.dtype == mx.bfloat16
+    assert decoded.sampling == sampling
 
 
 def test_hostfile_format(tmp_path: Path) -> None:
@@ -91,7 +91,7 @@ def test_two_ranks_match_one_process_greedy(
     ready = [s for s in run.statuses if s.status == "ready"]
     assert {s.rank for s in ready} == {0, 1}
     assert isinstance(engine.stepper, LocalStepper)
-    full_bytes = engine.stepper.model.weights.nbytes
+    full_bytes = engine.stepper.stage.nbytes
     for status in ready:
         assert status.weight_bytes is not None and status.weight_bytes < 0.7 * full_bytes
     assert {s.status for s in run.statuses if s.rank == 1} >= {
@@ -179,3 +179,22 @@ def test_rank_zero_fails_instead_of_hanging_when_its_neighbour_dies(tmp_path: Pa
             if process.poll() is None:
                 process.kill()
             process.wait()
+
+
+FAMILY_REQUEST = GenerationRequest(
+    request_id="family", prompt="a prompt longer than the sliding window", max_tokens=12
+)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "q4"])
+@pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
+def test_every_family_gives_the_single_process_tokens_over_two_and_three_ranks(
+    tiny_models: dict[tuple[str, bool], Path], family: str, quantized: bool
+) -> None:
+    directory = tiny_models[(family, quantized)]
+    expected = load_local_engine(directory).complete(FAMILY_REQUEST)
+    assert expected.completion_tokens >= 5  # random weights may reach a stop token early
+    for world_size in (2, 3):
+        run = run_local_pipeline(world_size, FAMILY_REQUEST, model_path=directory)
+        _assert_clean(run)
+        assert run.token_ids == expected.token_ids, (family, world_size)

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from exo.worker.runner.engine import GenerationRequest
+from exo.shared.types.generation import GenerationRequest
 from exo.worker.runner.messages import (
     CancelInput,
     ChunkOutput,
