@@ -10,6 +10,8 @@ import httpx
 import psutil
 import pytest
 
+from exo.shared.types.generation import GenerationRequest
+from exo.worker.runner.generate import load_local_engine
 from tests.cluster import ExoNode, converged, running_cluster, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -212,3 +214,41 @@ def test_three_node_pipeline_matches_single_node(tmp_path: Path) -> None:
         streamer.join(30.0)
         assert not streamer.is_alive(), "the in-flight request hung"
         assert "error" in outcome, "the in-flight request ended without saying it failed"
+
+
+def test_a_model_directory_of_another_family_runs_split_over_two_nodes(
+    tmp_path: Path, tiny_models: dict[tuple[str, bool], Path]
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "Tiny-Qwen3").symlink_to(tiny_models[("qwen3", True)])
+    messages = [{"role": "user", "content": "Say something."}]
+    expected = load_local_engine(models / "Tiny-Qwen3").complete(
+        GenerationRequest(messages=messages, max_tokens=8)
+    )
+    with running_cluster(tmp_path / "cluster", 2, lambda _: ["--models-dir", str(models)]) as nodes:
+        wait_until(lambda: converged(nodes, 2), 10.0, "2 nodes to agree")
+        listed = {model["id"]: model for model in nodes[1].get("/v1/models")["data"]}
+        assert "Tiny-Qwen3" in listed, nodes[1].log_text()[-2000:]
+        assert listed["Tiny-Qwen3"]["family"] == "qwen3"
+        assert listed["Tiny-Qwen3"]["n_layers"] == 6
+        response = httpx.post(
+            nodes[0].url + "/instance",
+            json={"model_id": "Tiny-Qwen3", "min_nodes": 2},
+            timeout=30.0,
+        )
+        assert response.status_code == 201, response.text
+        instance = response.json()
+        assert len({shard["node_id"] for shard in instance["shards"]}) == 2
+        wait_until(
+            lambda: all(runners_ready(node, instance) for node in nodes), 120.0, "runners ready"
+        )
+        answer = httpx.post(
+            nodes[1].url + "/v1/chat/completions",
+            json={"model": "Tiny-Qwen3", "messages": messages, "temperature": 0, "max_tokens": 8},
+            timeout=120.0,
+        )
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["choices"][0]["message"]["content"] == expected.text
+        assert body["usage"]["completion_tokens"] == expected.completion_tokens

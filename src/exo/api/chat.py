@@ -96,7 +96,14 @@ def chat_routes(context: ApiContext) -> APIRouter:
         return {
             "object": "list",
             "data": [
-                {"id": card.model_id, "object": "model", "created": 0, "owned_by": "exo"}
+                {
+                    "id": card.model_id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "exo",
+                    "family": card.family,
+                    "n_layers": card.n_layers,
+                }
                 for card in sorted(cards, key=lambda card: card.model_id)
             ],
         }

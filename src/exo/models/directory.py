@@ -112,6 +112,7 @@ def card_from_directory(
 
     Raises :class:`ModelDirectoryError` (or a ``ValueError`` naming the file) when
     something a runner will need is missing, inconsistent or not supported by mlx-lm."""
+    model_id = model_id or directory.name  # the name it is listed under, even as a link
     directory = directory.resolve()
     config, raw_config = ModelConfig.read(directory)
     family = mlx_lm_module(raw_config)
@@ -123,7 +124,7 @@ def card_from_directory(
         raise ModelDirectoryError(directory, "no chat template (tokenizer_config.json or .jinja)")
     element_bytes = activation_bytes(tensors)
     return ModelCard(
-        model_id=model_id or directory.name,
+        model_id=model_id,
         family=family,
         n_layers=config.num_hidden_layers,
         layer_bytes=max(per_layer),

@@ -49,6 +49,16 @@ def test_the_card_describes_the_directory(
     assert card.source == "mlx_directory" and card.weights_path == str(directory.resolve())
 
 
+def test_a_linked_directory_is_listed_under_the_links_name(
+    tmp_path: Path, tiny_models: dict[tuple[str, bool], Path]
+) -> None:
+    target = tiny_models[("phi3", True)]
+    (tmp_path / "My-Phi").symlink_to(target)
+    card = card_from_directory(tmp_path / "My-Phi")
+    assert card.model_id == "My-Phi"
+    assert card.weights_path == str(target.resolve())
+
+
 def test_quantised_cards_are_smaller(tiny_models: dict[tuple[str, bool], Path]) -> None:
     dense = card_from_directory(tiny_models[("qwen3", False)])
     quantised = card_from_directory(tiny_models[("qwen3", True)])
