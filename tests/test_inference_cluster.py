@@ -81,6 +81,12 @@ def test_single_node_answers_paris(tmp_path: Path) -> None:
         assert ask(node, QUESTION).status_code == 404
         instance = place(node, 1)
         wait_until(lambda: runners_ready(node, instance), 90.0, "the runner to be ready")
+        # The node said where its MLX computes; the runner says where it does.
+        state = node.state()
+        execution = state["nodes"][node.node_id()]["execution"]
+        assert {device["device_id"] for device in execution["devices"]} >= {"cpu:0"}
+        runner = state["runners"][instance["shards"][0]["runner_id"]]
+        assert runner["compute_device"]["device_id"] == instance["shards"][0]["device_id"]
         response = ask(node, QUESTION)
         assert response.status_code == 200, response.text
         body = response.json()

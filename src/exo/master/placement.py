@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 
 from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field
 
 from exo.master.placement_csp import (
     ConstraintSatisfactionPlacement,
@@ -31,6 +32,7 @@ from exo.master.placement_csp import (
     usable_bytes,
 )
 from exo.shared.types.commands import PlaceInstance
+from exo.shared.types.execution import CPU_COMPUTE_DEVICE_ID, backend_of_device
 from exo.shared.types.gpu import (
     CPU_MEMORY_BANDWIDTH_GBPS,
     CPU_PEAK_TFLOPS_FP16,
@@ -53,6 +55,7 @@ __all__ = [
     "_compute_device_scores",
     "_has_heterogeneous_gpus",
     "candidate_devices",
+    "find_candidates",
     "get_shard_assignments",
     "heterogeneity_reasons",
     "place_instance",
@@ -167,7 +170,7 @@ def _gpu_device(state: DeviceGPUState, info: GPUDeviceInfo | None) -> PlacementD
 def _cpu_device(node: NodeInfo) -> PlacementDevice:
     return PlacementDevice(
         node_id=NodeId(node.node_id),
-        device_id=DeviceId("cpu"),
+        device_id=CPU_COMPUTE_DEVICE_ID,
         name=f"CPU ({node.friendly_name})",
         vendor="cpu",
         backend="cpu",
@@ -197,19 +200,73 @@ def _devices_from_gpu_state(
     return devices
 
 
-def candidate_devices(state: State) -> list[PlacementDevice]:
-    """Every device placement may use: each GPU of each node in ``state.nodes`` that has GPU
-    state (joined with its static info), and the CPU/RAM of each node that has none."""
+class Candidates(BaseModel):
+    """The devices placement may use, and why any other device of the cluster is left out."""
+
+    model_config = ConfigDict(frozen=True)
+
+    devices: list[PlacementDevice]
+    left_out: list[str] = Field(default_factory=list)
+
+
+def _unexecutable_reason(device_id: str, node: NodeInfo) -> str | None:
+    """Why the node's MLX cannot compute on ``device_id``, or None when it can (or the node
+    did not say). A simulated device computes wherever the node's MLX does."""
+    capability = node.execution
+    if capability is None or capability.can_run_on(device_id):
+        return None
+    where = f"{device_id} on {node.friendly_name}"
+    if capability.mlx_version is None:
+        return f"{where}: MLX does not load on this node ({capability.error})"
+    match backend_of_device(device_id):
+        case "cuda":
+            if "cuda" not in capability.backends:
+                return f"{where}: MLX on this node has no CUDA — start it with --extra cuda13"
+        case "metal":
+            return f"{where}: MLX on this node has no Metal GPU"
+        case _:
+            pass
+    return f"{where}: MLX on this node cannot compute on it ({capability.error or 'not found'})"
+
+
+def find_candidates(state: State) -> Candidates:
+    """Every device placement may use, and the devices left out (telemetry only).
+
+    A node offers each GPU in its telemetry (joined with the GPU's static info) on which
+    its MLX can compute; a node that offers none (no GPU, or GPUs its MLX cannot reach)
+    offers its CPU and RAM instead, as long as MLX loads there. Nodes that did not report
+    what their MLX can do are taken at their telemetry's word."""
     devices: list[PlacementDevice] = []
+    left_out: list[str] = []
     for node_id in sorted(state.nodes):
+        node = state.nodes[node_id]
         per_node = state.gpu_device_state.get(NodeId(node_id), {})
-        if per_node:
+        infos = state.gpu_device_info.get(NodeId(node_id), {})
+        usable: dict[DeviceId, DeviceGPUState] = {}
+        for device_id, reading in per_node.items():
+            info = infos.get(device_id)
+            simulated = reading.is_simulated or (info is not None and info.is_simulated)
+            reason = None if simulated else _unexecutable_reason(device_id, node)
+            if reason is None:
+                usable[device_id] = reading
+            else:
+                left_out.append(reason)
+        if usable:
             devices.extend(
-                _devices_from_gpu_state({NodeId(node_id): per_node}, state.gpu_device_info)
+                _devices_from_gpu_state({NodeId(node_id): usable}, state.gpu_device_info)
             )
         else:
-            devices.append(_cpu_device(state.nodes[node_id]))
-    return devices
+            cpu_reason = _unexecutable_reason(CPU_COMPUTE_DEVICE_ID, node)
+            if cpu_reason is None:
+                devices.append(_cpu_device(node))
+            elif not per_node:
+                left_out.append(cpu_reason)
+    return Candidates(devices=devices, left_out=left_out)
+
+
+def candidate_devices(state: State) -> list[PlacementDevice]:
+    """The devices :func:`find_candidates` offers."""
+    return find_candidates(state).devices
 
 
 def links_from_state(
@@ -491,9 +548,11 @@ def place_instance(
     """
     started = time.perf_counter()
     config = config or CostModelConfig()
-    devices = candidate_devices(state)
+    candidates = find_candidates(state)
+    devices = candidates.devices
     if not devices:
-        raise NoCandidateDevicesError("no node in the cluster offers a device to place on")
+        why = f" ({'; '.join(candidates.left_out)})" if candidates.left_out else ""
+        raise NoCandidateDevicesError(f"no node in the cluster offers a device to place on{why}")
     node_count = len({device.node_id for device in devices})
     min_nodes = command.min_nodes
     if node_count < min_nodes:
@@ -515,7 +574,7 @@ def place_instance(
     )
     scores = score_devices(devices, shard_size, cost_model.links, config)
     differences = heterogeneity_reasons(devices) if state.gpu_device_state else []
-    reasons: list[str] = []
+    reasons = [f"telemetry only: {reason}" for reason in candidates.left_out]
 
     if not differences:
         if greedy is None or greedy_ms is None:

@@ -108,6 +108,7 @@ def apply_node_info_reported(state: State, event: NodeInfoReported) -> State:
         ram_available_bytes=event.ram_available_bytes,
         network_interfaces=info.network_interfaces,
         api_port=info.api_port,
+        execution=info.execution,
         last_seen=event.reported_at,
     )
     return state.model_copy(update={"nodes": {**state.nodes, event.node_id: node}})
@@ -201,12 +202,15 @@ def apply_instance_deleted(state: State, event: InstanceDeleted) -> State:
 def apply_runner_status_updated(state: State, event: RunnerStatusUpdated) -> State:
     if event.instance_id not in state.instances:
         return state
+    previous = state.runners.get(event.runner_id)
     runner = RunnerState(
         runner_id=event.runner_id,
         instance_id=event.instance_id,
         node_id=event.node_id,
         status=event.status,
         error=event.error,
+        compute_device=event.compute_device
+        or (previous.compute_device if previous is not None else None),
     )
     return state.model_copy(update={"runners": {**state.runners, event.runner_id: runner}})
 

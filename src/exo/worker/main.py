@@ -8,12 +8,13 @@ import anyio
 from anyio.abc import TaskGroup
 from loguru import logger
 
-from exo.gpu.backend import GPUBackendFactory
+from exo.gpu.backend import GPUBackendError, GPUBackendFactory
 from exo.routing.local_events import LocalEventSender
 from exo.shared.event_store import EventStore
 from exo.shared.types.events import NodeInfoReported, NodeMemoryUpdated
 from exo.shared.types.ids import NodeId
 from exo.shared.types.node import NodeStaticInfo
+from exo.worker.execution_probe import log_execution, probe_execution, unusable_gpu_warning
 from exo.worker.gpu_telemetry import GPUTelemetryCollector, TelemetryConfig
 from exo.worker.node_info import (
     available_ram_bytes,
@@ -50,7 +51,13 @@ class Worker:
         self._store = store
         self._sender = sender
         self._config = config
-        self.supervisor = RunnerSupervisor(node_id, config.home, sender.emit)
+        self.supervisor = RunnerSupervisor(
+            node_id,
+            config.home,
+            sender.emit,
+            simulated_devices=config.gpu_backend == "simulated"
+            or config.simulate_gpus_file is not None,
+        )
         self.gpu_telemetry: GPUTelemetryCollector | None = None
 
     async def run(self) -> None:
@@ -62,9 +69,19 @@ class Worker:
             event_emitter=self._sender.emit,
             config=TelemetryConfig(interval_s=self._config.telemetry_interval_s),
         )
+        execution = await anyio.to_thread.run_sync(probe_execution)
+        log_execution(execution)
+        try:
+            telemetry_devices = await self.gpu_telemetry.gpu_backend.list_devices(self.node_id)
+        except GPUBackendError:  # the collector reports a backend that fails
+            telemetry_devices = []
+        warning = unusable_gpu_warning(telemetry_devices, execution)
+        if warning is not None:
+            logger.warning(warning)
         info = await anyio.to_thread.run_sync(
             gather_static_info, self._config.friendly_name, self._config.api_port
         )
+        info = info.model_copy(update={"execution": execution})
         try:
             async with anyio.create_task_group() as group:
                 # The node first: the cluster ignores device reports of nodes it doesn't know.

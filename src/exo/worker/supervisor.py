@@ -28,6 +28,7 @@ from exo.shared.types.events import (
     RunnerStatusUpdated,
     TaskStatusUpdated,
 )
+from exo.shared.types.execution import CPU_COMPUTE_DEVICE_ID, ComputeDevice, backend_of_device
 from exo.shared.types.generation import GenerationRequest
 from exo.shared.types.ids import InstanceId, NodeId, RunnerId, TaskId
 from exo.shared.types.instances import Instance, Shard
@@ -35,6 +36,7 @@ from exo.shared.types.runners import RunnerStatus
 from exo.shared.types.tasks import Task
 from exo.worker.plan import LocalRunner
 from exo.worker.runner.arguments import RunnerArguments
+from exo.worker.runner.hostfile import write_hostfile
 from exo.worker.runner.messages import (
     CancelInput,
     ChunkOutput,
@@ -43,7 +45,6 @@ from exo.worker.runner.messages import (
     StatusOutput,
     parse_output,
 )
-from exo.worker.runner.pipeline import write_hostfile
 from exo.worker.runner.process import PARENT_PID_ENV
 
 Emit = Callable[[Event], Awaitable[None]]
@@ -66,6 +67,7 @@ class RunnerHandle:
     stop_reason: str = ""
     force_killed: bool = False
     log_path: Path | None = None
+    compute_device: ComputeDevice | None = None
 
     def view(self) -> LocalRunner:
         return LocalRunner(
@@ -78,15 +80,29 @@ class RunnerHandle:
         )
 
 
-def runner_environment(shard: Shard) -> dict[str, str]:
+def compute_device_for(shard: Shard, simulated_devices: bool) -> str:
+    """The device the shard's runner computes on: the placed device itself, or, for a
+    device a simulation file describes, this node's CPU (a simulated GPU is a placement
+    target for tests and demos, not hardware)."""
+    return str(CPU_COMPUTE_DEVICE_ID) if simulated_devices else shard.device_id
+
+
+def runner_environment(compute_device: str) -> dict[str, str]:
+    """The runner's environment: it exits with this node, and a CUDA runner sees only its
+    GPU, numbered as NVML numbers it."""
     env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
-    if shard.device_id.startswith("cuda:"):
-        env["CUDA_VISIBLE_DEVICES"] = shard.device_id.split(":", 1)[1]
+    if backend_of_device(compute_device) == "cuda":
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["CUDA_VISIBLE_DEVICES"] = compute_device.split(":", 1)[1]
     return env
 
 
 def runner_arguments(
-    instance: Instance, shard: Shard, hostfile: Path | None, weights_cache: Path
+    instance: Instance,
+    shard: Shard,
+    hostfile: Path | None,
+    weights_cache: Path,
+    compute_device: str | None = None,
 ) -> RunnerArguments:
     """The runner command line for ``shard``; raises ``FileNotFoundError`` when this node
     has no weights for the instance's model."""
@@ -107,14 +123,18 @@ def runner_arguments(
         hostfile=hostfile,
         layer_start=shard.start_layer,
         layer_end=shard.end_layer,
+        device=compute_device or shard.device_id,
         model=Path(card.weights_path) if card.weights_path else None,
         weights_cache=weights_cache,
     )
 
 
 class RunnerSupervisor:
-    def __init__(self, node_id: NodeId, home: Path, emit: Emit) -> None:
+    def __init__(
+        self, node_id: NodeId, home: Path, emit: Emit, simulated_devices: bool = False
+    ) -> None:
         self._node_id = node_id
+        self._simulated_devices = simulated_devices
         self._directory = home / "runners"
         self._weights_cache = weights_cache_in(home)
         self._emit = emit
@@ -130,9 +150,13 @@ class RunnerSupervisor:
         self.changed = anyio.Event()
 
     async def _set_status(
-        self, handle: RunnerHandle, status: RunnerStatus, error: str | None = None
+        self,
+        handle: RunnerHandle,
+        status: RunnerStatus,
+        error: str | None = None,
+        compute_device: ComputeDevice | None = None,
     ) -> None:
-        if handle.status == status and error is None:
+        if handle.status == status and error is None and compute_device is None:
             return
         handle.status = status
         self._notify()
@@ -143,6 +167,7 @@ class RunnerSupervisor:
                 node_id=self._node_id,
                 status=status,
                 error=error,
+                compute_device=compute_device,
             )
         )
 
@@ -157,14 +182,17 @@ class RunnerSupervisor:
                 self._directory / f"{shard.runner_id}.hostfile.json", instance.ring_endpoints
             )
         handle.log_path = self._directory / f"{shard.runner_id}.log"
+        compute_device = compute_device_for(shard, self._simulated_devices)
         log = handle.log_path.open("ab")
         try:
             handle.process = await anyio.open_process(
-                runner_arguments(instance, shard, hostfile, self._weights_cache).command(),
+                runner_arguments(
+                    instance, shard, hostfile, self._weights_cache, compute_device
+                ).command(),
                 stdin=-1,
                 stdout=-1,
                 stderr=log,
-                env=runner_environment(shard),
+                env=runner_environment(compute_device),
             )
         except OSError as error:
             await self._set_status(handle, "failed", f"could not start the runner: {error}")
@@ -173,7 +201,8 @@ class RunnerSupervisor:
             log.close()
         logger.info(
             f"started runner {shard.runner_id} (rank {shard.rank}/{shard.world_size}, "
-            f"layers {shard.start_layer}-{shard.end_layer}, {shard.device_id})"
+            f"layers {shard.start_layer}-{shard.end_layer}, {shard.device_id}"
+            + (f" computed on {compute_device})" if compute_device != shard.device_id else ")")
         )
         group.start_soon(self._watch, handle)
 
@@ -199,7 +228,14 @@ class RunnerSupervisor:
         match output:
             case StatusOutput():
                 if output.status != "shut_down" or handle.stopping:
-                    await self._set_status(handle, output.status, output.error)
+                    known = handle.compute_device
+                    handle.compute_device = output.compute_device
+                    await self._set_status(
+                        handle,
+                        output.status,
+                        output.error,
+                        output.compute_device if output.compute_device != known else None,
+                    )
             case ChunkOutput():
                 await self._on_chunk(handle, output)
             case RequestFailedOutput():

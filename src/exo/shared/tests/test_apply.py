@@ -10,16 +10,21 @@ from exo.shared.types.events import (
     GPUBandwidthMeasured,
     GPUDeviceInfoReported,
     IndexedEvent,
+    InstanceCreated,
     MasterElected,
     NodeInfoReported,
     NodeMemoryUpdated,
     NodeTimedOut,
+    RunnerStatusUpdated,
     TaskCreated,
     TaskStatusUpdated,
 )
+from exo.shared.types.execution import ComputeDevice, ExecutionCapability
 from exo.shared.types.gpu import DeviceGPUState, GPUDeviceInfo
-from exo.shared.types.ids import CommandId, DeviceId, InstanceId, NodeId, TaskId
+from exo.shared.types.ids import CommandId, DeviceId, InstanceId, NodeId, RunnerId, TaskId
+from exo.shared.types.instances import Instance, PlacementDecision, Shard
 from exo.shared.types.node import NodeStaticInfo
+from exo.shared.types.runners import RunnerStatus
 from exo.shared.types.state import State
 from exo.shared.types.tasks import ChatCompletionParams, ChatMessage, Task
 
@@ -175,3 +180,57 @@ def test_only_the_most_recent_finished_tasks_are_kept(monkeypatch: pytest.Monkey
     state = apply_all(events)
     assert sorted(state.tasks) == ["t1", "t2", "t3"]  # t0 finished first and went; t3 runs
     assert state.tasks[TaskId("t3")].status == "pending"
+
+
+def test_a_nodes_execution_capability_and_a_runners_device_are_kept() -> None:
+    cpu = ComputeDevice(device_id=DeviceId("cpu:0"), backend="cpu", name="x86_64")
+    reported = node_info(NODE_A)
+    with_capability = reported.model_copy(
+        update={
+            "info": reported.info.model_copy(
+                update={"execution": ExecutionCapability(mlx_version="0.32.4", devices=[cpu])}
+            )
+        }
+    )
+    shard = Shard(
+        runner_id=RunnerId("r"),
+        node_id=NODE_A,
+        device_id=DeviceId("cpu:0"),
+        rank=0,
+        world_size=1,
+        start_layer=0,
+        end_layer=2,
+    )
+    decision = PlacementDecision(
+        strategy="greedy",
+        heterogeneous=False,
+        predicted_ms_per_token=1.0,
+        greedy_ms_per_token=1.0,
+        solve_ms=0.0,
+    )
+    instance = Instance(
+        instance_id=InstanceId("i"), model_id="m", shards=[shard], placement=decision
+    )
+
+    def runner(status: RunnerStatus, device: ComputeDevice | None) -> RunnerStatusUpdated:
+        return RunnerStatusUpdated(
+            runner_id=RunnerId("r"),
+            instance_id=InstanceId("i"),
+            node_id=NODE_A,
+            status=status,
+            compute_device=device,
+        )
+
+    state = apply_all(
+        [
+            with_capability,
+            InstanceCreated(instance=instance),
+            runner("loading", None),
+            runner("ready", cpu),
+            runner("running", None),  # the device is only sent when it changes
+        ]
+    )
+    execution = state.nodes[NODE_A].execution
+    assert execution is not None and execution.can_run_on("cpu:0")
+    assert state.runners[RunnerId("r")].status == "running"
+    assert state.runners[RunnerId("r")].compute_device == cpu

@@ -8,6 +8,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from exo.shared.types.execution import ComputeDevice
 from exo.shared.types.gpu import DeviceGPUState, GPUDeviceInfo
 from exo.shared.types.ids import EventId, InstanceId, NodeId, RunnerId, TaskId, new_event_id
 from exo.shared.types.instances import Instance
@@ -102,6 +103,8 @@ class RunnerStatusUpdated(BaseEvent):
     node_id: NodeId
     status: RunnerStatus
     error: str | None = None
+    compute_device: ComputeDevice | None = None
+    """Where the runner computes (None until it knows, or when its supervisor reports)."""
 
 
 class TaskCreated(BaseEvent):

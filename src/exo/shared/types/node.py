@@ -4,6 +4,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from exo.shared.types.execution import ExecutionCapability
+
 
 class NetworkInterface(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -24,6 +26,8 @@ class NodeStaticInfo(BaseModel):
     ram_total_bytes: int
     network_interfaces: list[NetworkInterface] = Field(default_factory=list)
     api_port: int | None = None
+    execution: ExecutionCapability | None = None
+    """What MLX on the node can compute on; None from a node that did not say."""
 
 
 class NodeInfo(BaseModel):
@@ -40,4 +44,5 @@ class NodeInfo(BaseModel):
     ram_available_bytes: int = 0
     network_interfaces: list[NetworkInterface] = Field(default_factory=list)
     api_port: int | None = None
+    execution: ExecutionCapability | None = None
     last_seen: datetime

@@ -4,6 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from exo.shared.types.execution import ComputeDevice
 from exo.shared.types.ids import InstanceId, NodeId, RunnerId
 
 RunnerStatus = Literal[
@@ -19,3 +20,5 @@ class RunnerState(BaseModel):
     node_id: NodeId
     status: RunnerStatus
     error: str | None = None
+    compute_device: ComputeDevice | None = None
+    """The device the runner reported computing on (kept across later status changes)."""

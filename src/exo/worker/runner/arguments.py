@@ -37,6 +37,12 @@ class RunnerArguments(BaseModel):
     layer_end: int | None = Field(
         default=None, gt=0, description="end of this rank's layers, exclusive (default: last)"
     )
+    device: str | None = Field(
+        default=None,
+        pattern=r"^(cpu|cuda|metal):\d+$",
+        description="compute on this device only: cuda:N (NVML's number), metal:0 or cpu:0 "
+        "(default: the first GPU MLX reaches here, else the CPU)",
+    )
     model: Path | None = Field(
         default=None,
         description="MLX model directory or GGUF file (default: the bundled SmolLM2)",

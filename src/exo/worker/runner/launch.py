@@ -1,15 +1,18 @@
 """Start a pipeline as N local runner processes on 127.0.0.1 (tests, the CLI, benchmarks).
 
 Each rank is ``sys.executable -m exo.worker.runner.process`` with its own ``MLX_RANK`` and a
-shared ring hostfile on free loopback ports; rank 0 runs one request and its stdout is read
-as it streams.
+shared ring hostfile on free loopback ports; rank 0 takes requests on stdin and its stdout
+is read as it streams.
 """
 
+import contextlib
 import os
+import queue
 import socket
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +22,15 @@ from exo.models.locate import model_directory
 from exo.models.weights_cache import default_weights_cache
 from exo.shared.types.generation import GenerationChunk, GenerationRequest
 from exo.worker.runner.arguments import RunnerArguments
+from exo.worker.runner.hostfile import HOSTFILE_ENV, RANK_ENV, write_hostfile
 from exo.worker.runner.messages import (
     ChunkOutput,
+    GenerateInput,
     RequestFailedOutput,
     StatusOutput,
     parse_output,
 )
-from exo.worker.runner.pipeline import HOSTFILE_ENV, RANK_ENV, split_layers, write_hostfile
+from exo.worker.runner.pipeline import split_layers
 
 
 def free_loopback_ports(count: int) -> list[int]:
@@ -49,6 +54,7 @@ def rank_command(
     layer_range: tuple[int, int],
     model_path: Path | None = None,
     request: GenerationRequest | None = None,
+    device: str | None = None,
 ) -> list[str]:
     return RunnerArguments(
         rank=rank,
@@ -56,6 +62,7 @@ def rank_command(
         hostfile=hostfile,
         layer_start=layer_range[0],
         layer_end=layer_range[1],
+        device=device,
         model=model_path,
         request=request,
     ).command()
@@ -75,13 +82,163 @@ def rank_environment(rank: int, hostfile: Path) -> dict[str, str]:
     return environment
 
 
+class LocalPipeline:
+    """``world_size`` runner processes on this machine forming one pipeline over loopback;
+    rank 0 takes requests on stdin, as under a node's supervisor.
+
+    ``devices`` names each rank's device (None: the runner's default, the first GPU its MLX
+    reaches, else the CPU). Every rank's status lines are kept in ``statuses`` and its
+    stderr in ``stderr``; a watchdog kills every rank after ``timeout_s``.
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        *,
+        layer_ranges: list[tuple[int, int]] | None = None,
+        model_path: Path | None = None,
+        devices: list[str | None] | None = None,
+        timeout_s: float = 120.0,
+    ) -> None:
+        if layer_ranges is None:
+            layer_ranges = split_layers(block_count_for(model_path), world_size)
+        if len(layer_ranges) != world_size:
+            raise ValueError(f"{len(layer_ranges)} layer ranges for {world_size} ranks")
+        self.devices = devices if devices is not None else [None] * world_size
+        if len(self.devices) != world_size:
+            raise ValueError(f"{len(self.devices)} devices for {world_size} ranks")
+        self.world_size = world_size
+        self.layer_ranges = layer_ranges
+        self.model_path = model_path
+        self.timeout_s = timeout_s
+        self.statuses: list[StatusOutput] = []
+        self.stderr = [""] * world_size
+        self.return_codes: list[int | None] = []
+        self.processes: list[subprocess.Popen[str]] = []
+        self._rank_zero: queue.Queue[ChunkOutput | RequestFailedOutput | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._readers: list[threading.Thread] = []
+        self._directory = tempfile.TemporaryDirectory(prefix="exo-ring-")
+        self._killer = threading.Timer(timeout_s, self.kill)
+
+    def __enter__(self) -> "LocalPipeline":
+        hostfile = write_hostfile(
+            Path(self._directory.name) / "hostfile.json",
+            [f"127.0.0.1:{port}" for port in free_loopback_ports(self.world_size)],
+        )
+        for rank in range(self.world_size):
+            self.processes.append(
+                subprocess.Popen(
+                    rank_command(
+                        rank,
+                        self.world_size,
+                        hostfile,
+                        self.layer_ranges[rank],
+                        self.model_path,
+                        device=self.devices[rank],
+                    ),
+                    env=rank_environment(rank, hostfile),
+                    stdin=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        for rank in range(self.world_size):
+            for target in (self._read_stdout, self._read_stderr):
+                reader = threading.Thread(target=target, args=(rank,), daemon=True)
+                reader.start()
+                self._readers.append(reader)
+        self._killer.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _read_stdout(self, rank: int) -> None:
+        stream = self.processes[rank].stdout
+        if stream is not None:
+            for line in stream:
+                if not line.strip():
+                    continue
+                message = parse_output(line)
+                if isinstance(message, StatusOutput):
+                    with self._lock:
+                        self.statuses.append(message)
+                elif rank == 0:
+                    self._rank_zero.put(message)
+        if rank == 0:
+            self._rank_zero.put(None)
+
+    def _read_stderr(self, rank: int) -> None:
+        stream = self.processes[rank].stderr
+        if stream is not None:
+            self.stderr[rank] = stream.read()
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Until every rank reports ``ready``; raises RuntimeError when one fails first."""
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        while time.monotonic() < deadline:
+            with self._lock:
+                failed = [s for s in self.statuses if s.status == "failed"]
+                ready = {s.rank for s in self.statuses if s.status == "ready"}
+            if failed:
+                raise RuntimeError(f"rank {failed[0].rank} failed: {failed[0].error}")
+            if len(ready) == self.world_size:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"the pipeline was not ready within {timeout_s or self.timeout_s} s")
+
+    def generate(self, request: GenerationRequest) -> Iterator[GenerationChunk]:
+        """Rank 0's chunks for ``request`` as they stream (none if a rank is gone); a
+        request rank 0 rejects raises ValueError with its reason."""
+        stdin = self.processes[0].stdin
+        if stdin is None:
+            return
+        try:
+            stdin.write(GenerateInput(request=request).model_dump_json() + "\n")
+            stdin.flush()
+        except OSError:  # rank 0 has already exited; its statuses say why
+            return
+        while (message := self._rank_zero.get()) is not None:
+            if isinstance(message, RequestFailedOutput):
+                raise ValueError(message.error)
+            yield message.chunk
+            if message.chunk.finish_reason is not None:
+                return
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+
+    def close(self) -> None:
+        """Shut the ranks down (end of rank 0's input), killing what is left after the
+        timeout; collects return codes and stderr."""
+        stdin = self.processes[0].stdin if self.processes else None
+        if stdin is not None:
+            with contextlib.suppress(OSError):
+                stdin.close()
+        for process in self.processes:
+            try:
+                process.wait(timeout=self.timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._killer.cancel()
+        for reader in self._readers:
+            reader.join(timeout=5)
+        self.return_codes = [process.returncode for process in self.processes]
+        self._directory.cleanup()
+
+
 @dataclass
 class LocalPipelineRun:
     """What came back from a local pipeline run."""
 
     chunks: list[GenerationChunk] = field(default_factory=lambda: list[GenerationChunk]())
     statuses: list[StatusOutput] = field(default_factory=lambda: list[StatusOutput]())
-    failures: list[RequestFailedOutput] = field(default_factory=lambda: list[RequestFailedOutput]())
+    failures: list[str] = field(default_factory=lambda: list[str]())
     return_codes: list[int | None] = field(default_factory=lambda: list[int | None]())
     stderr: list[str] = field(default_factory=lambda: list[str]())
 
@@ -103,105 +260,32 @@ def stream_local_pipeline(
     request: GenerationRequest,
     layer_ranges: list[tuple[int, int]] | None = None,
     model_path: Path | None = None,
-    block_count: int | None = None,
+    devices: list[str | None] | None = None,
     timeout_s: float = 120.0,
     run: LocalPipelineRun | None = None,
 ) -> Iterator[GenerationChunk]:
-    """Start ``world_size`` ranks, yield rank 0's chunks as they stream, then clean up.
-
-    Status lines of every rank, failures, return codes and stderr go into ``run``.
-    """
+    """Start ``world_size`` ranks, yield rank 0's chunks for ``request`` as they stream,
+    then shut the ranks down. Statuses, failures, return codes and stderr go into ``run``."""
     record = run if run is not None else LocalPipelineRun()
-    if layer_ranges is None:
-        if block_count is None:
-            block_count = block_count_for(model_path)
-        layer_ranges = split_layers(block_count, world_size)
-    ranges = layer_ranges
-    if len(ranges) != world_size:
-        raise ValueError(f"{len(ranges)} layer ranges for {world_size} ranks")
-    with tempfile.TemporaryDirectory(prefix="exo-ring-") as directory:
-        hostfile = write_hostfile(
-            Path(directory) / "hostfile.json",
-            [f"127.0.0.1:{port}" for port in free_loopback_ports(world_size)],
-        )
-        processes = [
-            subprocess.Popen(
-                rank_command(
-                    rank,
-                    world_size,
-                    hostfile,
-                    ranges[rank],
-                    model_path,
-                    request if rank == 0 else None,
-                ),
-                env=rank_environment(rank, hostfile),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for rank in range(world_size)
-        ]
-        stderr_text = [""] * world_size
-        lock = threading.Lock()
-        outputs: list[StatusOutput | ChunkOutput | RequestFailedOutput] = []
-
-        def drain_stderr(rank: int) -> None:
-            stream = processes[rank].stderr
-            if stream is not None:
-                stderr_text[rank] = stream.read()
-
-        def drain_stdout(rank: int) -> None:
-            stream = processes[rank].stdout
-            if stream is None:
-                return
-            for line in stream:
-                if line.strip():
-                    with lock:
-                        outputs.append(parse_output(line))
-
-        readers = [
-            threading.Thread(target=drain_stderr, args=(rank,), daemon=True)
-            for rank in range(world_size)
-        ] + [
-            threading.Thread(target=drain_stdout, args=(rank,), daemon=True)
-            for rank in range(1, world_size)
-        ]
-        for reader in readers:
-            reader.start()
-        killer = threading.Timer(timeout_s, lambda: [p.kill() for p in processes])
-        killer.start()
-        try:
-            rank_zero_out = processes[0].stdout
-            if rank_zero_out is not None:
-                for line in rank_zero_out:
-                    if not line.strip():
-                        continue
-                    message = parse_output(line)
-                    match message:
-                        case ChunkOutput(chunk=chunk):
-                            record.chunks.append(chunk)
-                            yield chunk
-                        case RequestFailedOutput():
-                            record.failures.append(message)
-                        case StatusOutput():
-                            record.statuses.append(message)
-            for process in processes:
-                process.wait(timeout=timeout_s)
-        finally:
-            killer.cancel()
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-            for reader in readers:
-                reader.join(timeout=5)
-            with lock:
-                for message in outputs:
-                    if isinstance(message, StatusOutput):
-                        record.statuses.append(message)
-            record.return_codes = [process.returncode for process in processes]
-            record.stderr = stderr_text
+    pipeline = LocalPipeline(
+        world_size,
+        layer_ranges=layer_ranges,
+        model_path=model_path,
+        devices=devices,
+        timeout_s=timeout_s,
+    )
+    try:
+        with pipeline:
+            try:
+                for chunk in pipeline.generate(request):
+                    record.chunks.append(chunk)
+                    yield chunk
+            except ValueError as error:
+                record.failures.append(str(error))
+    finally:
+        record.statuses = list(pipeline.statuses)
+        record.return_codes = pipeline.return_codes
+        record.stderr = pipeline.stderr
 
 
 def run_local_pipeline(
@@ -209,12 +293,13 @@ def run_local_pipeline(
     request: GenerationRequest,
     layer_ranges: list[tuple[int, int]] | None = None,
     model_path: Path | None = None,
+    devices: list[str | None] | None = None,
     timeout_s: float = 120.0,
 ) -> LocalPipelineRun:
     """Run ``request`` on a local ``world_size``-rank pipeline and collect everything."""
     run = LocalPipelineRun()
     for _ in stream_local_pipeline(
-        world_size, request, layer_ranges, model_path, timeout_s=timeout_s, run=run
+        world_size, request, layer_ranges, model_path, devices, timeout_s=timeout_s, run=run
     ):
         pass
     return run

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from exo.shared.types.execution import ComputeDevice
 from exo.shared.types.generation import GenerationChunk, GenerationRequest
 from exo.shared.types.runners import RunnerStatus
 
@@ -49,6 +50,8 @@ class StatusOutput(BaseModel):
     layer_end: int | None = None
     weight_bytes: int | None = None
     rss_bytes: int | None = None
+    compute_device: ComputeDevice | None = None
+    """Where this rank computes, once it has its device."""
 
 
 class ChunkOutput(BaseModel):

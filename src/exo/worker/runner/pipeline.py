@@ -16,15 +16,17 @@ runs :func:`serve_stage`. A request goes as mlx-lm's ``generate_step`` does it i
 process, so a pipeline produces exactly the single process's tokens: BEGIN (every rank
 empties its caches, the last rank makes the sampler), the prompt but its last token in
 PREFILL chunks of :data:`PREFILL_STEP` tokens, then one FORWARD per generated token. Per
-step a header then the hidden state travel 0 -> 1 -> ... -> last; after a FORWARD the last
-rank samples the next token and sends it to rank 0 (its ring neighbour), which feeds it in
-as the next step's input.
+step a header travels 0 -> 1 -> ... -> last on the control channel
+(:mod:`~exo.worker.runner.control_channel`) and the hidden state after it on the MLX ring;
+after a FORWARD the last rank samples the next token and sends it on the control channel
+to rank 0 (its ring neighbour), which feeds it in as the next step's input. A rank waits
+only on the control channel, never inside MLX's receive (which spins a core), so an idle
+pipeline, and a rank waiting for its turn, costs no CPU.
 
-Header (:data:`HEADER_WORDS` uint32): command, length, activation dtype, hidden size, seed
-(u64), temperature (f64), top_p (f64).
+Header (:data:`HEADER_BYTES`, ten little-endian uint32): command, length, activation dtype,
+hidden size, seed (u64), temperature (f64), top_p (f64).
 """
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,16 +38,16 @@ from loguru import logger
 
 from exo.models.stage import ModelStage
 from exo.shared.types.generation import SamplingParams
+from exo.worker.runner.control_channel import ControlChannel
 from exo.worker.runner.engine import TokenSampler, sample_last_position, token_sampler
-
-HOSTFILE_ENV = "MLX_HOSTFILE"
-RANK_ENV = "MLX_RANK"
+from exo.worker.runner.hostfile import HOSTFILE_ENV, RANK_ENV, read_hostfile
 
 COMMAND_BEGIN = 1
 COMMAND_PREFILL = 2
 COMMAND_FORWARD = 3
 COMMAND_SHUTDOWN = 4
-HEADER_WORDS = 10
+HEADER_BYTES = 40
+TOKEN_BYTES = 4
 PREFILL_STEP = 2048
 """Prompt tokens per prefill chunk (mlx-lm's ``generate_step`` default)."""
 
@@ -68,28 +70,6 @@ def split_layers(block_count: int, world_size: int) -> list[tuple[int, int]]:
         ranges.append((start, end))
         start = end
     return ranges
-
-
-def write_hostfile(path: Path | str, addresses: Sequence[str]) -> Path:
-    """Write the ring hostfile: one ``"ip:port"`` per rank, in rank order."""
-    path = Path(path)
-    path.write_text(json.dumps([[address] for address in addresses]))
-    return path
-
-
-def read_hostfile(path: Path | str) -> list[list[str]]:
-    data: object = json.loads(Path(path).read_text())
-    if not isinstance(data, list):
-        raise PipelineError(f"hostfile {path} is not a JSON list")
-    hosts: list[list[str]] = []
-    for entry in cast(list[object], data):
-        addresses = [entry] if isinstance(entry, str) else entry
-        if not isinstance(addresses, list) or not all(
-            isinstance(address, str) for address in cast(list[object], addresses)
-        ):
-            raise PipelineError(f"hostfile {path}: entry {entry!r} is not a list of 'ip:port'")
-        hosts.append(cast(list[str], addresses))
-    return hosts
 
 
 def init_ring_group(rank: int, hostfile: Path | str) -> mx.distributed.Group:
@@ -145,7 +125,7 @@ class Header:
         self.hidden_size = hidden_size
         self.sampling = sampling or SamplingParams()
 
-    def encode(self) -> mx.array:
+    def encode(self) -> bytes:
         words = np.concatenate(
             [
                 np.array(
@@ -158,11 +138,11 @@ class Header:
                 ),
             ]
         )
-        return mx.array(words)
+        return words.astype("<u4").tobytes()
 
     @classmethod
-    def decode(cls, array: mx.array) -> "Header":
-        words = np.array(array, dtype=np.uint32)
+    def decode(cls, data: bytes) -> "Header":
+        words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
         seed = int(words[4:6].view(np.uint64)[0])
         temperature, top_p = (float(value) for value in words[6:10].view(np.float64))
         return cls(
@@ -200,16 +180,44 @@ def _check_layer_chain(stage: ModelStage, group: mx.distributed.Group) -> None:
             raise PipelineError("the pipeline's layer ranges do not chain (see the other ranks)")
 
 
+def link_control_channel(group: mx.distributed.Group, hostfile: Path | str) -> ControlChannel:
+    """Set up this rank's control channel (see :mod:`~exo.worker.runner.control_channel`):
+    listen on its ring address, tell the right neighbour the port, link both neighbours."""
+    hosts = read_hostfile(hostfile)
+    rank, size = group.rank(), group.size()
+    left = (rank - 1) % size
+
+    def host_of(index: int) -> str:
+        return hosts[index][0].rsplit(":", 1)[0]
+
+    channel = ControlChannel(host_of(rank))
+    try:
+        _send(mx.array([channel.port], dtype=mx.int32), (rank + 1) % size, group)
+        left_port = _scalar(_receive((1,), mx.int32, left, group))
+        channel.join(host_of(left), left_port)
+    except Exception:
+        channel.close()
+        raise
+    return channel
+
+
+def _token_bytes(token: mx.array) -> bytes:
+    return np.array([_scalar(token)], dtype="<i4").tobytes()
+
+
 class PipelineStepper:
     """Rank 0's side of the pipeline: a :class:`~exo.worker.runner.engine.TokenStepper`."""
 
-    def __init__(self, stage: ModelStage, group: mx.distributed.Group) -> None:
+    def __init__(
+        self, stage: ModelStage, group: mx.distributed.Group, control: ControlChannel
+    ) -> None:
         if group.rank() != 0 or not stage.is_first:
             raise PipelineError("the pipeline stepper runs on rank 0 with the first layers")
         if group.size() < 2:
             raise PipelineError("a pipeline needs at least two ranks")
         self.stage = stage
         self.group = group
+        self.control = control
         self._interrupted = False
         """A step did not finish (an error, often a lost neighbour): the other ranks are
         mid-step, and the ring may be broken."""
@@ -222,42 +230,40 @@ class PipelineStepper:
     def _forward(self, command: int, token_ids: Sequence[int], cache: list[object]) -> None:
         hidden = self.stage(mx.array([list(token_ids)]), cache)
         mx.eval(hidden)
-        header = Header(command, len(token_ids), hidden.dtype, hidden.shape[-1])
-        _send(header.encode(), 1, self.group)
+        self.control.send(Header(command, len(token_ids), hidden.dtype, hidden.shape[-1]).encode())
         _send(hidden, 1, self.group)
 
     def generate(
         self, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int
     ) -> Iterator[int]:
         self._interrupted = True
-        _send(Header(COMMAND_BEGIN, sampling=sampling).encode(), 1, self.group)
+        self.control.send(Header(COMMAND_BEGIN, sampling=sampling).encode())
         cache: list[object] = self.stage.make_cache()
         remaining = list(prompt)
         while len(remaining) > 1:
             chunk = remaining[: min(PREFILL_STEP, len(remaining) - 1)]
             self._forward(COMMAND_PREFILL, chunk, cache)
             remaining = remaining[len(chunk) :]
-        last_rank = self.group.size() - 1
         self._interrupted = False
         for _ in range(max_tokens):
             self._interrupted = True
             self._forward(COMMAND_FORWARD, remaining, cache)
-            token = _scalar(_receive((1,), mx.int32, last_rank, self.group))
+            token = int(np.frombuffer(self.control.receive(TOKEN_BYTES), dtype="<i4")[0])
             self._interrupted = False
             yield token
             remaining = [token]
 
     def shutdown(self) -> None:
         """Tell the other ranks to stop. Skipped after an interrupted step: they are not
-        waiting for a header then, and a send on a broken ring can block for good (MLX 0.32);
-        they fail on their own once this process exits and its sockets close."""
+        waiting for a header then; they fail on their own once this process exits and its
+        connections close."""
         if self._interrupted:
             logger.warning("pipeline interrupted mid-step; not sending shutdown")
             return
-        _send(Header(COMMAND_SHUTDOWN).encode(), 1, self.group)
+        self.control.send(Header(COMMAND_SHUTDOWN).encode())
 
 
-def serve_stage(stage: ModelStage, group: mx.distributed.Group) -> None:
+def serve_stage(stage: ModelStage, group: mx.distributed.Group, control: ControlChannel) -> None:
     """Ranks 1..n-1: follow rank 0's headers until SHUTDOWN."""
     rank, size = group.rank(), group.size()
     if rank == 0:
@@ -267,16 +273,14 @@ def serve_stage(stage: ModelStage, group: mx.distributed.Group) -> None:
     cache: list[object] = stage.make_cache()
     sampler: TokenSampler = token_sampler(SamplingParams())
     while True:
-        encoded = _receive((HEADER_WORDS,), mx.uint32, rank - 1, group)
+        encoded = control.receive(HEADER_BYTES)  # sleeps until rank 0 has work
         header = Header.decode(encoded)
+        if header.command in (COMMAND_SHUTDOWN, COMMAND_BEGIN) and not is_last:
+            control.send(encoded)
         if header.command == COMMAND_SHUTDOWN:
-            if not is_last:
-                _send(encoded, rank + 1, group)
             logger.debug("rank {} shutting down", rank)
             return
         if header.command == COMMAND_BEGIN:
-            if not is_last:
-                _send(encoded, rank + 1, group)
             cache = stage.make_cache()
             if is_last:
                 sampler = token_sampler(header.sampling)
@@ -287,10 +291,13 @@ def serve_stage(stage: ModelStage, group: mx.distributed.Group) -> None:
         output = stage(hidden, cache)
         if not is_last:
             mx.eval(output)
-            _send(encoded, rank + 1, group)
+            control.send(
+                Header(
+                    header.command, header.length, output.dtype, output.shape[-1], header.sampling
+                ).encode()
+            )
             _send(output, rank + 1, group)
         elif header.command == COMMAND_FORWARD:
-            token = sample_last_position(output, sampler)
-            _send(token.astype(mx.int32).reshape(1), 0, group)
+            control.send(_token_bytes(sample_last_position(output, sampler)))
         else:
             mx.eval([layer_cache.state for layer_cache in cache])  # pyright: ignore[reportAttributeAccessIssue]

@@ -6,6 +6,11 @@ With ``--world-size 1`` no hostfile is needed and the process holds the whole mo
 serves requests read as JSON lines from stdin (or the single ``--request``, then shuts the
 pipeline down); every rank writes status lines to stdout (see
 :mod:`exo.worker.runner.messages`). Logs go to stderr.
+
+The first thing a rank does is take its device (``--device``): it makes it MLX's default
+device, or fails with the reason, before anything else touches MLX. The model code is
+imported only then, so nothing (mlx-lm creates a stream on MLX's default device when it is
+imported) lands on another device first.
 """
 
 import os
@@ -14,20 +19,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import mlx.core as mx
 import psutil
 from loguru import logger
 
-from exo.models.locate import model_directory
-from exo.models.stage import ModelStage, load_stage
-from exo.models.tokenizer import load_model_tokenizer
 from exo.models.weights_cache import default_weights_cache
+from exo.shared.types.execution import ComputeDevice
 from exo.shared.types.generation import GenerationRequest
 from exo.shared.types.runners import RunnerStatus
+from exo.worker.compute_device import use_compute_device
 from exo.worker.runner.arguments import RunnerArguments, RunnerArgumentsError
-from exo.worker.runner.engine import Engine, LocalStepper, TokenStepper
 from exo.worker.runner.messages import (
     CancelInput,
     ChunkOutput,
@@ -37,7 +39,10 @@ from exo.worker.runner.messages import (
     StatusOutput,
     parse_input,
 )
-from exo.worker.runner.pipeline import PipelineStepper, init_ring_group, serve_stage
+
+if TYPE_CHECKING:
+    from exo.models.stage import ModelStage
+    from exo.worker.runner.engine import Engine, TokenStepper
 
 Emit = Callable[[StatusOutput | ChunkOutput | RequestFailedOutput], None]
 
@@ -116,8 +121,10 @@ def run_rank(
 ) -> None:
     """Run one rank to completion: load, join the group, serve (rank 0: ``requests``)."""
 
+    device: ComputeDevice | None = None
+
     def status(
-        value: RunnerStatus, stage: ModelStage | None = None, error: str | None = None
+        value: RunnerStatus, stage: "ModelStage | None" = None, error: str | None = None
     ) -> None:
         emit(
             StatusOutput(
@@ -128,12 +135,27 @@ def run_rank(
                 layer_end=stage.layer_end if stage else None,
                 weight_bytes=stage.nbytes if stage else None,
                 rss_bytes=_rss_bytes(),
+                compute_device=device,
             )
         )
 
     stage: ModelStage | None = None
     try:
         status("loading")
+        device = use_compute_device(config.device)
+        logger.info("rank {} computes on {} ({})", config.rank, device.device_id, device.name)
+        # Only now: importing mlx-lm makes a stream on MLX's default device.
+        from exo.models.locate import model_directory
+        from exo.models.stage import load_stage
+        from exo.models.tokenizer import load_model_tokenizer
+        from exo.worker.runner.engine import Engine, LocalStepper
+        from exo.worker.runner.pipeline import (
+            PipelineStepper,
+            init_ring_group,
+            link_control_channel,
+            serve_stage,
+        )
+
         directory = model_directory(config.model, config.weights_cache or default_weights_cache())
         stage = load_stage(directory, config.layer_start, config.layer_end)
         tokenizer = load_model_tokenizer(directory) if config.rank == 0 else None
@@ -151,12 +173,13 @@ def run_rank(
                     f"the hostfile has {group.size()} ranks but the world size is "
                     f"{config.world_size}"
                 )
+            control = link_control_channel(group, config.hostfile)
             if config.rank != 0:
                 status("ready", stage)
-                serve_stage(stage, group)
+                serve_stage(stage, group, control)
                 status("shut_down", stage)
                 return
-            stepper = PipelineStepper(stage, group)
+            stepper = PipelineStepper(stage, group, control)
             status("ready", stage)
         if tokenizer is None or requests is None:
             raise ValueError("rank 0 needs a tokenizer and a request source")
@@ -174,7 +197,7 @@ def run_rank(
 
 
 def _serve_requests(
-    engine: Engine,
+    engine: "Engine",
     requests: RequestSource,
     emit: Emit,
     status: Callable[[RunnerStatus], None],
@@ -234,8 +257,6 @@ def main(argv: list[str] | None = None) -> int:
         run_rank(config, requests)
     except Exception:
         return 1
-    finally:
-        mx.clear_cache()
     return 0
 
 

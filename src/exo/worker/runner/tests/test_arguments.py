@@ -1,6 +1,7 @@
 """The runner command line: one model builds and parses it; the supervisor fills it from a
 shard and the model's card."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from exo.shared.types.generation import GenerationRequest
 from exo.shared.types.ids import DeviceId, InstanceId, NodeId, RunnerId
 from exo.shared.types.instances import Instance, PlacementDecision, Shard
 from exo.worker.runner.arguments import RUNNER_MODULE, RunnerArguments, RunnerArgumentsError
-from exo.worker.supervisor import runner_arguments
+from exo.worker.supervisor import compute_device_for, runner_arguments, runner_environment
 
 
 def test_argv_and_parse_are_inverse() -> None:
@@ -109,3 +110,17 @@ def test_models_dir_flag_and_environment(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("EXO_MODELS_DIR", str(tmp_path / "absent"))
     with pytest.raises(StartupError, match="EXO_MODELS_DIR"):
         config_from_args(parser.parse_args([]))
+
+
+def test_runners_compute_on_the_placed_device_and_see_only_their_gpu() -> None:
+    instance = _instance("SmolLM2-135M-Instruct")
+    shard = instance.shards[0].model_copy(update={"device_id": DeviceId("cuda:2")})
+    assert compute_device_for(shard, simulated_devices=False) == "cuda:2"
+    # A simulated GPU is a placement target for tests and demos: it computes on the CPU.
+    assert compute_device_for(shard, simulated_devices=True) == "cpu:0"
+    cuda = runner_environment("cuda:2")
+    assert cuda["CUDA_VISIBLE_DEVICES"] == "2" and cuda["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    cpu = runner_environment("cpu:0")  # a CPU runner's environment is the node's
+    assert cpu.get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")
+    arguments = runner_arguments(instance, shard, None, Path("/w"), "cuda:2")
+    assert arguments.device == "cuda:2"

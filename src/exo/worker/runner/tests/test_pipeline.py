@@ -4,16 +4,20 @@ same request run in one process."""
 import json
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import mlx.core as mx
+import psutil
 import pytest
 
 from exo.models.tests.tiny_models import FAMILY_CONFIGS
 from exo.shared.types.generation import GenerationChunk, GenerationRequest, SamplingParams
 from exo.worker.runner.engine import Engine, LocalStepper
 from exo.worker.runner.generate import load_local_engine
+from exo.worker.runner.hostfile import read_hostfile, write_hostfile
 from exo.worker.runner.launch import (
+    LocalPipeline,
     LocalPipelineRun,
     free_loopback_ports,
     rank_command,
@@ -27,13 +31,7 @@ from exo.worker.runner.messages import (
     StatusOutput,
     parse_output,
 )
-from exo.worker.runner.pipeline import (
-    COMMAND_FORWARD,
-    Header,
-    read_hostfile,
-    split_layers,
-    write_hostfile,
-)
+from exo.worker.runner.pipeline import COMMAND_FORWARD, Header, split_layers
 
 GREEDY = GenerationRequest(
     request_id="greedy",
@@ -135,8 +133,8 @@ def test_layer_ranges_that_do_not_chain_fail_clearly() -> None:
 
 
 def test_rank_zero_fails_instead_of_hanging_when_its_neighbour_dies(tmp_path: Path) -> None:
-    # MLX's ring backend reports a closed peer socket as an error, so rank 0 blocked on the
-    # last rank's token ends with a failed status rather than waiting forever.
+    # Rank 0 waits for the last rank's token on the control channel; the dead rank's closed
+    # connection ends that wait with a failed status rather than a hang.
     hostfile = write_hostfile(
         tmp_path / "hosts.json", [f"127.0.0.1:{port}" for port in free_loopback_ports(2)]
     )
@@ -172,13 +170,36 @@ def test_rank_zero_fails_instead_of_hanging_when_its_neighbour_dies(tmp_path: Pa
         outputs += [parse_output(line) for line in rank_zero.stdout if line.strip()]
         assert rank_zero.wait(timeout=30) != 0
         failed = [o for o in outputs if isinstance(o, StatusOutput) and o.status == "failed"]
-        assert failed and "lost" in (failed[0].error or ""), outputs
+        assert failed and "closed the pipeline" in (failed[0].error or ""), outputs
     finally:
         watchdog.cancel()
         for process in processes:
             if process.poll() is None:
                 process.kill()
             process.wait()
+
+
+def _cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def test_idle_ranks_sleep_instead_of_spinning() -> None:
+    # MLX's ring receive spins a core while it waits; ranks wait on the control channel.
+    # A spinning rank would show ~1 s of CPU per second here; the bound only catches that.
+    with LocalPipeline(3) as pipeline:
+        pipeline.wait_ready()
+        served = "".join(chunk.text for chunk in pipeline.generate(GREEDY))
+        assert served
+        time.sleep(0.5)
+        before = [_cpu_seconds(process.pid) for process in pipeline.processes]
+        time.sleep(2.0)
+        after = [_cpu_seconds(process.pid) for process in pipeline.processes]
+        busy = [(b - a) / 2.0 for a, b in zip(before, after, strict=True)]
+        assert all(share < 0.1 for share in busy), busy
+        # ...and they still answer after the idle spell.
+        assert "".join(chunk.text for chunk in pipeline.generate(GREEDY)) == served
+    assert pipeline.return_codes == [0, 0, 0]
 
 
 FAMILY_REQUEST = GenerationRequest(

@@ -52,3 +52,39 @@ def test_serves_requests_cancels_and_shuts_down() -> None:
     failures = [o for o in outputs if isinstance(o, RequestFailedOutput)]
     assert [f.request_id for f in failures] == ["empty"]
     assert "messages or a prompt" in failures[0].error
+
+
+def test_a_runner_refuses_a_device_it_cannot_get_instead_of_using_another() -> None:
+    # This machine's MLX has no CUDA (the CI and development machines are CPU-only).
+    process = subprocess.run(
+        [sys.executable, "-m", "exo.worker.runner.process", "--device", "cuda:0"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    outputs = [parse_output(line) for line in process.stdout.splitlines() if line.strip()]
+    statuses = [o for o in outputs if isinstance(o, StatusOutput)]
+    assert process.returncode == 1
+    assert [s.status for s in statuses] == ["loading", "failed"]
+    assert "cuda:0 is out of reach" in (statuses[-1].error or "")
+    assert "--extra cuda13" in (statuses[-1].error or "")
+    assert statuses[-1].weight_bytes is None  # it failed before loading anything
+    assert statuses[-1].compute_device is None
+
+
+def test_a_runner_reports_the_device_it_computes_on() -> None:
+    request = GenerationRequest(request_id="a", prompt="Hello", max_tokens=2)
+    process = subprocess.run(
+        [sys.executable, "-m", "exo.worker.runner.process", "--device", "cpu:0"],
+        input=GenerateInput(request=request).model_dump_json() + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert process.returncode == 0, process.stderr
+    outputs = [parse_output(line) for line in process.stdout.splitlines() if line.strip()]
+    statuses = [o for o in outputs if isinstance(o, StatusOutput)]
+    assert all(s.compute_device is not None for s in statuses if s.status != "loading")
+    device = statuses[-1].compute_device
+    assert device is not None and (device.device_id, device.backend) == ("cpu:0", "cpu")
