@@ -161,7 +161,7 @@ def test_without_gpu_telemetry_the_cpus_get_the_greedy_split() -> None:
     state = build_state(["a", "b"], ram_available_gb=4.0)
     instance = place(state, LLAMA_8B)
     assert instance.placement.strategy == "greedy"
-    assert {shard.device_id for shard in instance.shards} == {"cpu"}
+    assert {shard.device_id for shard in instance.shards} == {"cpu:0"}
     assert "no GPU telemetry" in instance.placement.reasons[0]
     assert_well_formed(instance, 32)
 
