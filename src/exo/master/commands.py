@@ -4,7 +4,7 @@ import ipaddress
 from typing import assert_never
 
 from exo.master.placement import PlacementError, place_instance
-from exo.models.cards import get_model_card, known_model_cards
+from exo.models.cards import get_model_card, known_model_cards, unavailable_reason
 from exo.shared.types.commands import (
     CancelTask,
     Command,
@@ -122,6 +122,12 @@ def plan_instance(
 ) -> Instance | CommandResult:
     """Placement plus ring endpoints; also used for dry runs by the API."""
     card = get_model_card(command.model_id)
+    if card is None and (reason := unavailable_reason(command.model_id)) is not None:
+        return CommandResult(
+            ok=False,
+            status_code=503,
+            error=f"'{command.model_id}' cannot be placed from this node now: {reason}",
+        )
     if card is None:
         known = ", ".join(sorted(known_model_cards()))
         return CommandResult(

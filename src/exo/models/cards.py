@@ -145,6 +145,7 @@ class ModelRegistry:
         self._include_bundled = include_bundled
         self._weights_cache = weights_cache
         self._bundled_card: ModelCard | None = None
+        self._bundled_error: str | None = None
         for card in _planning_cards():
             self.register(card)
         for card in extra_cards:
@@ -159,6 +160,7 @@ class ModelRegistry:
         if directory != self._weights_cache:
             self._weights_cache = directory
             self._bundled_card = None
+            self._bundled_error = None
 
     def register(self, card: ModelCard) -> None:
         """Add or replace a card (a later card with the same id wins)."""
@@ -170,8 +172,11 @@ class ModelRegistry:
         if self._bundled_card is None:
             try:
                 self._bundled_card = bundled_model_card(self.weights_cache)
+                self._bundled_error = None
             except (BundledModelMissingError, OSError, ValueError) as error:
-                logger.warning(f"bundled model card unavailable: {error}")
+                if str(error) != self._bundled_error:
+                    logger.warning(f"bundled model card unavailable: {error}")
+                self._bundled_error = str(error)
                 return None
         return self._bundled_card
 
@@ -181,6 +186,13 @@ class ModelRegistry:
             return self._cards[key]
         if key == _normalise(BUNDLED_MODEL_ID):
             return self._bundled()
+        return None
+
+    def unavailable_reason(self, model_id: str) -> str | None:
+        """Why a model this registry knows has no card right now (the bundled model's
+        import failed, say), or None."""
+        if _normalise(model_id) == _normalise(BUNDLED_MODEL_ID) and self._bundled() is None:
+            return self._bundled_error
         return None
 
     def all(self) -> dict[str, ModelCard]:
@@ -204,6 +216,11 @@ def known_model_cards() -> dict[str, ModelCard]:
 def get_model_card(model_id: str) -> ModelCard | None:
     """The card for ``model_id`` (case-insensitive; an ``org/`` prefix is ignored), or None."""
     return _default_registry.get(model_id)
+
+
+def unavailable_reason(model_id: str) -> str | None:
+    """Why a known model cannot be placed from this node right now, or None."""
+    return _default_registry.unavailable_reason(model_id)
 
 
 def register_model_card(card: ModelCard) -> None:

@@ -79,7 +79,10 @@ def ensure_imported(gguf_path: Path, cache_dir: Path) -> Path:
         check=False,
     )
     if result.returncode != 0 or not (final / CONFIG_FILE).is_file():
-        raise WeightsImportError(f"could not import {gguf_path}: {result.stderr.strip()[-500:]}")
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        raise WeightsImportError(
+            f"could not import {gguf_path.name}: {lines[-1] if lines else 'no output'}"
+        )
     return final
 
 

@@ -1,9 +1,12 @@
 """Model cards: the bundled card is measured from the real GGUF; planning cards match the
 published sizes."""
 
+from pathlib import Path
+
 import mlx.core as mx
 import pytest
 
+from exo.master.commands import plan_instance
 from exo.models.bundled import bundled_gguf_path
 from exo.models.cards import (
     ModelRegistry,
@@ -12,7 +15,9 @@ from exo.models.cards import (
     kv_cache_bytes_per_token,
     register_model_card,
 )
+from exo.shared.types.commands import CommandResult, PlaceInstance
 from exo.shared.types.models import ModelCard
+from exo.shared.types.state import State
 
 GB = 1e9
 
@@ -88,3 +93,20 @@ def test_cards_can_be_registered() -> None:
     assert "SmolLM2-135M-Instruct" not in registry.all()
     register_model_card(card)
     assert get_model_card("local/My-Model-4bit") == card
+
+
+def test_a_bundled_model_that_cannot_be_imported_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("x")
+    registry = ModelRegistry(weights_cache=blocker / "weights")
+    assert registry.get("SmolLM2-135M-Instruct") is None
+    reason = registry.unavailable_reason("SmolLM2-135M-Instruct")
+    assert reason is not None and "could not import SmolLM2-135M-Instruct.Q4_1.gguf" in reason
+    assert registry.unavailable_reason("Llama-3.1-8B-Instruct-4bit") is None
+
+    monkeypatch.setattr("exo.models.cards._default_registry", registry)
+    result = plan_instance(PlaceInstance(model_id="SmolLM2-135M-Instruct"), State())
+    assert isinstance(result, CommandResult) and result.status_code == 503
+    assert result.error is not None and "cannot be placed from this node now" in result.error
