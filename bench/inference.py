@@ -1,12 +1,23 @@
-"""Inference through the whole stack: single node vs 2- and 3-node pipelines on loopback.
+"""Inference: exo's engine against mlx-lm's own generation, idle ranks, memory per rank,
+and the whole stack on 1-, 2- and 3-node clusters.
 
-For each layout, real exo nodes place SmolLM2-135M-Instruct (min_nodes = N), then streamed
-chat requests at temperature 0 measure time to first token and decode tokens/s; every
-runner's peak RSS (VmHWM) is read and set against its share of the layers. Ratios are
-against the single node of the same run. All ranks share this machine's cores, so the
-pipelines show their overhead, not a speed-up.
+Every ratio is against a baseline measured in the same run on the same machine:
 
-    uv run python bench/inference.py [--requests 3] [--max-tokens 48]
+1. **Engine vs mlx-lm** on the same weights (the bundled SmolLM2, imported) and device:
+   mlx-lm's ``stream_generate`` in this process, exo's engine in this process
+   (``LocalStepper``), and exo's engine as a 2-rank pipeline of runner processes; greedy,
+   ``--max-tokens`` new tokens, median of ``--repeats`` interleaved runs. Time to first token (TTFT)
+   and decode tokens/s after it; engine / mlx-lm ratios (decode: higher is better).
+2. **Idle ranks**: a 3-rank pipeline after serving a request, each rank's CPU over
+   ``--idle-seconds`` as a share of one core.
+3. **Memory per rank**: a small qwen3 (12 layers, bfloat16, random weights) built here, on
+   1, 2 and 3 ranks: each rank's weights and peak RSS (VmHWM) against its share of layers.
+4. **Cluster** (skip with ``--no-cluster``): real nodes on loopback place the bundled model
+   with ``min_nodes`` 1, 2, 3; streamed chat requests through the API.
+
+All ranks share this machine's cores, so pipelines show their overhead, not a speed-up.
+
+    uv run python bench/inference.py [--max-tokens 64] [--repeats 3] [--device cpu:0]
 """
 
 import argparse
@@ -15,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,39 +35,106 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from exo.models.bundled import bundled_gguf_path
+from exo.models.weights_cache import default_weights_cache, ensure_imported
+from exo.shared.types.generation import GenerationChunk, GenerationRequest
+from exo.worker.runner.launch import LocalPipeline
 from tests.cluster import ExoNode, converged, running_cluster, wait_until
 
 MODEL = "SmolLM2-135M-Instruct"
-PROMPT = "Write one sentence about the sea."
+MESSAGES = [{"role": "user", "content": "Write a short story about a dragon who learns to fly."}]
+
+Timing = tuple[float, float]
+"""(seconds to first token, decode tokens/s after it)."""
 
 
-def stream_once(node: ExoNode, max_tokens: int) -> tuple[float, float, int]:
-    """(seconds to first token, decode tokens/s after it, completion tokens)."""
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": PROMPT}],
-        "temperature": 0,
-        "max_tokens": max_tokens,
-        "stream": True,
-    }
+def timed(tokens: Iterator[int]) -> Timing:
+    """TTFT and decode rate of a token stream (each item: tokens that arrived)."""
     started = time.perf_counter()
     first: float | None = None
-    tokens = 0
-    with httpx.stream(
-        "POST", node.url + "/v1/chat/completions", json=body, timeout=300.0
-    ) as response:
-        for line in response.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            frame = json.loads(line[len("data: ") :])
-            choice = frame["choices"][0]
-            if choice["delta"].get("content") and first is None:
-                first = time.perf_counter()
-            if frame.get("usage"):
-                tokens = frame["usage"]["completion_tokens"]
+    count = 0
+    for arrived in tokens:
+        if arrived and first is None:
+            first = time.perf_counter()
+        count += arrived
     finished = time.perf_counter()
-    assert first is not None and tokens > 1
-    return first - started, (tokens - 1) / max(finished - first, 1e-9), tokens
+    assert first is not None and count > 1
+    return first - started, (count - 1) / max(finished - first, 1e-9)
+
+
+def chunk_tokens(chunks: Iterator[GenerationChunk]) -> Iterator[int]:
+    for chunk in chunks:
+        yield len(chunk.token_ids)
+
+
+def median_timing(runs: list[Timing]) -> Timing:
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def engine_versus_mlx_lm(max_tokens: int, repeats: int, device: str | None) -> None:
+    from exo.worker.compute_device import use_compute_device
+
+    used = use_compute_device(device)  # before mlx-lm makes its stream on the default device
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.utils import load
+
+    from exo.worker.runner.generate import load_local_engine
+
+    directory = ensure_imported(bundled_gguf_path(), default_weights_cache())
+    model, tokenizer = load(str(directory))[:2]
+    engine = load_local_engine(directory)
+    request = GenerationRequest(messages=MESSAGES, max_tokens=max_tokens)
+    prompt = engine.prompt_ids(request)
+
+    def mlx_lm_run() -> Timing:
+        responses = stream_generate(model, tokenizer, prompt, max_tokens=max_tokens)
+        return timed(1 for _ in responses)
+
+    def engine_run() -> Timing:
+        return timed(chunk_tokens(engine.generate(request)))
+
+    rows: dict[str, list[Timing]] = {"mlx-lm": [], "engine, 1 process": [], "engine, 2 ranks": []}
+    mlx_lm_run()  # warm-up: kernels, caches
+    engine_run()
+    for _ in range(repeats):  # interleaved, so a slow spell of the machine hits both
+        rows["mlx-lm"].append(mlx_lm_run())
+        rows["engine, 1 process"].append(engine_run())
+    with LocalPipeline(2, devices=[device, device]) as pipeline:
+        pipeline.wait_ready()
+        timed(chunk_tokens(pipeline.generate(request)))  # warm-up
+        for _ in range(repeats):
+            rows["engine, 2 ranks"].append(timed(chunk_tokens(pipeline.generate(request))))
+    base = median_timing(rows["mlx-lm"])
+    print(
+        f"\n1. engine vs mlx-lm ({MODEL}, {len(prompt)}-token prompt, {max_tokens} new tokens, "
+        f"{used.device_id} {used.name}, median of {repeats})"
+    )
+    print(f"{'':<20} {'TTFT ms':>9} {'tok/s':>8} {'TTFT x':>8} {'tok/s x':>8}")
+    for name, runs in rows.items():
+        ttft, rate = median_timing(runs)
+        print(
+            f"{name:<20} {ttft * 1000:9.0f} {rate:8.2f} {ttft / base[0]:8.2f} {rate / base[1]:8.2f}"
+        )
+
+
+def idle_ranks(seconds: float) -> None:
+    with LocalPipeline(3) as pipeline:
+        pipeline.wait_ready()
+        request = GenerationRequest(messages=MESSAGES, max_tokens=8)
+        for _ in pipeline.generate(request):
+            pass
+        time.sleep(1.0)
+        processes = [psutil.Process(process.pid) for process in pipeline.processes]
+
+        def cpu() -> list[float]:
+            return [p.cpu_times().user + p.cpu_times().system for p in processes]
+
+        before = cpu()
+        time.sleep(seconds)
+        after = cpu()
+    print(f"\n2. idle ranks: a 3-rank pipeline after a request, CPU over {seconds:.0f} s")
+    for rank, (start, end) in enumerate(zip(before, after, strict=True)):
+        print(f"rank {rank}: {100 * (end - start) / seconds:5.2f} % of a core")
 
 
 def peak_rss_bytes(pid: int) -> int:
@@ -65,8 +144,99 @@ def peak_rss_bytes(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
-def runner_peaks(nodes: list[ExoNode]) -> dict[str, int]:
-    """runner rank layer range -> peak RSS, found from the node processes' children."""
+SMALL_QWEN3: dict[str, Any] = {
+    "model_type": "qwen3",
+    "hidden_size": 512,
+    "num_hidden_layers": 12,
+    "intermediate_size": 1536,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "rms_norm_eps": 1e-6,
+    "vocab_size": 288,
+    "max_position_embeddings": 2048,
+    "rope_theta": 1_000_000.0,
+    "tie_word_embeddings": True,
+}
+
+
+def build_small_qwen3(directory: Path) -> Path:
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes  # pyright: ignore[reportPrivateUsage]
+
+    from exo.models.tests.tiny_models import write_tokenizer
+
+    model_class, args_class = _get_classes(SMALL_QWEN3)
+    model: nn.Module = model_class(args_class.from_dict(SMALL_QWEN3))
+    model.set_dtype(mx.bfloat16)
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    directory.mkdir(parents=True)
+    mx.save_safetensors(str(directory / "model.safetensors"), weights)
+    (directory / "config.json").write_text(json.dumps(SMALL_QWEN3))
+    write_tokenizer(directory)
+    return directory
+
+
+def memory_per_rank() -> None:
+    from exo.models.directory import card_from_directory
+
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = build_small_qwen3(Path(scratch) / "small-qwen3")
+        card = card_from_directory(directory)
+        total = card.total_bytes
+        print(
+            f"\n3. memory per rank: qwen3, {card.n_layers} layers × {card.layer_bytes / 2**20:.1f}"
+            f" MiB + {card.non_layer_bytes / 2**20:.1f} MiB embedding (tied head), bfloat16"
+        )
+        print(
+            f"{'ranks':<6} {'rank':>4} {'layers':>8} {'share':>6} {'weights MiB':>12} "
+            f"{'of model':>9} {'peak RSS MiB':>13}"
+        )
+        request = GenerationRequest(prompt="a short prompt", max_tokens=4)
+        for world_size in (1, 2, 3):
+            with LocalPipeline(world_size, model_path=directory) as pipeline:
+                pipeline.wait_ready()
+                for _ in pipeline.generate(request):
+                    pass
+                peaks = [peak_rss_bytes(process.pid) for process in pipeline.processes]
+                ready = {s.rank: s for s in pipeline.statuses if s.status == "ready"}
+            for rank in range(world_size):
+                start, end = pipeline.layer_ranges[rank]
+                weights = ready[rank].weight_bytes or 0
+                print(
+                    f"{world_size:<6} {rank:>4} {f'{start}-{end}':>8} "
+                    f"{(end - start) / card.n_layers:6.2f} {weights / 2**20:12.1f} "
+                    f"{weights / total:9.2f} {peaks[rank] / 2**20:13.1f}"
+                )
+
+
+def stream_over_api(node: ExoNode, max_tokens: int) -> Timing:
+    body = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": True,
+    }
+
+    def frames() -> Iterator[int]:
+        with httpx.stream(
+            "POST", node.url + "/v1/chat/completions", json=body, timeout=300.0
+        ) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    frame = json.loads(line[len("data: ") :])
+                    if frame.get("usage"):
+                        continue
+                    yield 1 if frame["choices"][0]["delta"].get("content") else 0
+
+    return timed(frames())
+
+
+def cluster_runner_peaks(nodes: list[ExoNode]) -> dict[str, int]:
     peaks: dict[str, int] = {}
     for node in nodes:
         assert node.process is not None
@@ -81,53 +251,71 @@ def runner_peaks(nodes: list[ExoNode]) -> dict[str, int]:
     return peaks
 
 
-def measure(directory: Path, world_size: int, requests: int, max_tokens: int) -> dict[str, Any]:
-    with running_cluster(directory, world_size) as nodes:
-        wait_until(lambda: converged(nodes, world_size), 15.0, "the cluster to converge")
-        created = httpx.post(
-            nodes[0].url + "/instance",
-            json={"model_id": MODEL, "min_nodes": world_size},
-            timeout=30.0,
-        )
-        assert created.status_code == 201, created.text
-        shards = created.json()["shards"]
-
-        def ready() -> bool:
-            runners = nodes[0].state()["runners"]
-            return all(runners.get(s["runner_id"], {}).get("status") == "ready" for s in shards)
-
-        load_s = wait_until(ready, 180.0, "runners to be ready")
-        stream_once(nodes[0], 8)  # warm-up
-        results = [stream_once(nodes[0], max_tokens) for _ in range(requests)]
-        return {
-            "load_s": load_s,
-            "ttft_s": statistics.median(r[0] for r in results),
-            "tokens_per_s": statistics.median(r[1] for r in results),
-            "peaks": runner_peaks(nodes),
-        }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=48)
-    args = parser.parse_args()
+def cluster(max_tokens: int, repeats: int) -> None:
     rows: dict[int, dict[str, Any]] = {}
     for world_size in (1, 2, 3):
-        with tempfile.TemporaryDirectory() as directory:
-            rows[world_size] = measure(Path(directory), world_size, args.requests, args.max_tokens)
-    base = rows[1]
-    print(f"{'layout':<10} {'load s':>7} {'TTFT ms':>9} {'tok/s':>7} {'TTFT x':>7} {'tok/s x':>8}")
+        with (
+            tempfile.TemporaryDirectory() as directory,
+            running_cluster(Path(directory), world_size) as nodes,
+        ):
+            wait_until(
+                lambda nodes=nodes, size=world_size: converged(nodes, size),
+                15.0,
+                "the cluster to converge",
+            )
+            created = httpx.post(
+                nodes[0].url + "/instance",
+                json={"model_id": MODEL, "min_nodes": world_size},
+                timeout=60.0,
+            )
+            assert created.status_code == 201, created.text
+            shards = created.json()["shards"]
+
+            def ready(nodes: list[ExoNode] = nodes, shards: Any = shards) -> bool:
+                runners = nodes[0].state()["runners"]
+                return all(runners.get(s["runner_id"], {}).get("status") == "ready" for s in shards)
+
+            load_s = wait_until(ready, 180.0, "runners to be ready")
+            stream_over_api(nodes[0], 8)  # warm-up
+            timings = [stream_over_api(nodes[0], max_tokens) for _ in range(repeats)]
+            rows[world_size] = {
+                "load_s": load_s,
+                "timing": median_timing(timings),
+                "peaks": cluster_runner_peaks(nodes),
+            }
+    base = rows[1]["timing"]
+    print(f"\n4. cluster ({MODEL} through the API, streamed, {max_tokens} new tokens)")
+    print(f"{'layout':<8} {'load s':>7} {'TTFT ms':>9} {'tok/s':>7} {'TTFT x':>7} {'tok/s x':>8}")
     for world_size, row in rows.items():
+        ttft, rate = row["timing"]
         print(
-            f"{world_size}-node{'':<4} {row['load_s']:7.1f} {row['ttft_s'] * 1000:9.0f} "
-            f"{row['tokens_per_s']:7.2f} {row['ttft_s'] / base['ttft_s']:7.2f} "
-            f"{row['tokens_per_s'] / base['tokens_per_s']:8.2f}"
+            f"{world_size}-node   {row['load_s']:7.1f} {ttft * 1000:9.0f} {rate:7.2f} "
+            f"{ttft / base[0]:7.2f} {rate / base[1]:8.2f}"
         )
-    print("\npeak RSS per runner (VmHWM):")
+    print("peak RSS per runner (VmHWM):")
     for world_size, row in rows.items():
         for name, peak in sorted(row["peaks"].items()):
             print(f"  {world_size}-node {name:<22} {peak / 2**20:7.1f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--idle-seconds", type=float, default=5.0)
+    parser.add_argument("--device", help="compute device for part 1 (default: the best here)")
+    parser.add_argument("--no-cluster", action="store_true", help="skip part 4")
+    args = parser.parse_args()
+    parts: list[Callable[[], None]] = [
+        lambda: engine_versus_mlx_lm(args.max_tokens, args.repeats, args.device),
+        lambda: idle_ranks(args.idle_seconds),
+        memory_per_rank,
+    ]
+    if not args.no_cluster:
+        parts.append(lambda: cluster(args.max_tokens, args.repeats))
+    for part in parts:
+        part()
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,10 @@
 
 uv run python -m exo.worker.runner.generate --prompt "What is the capital of France?"
 uv run python -m exo.worker.runner.generate --prompt "..." --world-size 2
+uv run python -m exo.worker.runner.generate --prompt "..." --world-size 2 --devices cuda:0,cpu:0
+
+In one process the model runs on ``--device`` (default: the first GPU MLX reaches, else
+the CPU); a pipeline's ranks run on ``--devices``, one per rank.
 """
 
 import argparse
@@ -9,20 +13,26 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from exo.models.locate import model_directory
-from exo.models.stage import load_stage
-from exo.models.tokenizer import load_model_tokenizer
 from exo.models.weights_cache import default_weights_cache
 from exo.shared.types.generation import GenerationChunk, GenerationRequest
-from exo.worker.runner.engine import Engine, LocalStepper
+from exo.worker.compute_device import DeviceUnavailableError, use_compute_device
 from exo.worker.runner.launch import LocalPipelineRun, stream_local_pipeline
 
+if TYPE_CHECKING:
+    from exo.worker.runner.engine import Engine
 
-def load_local_engine(model_path: Path | None = None) -> Engine:
-    """The whole model in this process, ready to generate."""
+
+def load_local_engine(model_path: Path | None = None) -> "Engine":
+    """The whole model in this process (on MLX's default device), ready to generate."""
+    from exo.models.stage import load_stage
+    from exo.models.tokenizer import load_model_tokenizer
+    from exo.worker.runner.engine import Engine, LocalStepper
+
     directory = model_directory(model_path, default_weights_cache())
     return Engine(load_model_tokenizer(directory), LocalStepper(load_stage(directory)))
 
@@ -43,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         help="pipeline layer ranges, e.g. 0:10,10:30 (default: even split)",
     )
     parser.add_argument("--model", type=Path)
+    parser.add_argument("--device", help="one process: compute on this device (e.g. cuda:0)")
+    parser.add_argument("--devices", help="a pipeline: one device per rank, e.g. cuda:0,cpu:0")
     arguments = parser.parse_args(argv)
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
@@ -66,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     chunks: Iterator[GenerationChunk]
     run = LocalPipelineRun()
     if arguments.world_size == 1:
+        try:
+            use_compute_device(arguments.device)
+        except DeviceUnavailableError as error:
+            print(f"generate: {error}", file=sys.stderr)
+            return 2
         chunks = load_local_engine(arguments.model).generate(request)
     else:
         layer_ranges = (
@@ -73,8 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             if arguments.layer_split
             else None
         )
+        devices: list[str | None] | None = (
+            [device or None for device in arguments.devices.split(",")]
+            if arguments.devices
+            else None
+        )
         chunks = stream_local_pipeline(
-            arguments.world_size, request, layer_ranges, arguments.model, run=run
+            arguments.world_size, request, layer_ranges, arguments.model, devices, run=run
         )
     first_token_at: float | None = None
     last: GenerationChunk | None = None
@@ -87,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     finished = time.perf_counter()
     sys.stdout.write("\n")
     if last is None or first_token_at is None:
-        print("no output", file=sys.stderr)
+        failed = [s for s in run.statuses if s.status == "failed"]
+        reasons = [f"rank {s.rank}: {s.error}" for s in failed] + run.failures
+        print("no output" + (": " + "; ".join(reasons) if reasons else ""), file=sys.stderr)
         return 1
     decode_tokens = max(last.completion_tokens - 1, 0)
     decode_s = finished - first_token_at
@@ -100,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     for status in run.statuses:
         if status.status == "connecting":
             print(
-                f"rank {status.rank}: layers [{status.layer_start}, {status.layer_end}), "
+                f"rank {status.rank}: layers [{status.layer_start}, {status.layer_end}) on "
+                f"{status.compute_device.device_id if status.compute_device else '?'}, "
                 f"weights {(status.weight_bytes or 0) / 1e6:.1f} MB, "
                 f"RSS after load {(status.rss_bytes or 0) / 1e6:.1f} MB",
                 file=sys.stderr,

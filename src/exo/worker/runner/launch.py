@@ -30,7 +30,20 @@ from exo.worker.runner.messages import (
     StatusOutput,
     parse_output,
 )
-from exo.worker.runner.pipeline import split_layers
+
+
+def split_layers(block_count: int, world_size: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, end)`` ranges, as even as possible, earlier ranks taking extras."""
+    if not 1 <= world_size <= block_count:
+        raise ValueError(f"cannot split {block_count} layers over {world_size} ranks")
+    base, extra = divmod(block_count, world_size)
+    ranges: list[tuple[int, int]] = []
+    start = 0
+    for rank in range(world_size):
+        end = start + base + (1 if rank < extra else 0)
+        ranges.append((start, end))
+        start = end
+    return ranges
 
 
 def free_loopback_ports(count: int) -> list[int]:

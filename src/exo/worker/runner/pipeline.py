@@ -58,20 +58,6 @@ class PipelineError(RuntimeError):
     """The ranks disagree (layer ranges, group size) or the group could not be formed."""
 
 
-def split_layers(block_count: int, world_size: int) -> list[tuple[int, int]]:
-    """Contiguous ``[start, end)`` ranges, as even as possible, earlier ranks taking extras."""
-    if not 1 <= world_size <= block_count:
-        raise ValueError(f"cannot split {block_count} layers over {world_size} ranks")
-    base, extra = divmod(block_count, world_size)
-    ranges: list[tuple[int, int]] = []
-    start = 0
-    for rank in range(world_size):
-        end = start + base + (1 if rank < extra else 0)
-        ranges.append((start, end))
-        start = end
-    return ranges
-
-
 def init_ring_group(rank: int, hostfile: Path | str) -> mx.distributed.Group:
     """Join the ring group as ``rank`` (sets ``MLX_RANK``/``MLX_HOSTFILE`` for MLX)."""
     hosts = read_hostfile(hostfile)

@@ -23,6 +23,7 @@ from exo.worker.runner.launch import (
     rank_command,
     rank_environment,
     run_local_pipeline,
+    split_layers,
 )
 from exo.worker.runner.messages import (
     ChunkOutput,
@@ -31,7 +32,7 @@ from exo.worker.runner.messages import (
     StatusOutput,
     parse_output,
 )
-from exo.worker.runner.pipeline import COMMAND_FORWARD, Header, split_layers
+from exo.worker.runner.pipeline import COMMAND_FORWARD, Header
 
 GREEDY = GenerationRequest(
     request_id="greedy",
