@@ -10,14 +10,17 @@ Every ratio is against a baseline measured in the same run on the same machine:
    and decode tokens/s after it; engine / mlx-lm ratios (decode: higher is better).
 2. **Idle ranks**: a 3-rank pipeline after serving a request, each rank's CPU over
    ``--idle-seconds`` as a share of one core.
-3. **Memory per rank**: a small qwen3 (12 layers, bfloat16, random weights) built here, on
-   1, 2 and 3 ranks: each rank's weights and peak RSS (VmHWM) against its share of layers.
-4. **Cluster** (skip with ``--no-cluster``): real nodes on loopback place the bundled model
+3. **Memory per rank**: a small qwen3 (12 layers of 22.5 MiB, bfloat16, random weights) built
+   here, on 1, 2 and 3 ranks: each rank's weights and peak RSS (VmHWM) against its share of
+   layers; what is left besides the weights is the interpreter, MLX, mlx-lm and (in a
+   pipeline) the ring backend's buffers, the same on every rank.
+4. **Cluster**: real nodes on loopback place the bundled model
    with ``min_nodes`` 1, 2, 3; streamed chat requests through the API.
 
 All ranks share this machine's cores, so pipelines show their overhead, not a speed-up.
 
-    uv run python bench/inference.py [--max-tokens 64] [--repeats 3] [--device cpu:0]
+    uv run python bench/inference.py [--parts 1,2,3,4] [--max-tokens 64] [--repeats 5]
+                                     [--device cpu:0]
 """
 
 import argparse
@@ -146,12 +149,12 @@ def peak_rss_bytes(pid: int) -> int:
 
 SMALL_QWEN3: dict[str, Any] = {
     "model_type": "qwen3",
-    "hidden_size": 512,
+    "hidden_size": 1024,
     "num_hidden_layers": 12,
-    "intermediate_size": 1536,
+    "intermediate_size": 2816,
     "num_attention_heads": 8,
     "num_key_value_heads": 4,
-    "head_dim": 64,
+    "head_dim": 128,
     "rms_norm_eps": 1e-6,
     "vocab_size": 288,
     "max_position_embeddings": 2048,
@@ -209,7 +212,8 @@ def memory_per_rank() -> None:
                 print(
                     f"{world_size:<6} {rank:>4} {f'{start}-{end}':>8} "
                     f"{(end - start) / card.n_layers:6.2f} {weights / 2**20:12.1f} "
-                    f"{weights / total:9.2f} {peaks[rank] / 2**20:13.1f}"
+                    f"{weights / total:9.2f} {peaks[rank] / 2**20:13.1f} "
+                    f"{(peaks[rank] - weights) / 2**20:14.1f}"
                 )
 
 
@@ -304,17 +308,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument("--device", help="compute device for part 1 (default: the best here)")
-    parser.add_argument("--no-cluster", action="store_true", help="skip part 4")
+    parser.add_argument("--parts", default="1,2,3,4", help="which parts to run, e.g. 1,3")
     args = parser.parse_args()
-    parts: list[Callable[[], None]] = [
-        lambda: engine_versus_mlx_lm(args.max_tokens, args.repeats, args.device),
-        lambda: idle_ranks(args.idle_seconds),
-        memory_per_rank,
-    ]
-    if not args.no_cluster:
-        parts.append(lambda: cluster(args.max_tokens, args.repeats))
-    for part in parts:
-        part()
+    parts: dict[str, Callable[[], None]] = {
+        "1": lambda: engine_versus_mlx_lm(args.max_tokens, args.repeats, args.device),
+        "2": lambda: idle_ranks(args.idle_seconds),
+        "3": memory_per_rank,
+        "4": lambda: cluster(args.max_tokens, args.repeats),
+    }
+    for name in args.parts.split(","):
+        parts[name.strip()]()
         sys.stdout.flush()
 
 
