@@ -7,7 +7,9 @@ Every ratio is against a baseline measured in the same run on the same machine:
    mlx-lm's ``stream_generate`` in this process, exo's engine in this process
    (``LocalStepper``), and exo's engine as a 2-rank pipeline of runner processes; greedy,
    ``--max-tokens`` new tokens, median of ``--repeats`` interleaved runs. Time to first token (TTFT)
-   and decode tokens/s after it; engine / mlx-lm ratios (decode: higher is better).
+   and decode tokens/s after it; engine / mlx-lm ratios (decode: higher is better). Also
+   the host time one decode step spends building MLX's graph, for mlx-lm's model and
+   exo's stage: on a GPU, where a small model's kernels take less, it bounds tokens/s.
 2. **Idle ranks**: a 3-rank pipeline after serving a request, each rank's CPU over
    ``--idle-seconds`` as a share of one core.
 3. **Memory per rank**: a small qwen3 (12 layers of 22.5 MiB, bfloat16, random weights) built
@@ -38,6 +40,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import StreamTiming, timed
 from exo.models.bundled import bundled_gguf_path
 from exo.models.weights_cache import default_weights_cache, ensure_imported
 from exo.shared.types.generation import GenerationChunk, GenerationRequest
@@ -47,31 +50,34 @@ from tests.cluster import ExoNode, converged, running_cluster, wait_until
 MODEL = "SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "Write a short story about a dragon who learns to fly."}]
 
-Timing = tuple[float, float]
-"""(seconds to first token, decode tokens/s after it)."""
-
-
-def timed(tokens: Iterator[int]) -> Timing:
-    """TTFT and decode rate of a token stream (each item: tokens that arrived)."""
-    started = time.perf_counter()
-    first: float | None = None
-    count = 0
-    for arrived in tokens:
-        if arrived and first is None:
-            first = time.perf_counter()
-        count += arrived
-    finished = time.perf_counter()
-    assert first is not None and count > 1
-    return first - started, (count - 1) / max(finished - first, 1e-9)
-
 
 def chunk_tokens(chunks: Iterator[GenerationChunk]) -> Iterator[int]:
     for chunk in chunks:
         yield len(chunk.token_ids)
 
 
-def median_timing(runs: list[Timing]) -> Timing:
-    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+def median_timing(runs: list[StreamTiming]) -> tuple[float, float]:
+    """Median time to first token and median decode rate."""
+    return statistics.median(r.ttft_s for r in runs), statistics.median(
+        r.tokens_per_s for r in runs
+    )
+
+
+def graph_build_us(
+    model: Callable[..., Any], new_cache: Callable[[], Any], steps: int = 50
+) -> float:
+    """Median microseconds a decode step spends in Python building MLX's graph (the
+    per-token host work that bounds a small model on a GPU), nothing evaluated."""
+    import mlx.core as mx
+
+    token = mx.array([[100]])
+    samples: list[float] = []
+    for _ in range(steps):
+        cache = new_cache()
+        started = time.perf_counter()
+        model(token, cache=cache)
+        samples.append((time.perf_counter() - started) * 1e6)
+    return statistics.median(samples)
 
 
 def engine_versus_mlx_lm(max_tokens: int, repeats: int, device: str | None) -> None:
@@ -79,6 +85,7 @@ def engine_versus_mlx_lm(max_tokens: int, repeats: int, device: str | None) -> N
 
     used = use_compute_device(device)  # before mlx-lm makes its stream on the default device
     from mlx_lm.generate import stream_generate
+    from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.utils import load
 
     from exo.worker.runner.generate import load_local_engine
@@ -86,27 +93,37 @@ def engine_versus_mlx_lm(max_tokens: int, repeats: int, device: str | None) -> N
     directory = ensure_imported(bundled_gguf_path(), default_weights_cache())
     model, tokenizer = load(str(directory))[:2]
     engine = load_local_engine(directory)
+    stage = engine.stepper.stage  # pyright: ignore[reportAttributeAccessIssue]
     request = GenerationRequest(messages=MESSAGES, max_tokens=max_tokens)
     prompt = engine.prompt_ids(request)
 
-    def mlx_lm_run() -> Timing:
+    def mlx_lm_run() -> StreamTiming:
         responses = stream_generate(model, tokenizer, prompt, max_tokens=max_tokens)
         return timed(1 for _ in responses)
 
-    def engine_run() -> Timing:
+    def engine_run() -> StreamTiming:
         return timed(chunk_tokens(engine.generate(request)))
 
-    rows: dict[str, list[Timing]] = {"mlx-lm": [], "engine, 1 process": [], "engine, 2 ranks": []}
+    rows: dict[str, list[StreamTiming]] = {
+        "mlx-lm": [],
+        "engine, 1 process": [],
+        "engine, 2 ranks": [],
+    }
     mlx_lm_run()  # warm-up: kernels, caches
     engine_run()
-    for _ in range(repeats):  # interleaved, so a slow spell of the machine hits both
-        rows["mlx-lm"].append(mlx_lm_run())
-        rows["engine, 1 process"].append(engine_run())
+    for repeat in range(repeats):  # interleaved, alternating which goes first
+        first, second = ("mlx-lm", mlx_lm_run), ("engine, 1 process", engine_run)
+        for name, run in (first, second) if repeat % 2 == 0 else (second, first):
+            rows[name].append(run())
     with LocalPipeline(2, devices=[device, device]) as pipeline:
         pipeline.wait_ready()
         timed(chunk_tokens(pipeline.generate(request)))  # warm-up
         for _ in range(repeats):
             rows["engine, 2 ranks"].append(timed(chunk_tokens(pipeline.generate(request))))
+    host_us = {
+        "mlx-lm model": graph_build_us(model, lambda: make_prompt_cache(model)),
+        "engine stage": graph_build_us(stage, stage.make_cache),
+    }
     base = median_timing(rows["mlx-lm"])
     print(
         f"\n1. engine vs mlx-lm ({MODEL}, {len(prompt)}-token prompt, {max_tokens} new tokens, "
@@ -118,6 +135,10 @@ def engine_versus_mlx_lm(max_tokens: int, repeats: int, device: str | None) -> N
         print(
             f"{name:<20} {ttft * 1000:9.0f} {rate:8.2f} {ttft / base[0]:8.2f} {rate / base[1]:8.2f}"
         )
+    print(
+        "host time to build one decode step (no evaluation): "
+        + ", ".join(f"{name} {micros:.0f} us" for name, micros in host_us.items())
+    )
 
 
 def idle_ranks(seconds: float) -> None:
@@ -217,7 +238,7 @@ def memory_per_rank() -> None:
                 )
 
 
-def stream_over_api(node: ExoNode, max_tokens: int) -> Timing:
+def stream_over_api(node: ExoNode, max_tokens: int) -> StreamTiming:
     body = {
         "model": MODEL,
         "messages": MESSAGES,

@@ -22,14 +22,15 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 import anyio
 
+from bench.timing import StreamTiming, timed
 from exo.models.weights_cache import default_weights_cache
 from exo.shared.types.generation import GenerationRequest
 from exo.shared.types.ids import DeviceId, NodeId
@@ -87,21 +88,6 @@ class NVMLSampler:
         )
 
 
-def timed(tokens: Iterator[int]) -> tuple[float, float, int]:
-    """(seconds to first token, decode tokens/s after it, tokens)."""
-    started = time.perf_counter()
-    first: float | None = None
-    count = 0
-    for arrived in tokens:
-        if arrived and first is None:
-            first = time.perf_counter()
-        count += arrived
-    finished = time.perf_counter()
-    if first is None or count < 2:
-        raise RuntimeError(f"only {count} tokens came back")
-    return first - started, (count - 1) / max(finished - first, 1e-9), count
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description="GPU inference checks (issue 8).")
     parser.add_argument("--device", default="cuda:0")
@@ -134,23 +120,23 @@ def main() -> int:
     prompt = engine.prompt_ids(long_request)
     first = timed(len(c.token_ids) for c in engine.generate(long_request))
     print(f"   first load and generation: {time.perf_counter() - started:.1f} s", flush=True)
-    results["first_run"] = {"ttft_s": first[0], "tokens_per_s": first[1]}
+    results["first_run"] = first._asdict()
 
     model, tokenizer = load(str(directory))[:2]
-    engine_runs: list[tuple[float, float, int]] = []
-    mlx_lm_runs: list[tuple[float, float, int]] = []
+    engine_runs: list[StreamTiming] = []
+    mlx_lm_runs: list[StreamTiming] = []
     with NVMLSampler(args.device) as sampler:
         for _ in range(args.repeats):  # interleaved
             engine_runs.append(timed(len(c.token_ids) for c in engine.generate(long_request)))
             responses = stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens)
             mlx_lm_runs.append(timed(1 for _ in responses))
-    engine_ttft = statistics.median(run[0] for run in engine_runs)
-    engine_rate = statistics.median(run[1] for run in engine_runs)
-    mlx_lm_ttft = statistics.median(run[0] for run in mlx_lm_runs)
-    mlx_lm_rate = statistics.median(run[1] for run in mlx_lm_runs)
+    engine_ttft = statistics.median(run.ttft_s for run in engine_runs)
+    engine_rate = statistics.median(run.tokens_per_s for run in engine_runs)
+    mlx_lm_ttft = statistics.median(run.ttft_s for run in mlx_lm_runs)
+    mlx_lm_rate = statistics.median(run.tokens_per_s for run in mlx_lm_runs)
     print(
         f"1. engine on {device.device_id}: {engine_rate:.1f} tokens/s decode over "
-        f"{engine_runs[0][2]} tokens, first token {engine_ttft * 1000:.0f} ms; "
+        f"{engine_runs[0].tokens} tokens, first token {engine_ttft * 1000:.0f} ms; "
         f"{sampler.summary()}",
         flush=True,
     )
@@ -173,7 +159,7 @@ def main() -> int:
             timed(len(c.token_ids) for c in pipeline.generate(long_request))
             for _ in range(args.repeats)
         ]
-    two_rate = statistics.median(run[1] for run in runs)
+    two_rate = statistics.median(run.tokens_per_s for run in runs)
     print(
         f"3. 2 ranks on {args.device}: {two_rate:.1f} tokens/s, "
         f"{two_rate / engine_rate:.2f}x one process",
@@ -196,10 +182,10 @@ def main() -> int:
     same = text == expected.text
     print(
         f"4. mixed pipeline ({where}): same text as one process: {same} ({text!r}); "
-        f"{mixed[1]:.1f} tokens/s",
+        f"{mixed.tokens_per_s:.1f} tokens/s",
         flush=True,
     )
-    results["mixed"] = {"same_text": same, "text": text, "tokens_per_s": mixed[1]}
+    results["mixed"] = {"same_text": same, "text": text, "tokens_per_s": mixed.tokens_per_s}
 
     goals = {
         "decode >= 400 tokens/s": engine_rate >= 400,

@@ -1,6 +1,7 @@
 from datetime import UTC, datetime
 
 from exo.master.commands import handle_command, ring_endpoints
+from exo.shared.tests.instances import GREEDY
 from exo.shared.types.commands import (
     CancelTask,
     CommandResult,
@@ -10,7 +11,7 @@ from exo.shared.types.commands import (
 )
 from exo.shared.types.events import InstanceCreated, TaskCreated, TaskStatusUpdated
 from exo.shared.types.ids import CommandId, DeviceId, InstanceId, NodeId, RunnerId, TaskId
-from exo.shared.types.instances import Instance, PlacementDecision, Shard
+from exo.shared.types.instances import Instance, Shard
 from exo.shared.types.node import NodeInfo
 from exo.shared.types.runners import RunnerState, RunnerStatus
 from exo.shared.types.state import State
@@ -18,13 +19,7 @@ from exo.shared.types.tasks import ChatCompletionParams, ChatMessage, Task
 
 NODE = NodeId("node-a")
 MODEL = "SmolLM2-135M-Instruct"
-DECISION = PlacementDecision(
-    strategy="greedy",
-    heterogeneous=False,
-    predicted_ms_per_token=1,
-    greedy_ms_per_token=1,
-    solve_ms=0,
-)
+DECISION = GREEDY
 
 
 def node_state() -> State:

@@ -4,6 +4,7 @@ from datetime import UTC, datetime
 import pytest
 
 from exo.shared.apply import EventOutOfOrderError, apply, apply_event
+from exo.shared.tests.instances import single_shard_instance
 from exo.shared.types.events import (
     DeviceGPUStateUpdated,
     Event,
@@ -22,7 +23,6 @@ from exo.shared.types.events import (
 from exo.shared.types.execution import ComputeDevice, ExecutionCapability
 from exo.shared.types.gpu import DeviceGPUState, GPUDeviceInfo
 from exo.shared.types.ids import CommandId, DeviceId, InstanceId, NodeId, RunnerId, TaskId
-from exo.shared.types.instances import Instance, PlacementDecision, Shard
 from exo.shared.types.node import NodeStaticInfo
 from exo.shared.types.runners import RunnerStatus
 from exo.shared.types.state import State
@@ -192,25 +192,7 @@ def test_a_nodes_execution_capability_and_a_runners_device_are_kept() -> None:
             )
         }
     )
-    shard = Shard(
-        runner_id=RunnerId("r"),
-        node_id=NODE_A,
-        device_id=DeviceId("cpu:0"),
-        rank=0,
-        world_size=1,
-        start_layer=0,
-        end_layer=2,
-    )
-    decision = PlacementDecision(
-        strategy="greedy",
-        heterogeneous=False,
-        predicted_ms_per_token=1.0,
-        greedy_ms_per_token=1.0,
-        solve_ms=0.0,
-    )
-    instance = Instance(
-        instance_id=InstanceId("i"), model_id="m", shards=[shard], placement=decision
-    )
+    instance = single_shard_instance(node_id=NODE_A, instance_id="i", runner_id="r")
 
     def runner(status: RunnerStatus, device: ComputeDevice | None) -> RunnerStatusUpdated:
         return RunnerStatusUpdated(

@@ -1,7 +1,8 @@
 from datetime import UTC, datetime
 
+from exo.shared.tests.instances import GREEDY
 from exo.shared.types.ids import CommandId, DeviceId, InstanceId, NodeId, RunnerId, TaskId
-from exo.shared.types.instances import Instance, PlacementDecision, Shard
+from exo.shared.types.instances import Instance, Shard
 from exo.shared.types.runners import RunnerState, RunnerStatus
 from exo.shared.types.state import State
 from exo.shared.types.tasks import ChatCompletionParams, ChatMessage, Task, TaskStatus
@@ -21,13 +22,7 @@ WHEN = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def instance() -> Instance:
-    decision = PlacementDecision(
-        strategy="greedy",
-        heterogeneous=False,
-        predicted_ms_per_token=1.0,
-        greedy_ms_per_token=1.0,
-        solve_ms=0.1,
-    )
+    decision = GREEDY
     shards = [
         Shard(
             runner_id=RunnerId("r0"),

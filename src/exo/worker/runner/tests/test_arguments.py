@@ -10,9 +10,10 @@ from exo.main import build_parser, config_from_args
 from exo.models.cards import get_model_card, register_model_card
 from exo.models.directory import card_from_directory
 from exo.node import StartupError
+from exo.shared.tests.instances import single_shard_instance
 from exo.shared.types.generation import GenerationRequest
-from exo.shared.types.ids import DeviceId, InstanceId, NodeId, RunnerId
-from exo.shared.types.instances import Instance, PlacementDecision, Shard
+from exo.shared.types.ids import DeviceId
+from exo.shared.types.instances import Instance
 from exo.worker.runner.arguments import RUNNER_MODULE, RunnerArguments, RunnerArgumentsError
 from exo.worker.supervisor import compute_device_for, runner_arguments, runner_environment
 
@@ -51,25 +52,7 @@ def test_bad_command_lines_are_one_sentence(argv: list[str], problem: str) -> No
 
 
 def _instance(model_id: str) -> Instance:
-    shard = Shard(
-        runner_id=RunnerId("r0"),
-        node_id=NodeId("n0"),
-        device_id=DeviceId("cpu:0"),
-        rank=0,
-        world_size=1,
-        start_layer=0,
-        end_layer=6,
-    )
-    decision = PlacementDecision(
-        strategy="greedy",
-        heterogeneous=False,
-        predicted_ms_per_token=1.0,
-        greedy_ms_per_token=1.0,
-        solve_ms=0.0,
-    )
-    return Instance(
-        instance_id=InstanceId("i0"), model_id=model_id, shards=[shard], placement=decision
-    )
+    return single_shard_instance(model_id)
 
 
 def test_the_supervisor_passes_the_cards_weights(
