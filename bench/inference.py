@@ -6,8 +6,10 @@ Every ratio is against a baseline measured in the same run on the same machine:
 1. **Engine vs mlx-lm** on the same weights (the bundled SmolLM2, imported) and device:
    mlx-lm's ``stream_generate`` in this process, exo's engine in this process
    (``LocalStepper``), and exo's engine as a 2-rank pipeline of runner processes; greedy,
-   ``--max-tokens`` new tokens, median of ``--repeats`` interleaved runs. Time to first token (TTFT)
-   and decode tokens/s after it; engine / mlx-lm ratios (decode: higher is better). Also
+   ``--max-tokens`` new tokens, ``--repeats`` rounds that each run all three (the order
+   rotating). Time to first token (TTFT) and decode tokens/s after it, and the ratio to
+   mlx-lm's run of the same round (this VM's speed drifts between rounds; a ratio within a
+   round cancels the drift), median and range (decode: higher is better). Also
    the host time one decode step spends building MLX's graph, for mlx-lm's model and
    exo's stage: on a GPU, where a small model's kernels take less, it bounds tokens/s.
 2. **Idle ranks**: a 3-rank pipeline after serving a request, each rank's CPU over
@@ -104,41 +106,53 @@ def engine_versus_mlx_lm(max_tokens: int, repeats: int, device: str | None) -> N
     def engine_run() -> StreamTiming:
         return timed(chunk_tokens(engine.generate(request)))
 
-    rows: dict[str, list[StreamTiming]] = {
-        "mlx-lm": [],
-        "engine, 1 process": [],
-        "engine, 2 ranks": [],
-    }
-    mlx_lm_run()  # warm-up: kernels, caches
-    engine_run()
-    for repeat in range(repeats):  # interleaved, alternating which goes first
-        first, second = ("mlx-lm", mlx_lm_run), ("engine, 1 process", engine_run)
-        for name, run in (first, second) if repeat % 2 == 0 else (second, first):
-            rows[name].append(run())
     with LocalPipeline(2, devices=[device, device]) as pipeline:
-        pipeline.wait_ready()
-        timed(chunk_tokens(pipeline.generate(request)))  # warm-up
-        for _ in range(repeats):
-            rows["engine, 2 ranks"].append(timed(chunk_tokens(pipeline.generate(request))))
+        pipeline.wait_ready()  # its ranks sleep while the others run (no busy waiting)
+
+        def two_ranks_run() -> StreamTiming:
+            return timed(chunk_tokens(pipeline.generate(request)))
+
+        arms: list[tuple[str, Callable[[], StreamTiming]]] = [
+            ("mlx-lm", mlx_lm_run),
+            ("engine, 1 process", engine_run),
+            ("engine, 2 ranks", two_ranks_run),
+        ]
+        rows: dict[str, list[StreamTiming]] = {name: [] for name, _ in arms}
+        for _, run in arms:  # warm-up: kernels, caches
+            run()
+        for repeat in range(repeats):  # every arm in each round, starting with another
+            for name, run in arms[repeat % 3 :] + arms[: repeat % 3]:
+                rows[name].append(run())
     host_us = {
         "mlx-lm model": graph_build_us(model, lambda: make_prompt_cache(model)),
         "engine stage": graph_build_us(stage, stage.make_cache),
     }
-    base = median_timing(rows["mlx-lm"])
     print(
         f"\n1. engine vs mlx-lm ({MODEL}, {len(prompt)}-token prompt, {max_tokens} new tokens, "
-        f"{used.device_id} {used.name}, median of {repeats})"
+        f"{used.device_id} {used.name}, {repeats} rounds)"
     )
-    print(f"{'':<20} {'TTFT ms':>9} {'tok/s':>8} {'TTFT x':>8} {'tok/s x':>8}")
+    print(
+        f"{'':<20} {'TTFT ms':>9} {'tok/s':>8}   ratios to mlx-lm in the same round, "
+        "median (min-max): TTFT, tok/s"
+    )
     for name, runs in rows.items():
         ttft, rate = median_timing(runs)
+        ttft_ratios = [r.ttft_s / b.ttft_s for r, b in zip(runs, rows["mlx-lm"], strict=True)]
+        rate_ratios = [
+            r.tokens_per_s / b.tokens_per_s for r, b in zip(runs, rows["mlx-lm"], strict=True)
+        ]
         print(
-            f"{name:<20} {ttft * 1000:9.0f} {rate:8.2f} {ttft / base[0]:8.2f} {rate / base[1]:8.2f}"
+            f"{name:<20} {ttft * 1000:9.0f} {rate:8.2f}   {spread(ttft_ratios)}, "
+            f"{spread(rate_ratios)}"
         )
     print(
         "host time to build one decode step (no evaluation): "
         + ", ".join(f"{name} {micros:.0f} us" for name, micros in host_us.items())
     )
+
+
+def spread(ratios: list[float]) -> str:
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def idle_ranks(seconds: float) -> None:
@@ -326,7 +340,7 @@ def cluster(max_tokens: int, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument("--device", help="compute device for part 1 (default: the best here)")
     parser.add_argument("--parts", default="1,2,3,4", help="which parts to run, e.g. 1,3")

@@ -19,7 +19,7 @@ from exo.api.app import create_app
 from exo.api.context import ApiContext
 from exo.master.commands import handle_command
 from exo.master.main import Master
-from exo.models.cards import register_model_card, use_weights_cache
+from exo.models.cards import known_model_cards, register_model_card, use_weights_cache
 from exo.models.directory import scan_models_dir
 from exo.models.weights_cache import weights_cache_in
 from exo.routing.context import ClusterContext
@@ -186,6 +186,9 @@ async def run_node(config: NodeConfig) -> None:
             group.start_soon(sender.run)
             group.start_soon(master.run)
             group.start_soon(_sync_disk_periodically, store)
+            # The bundled model's card needs its import (once per machine, a child process):
+            # do it now, off the event loop, rather than in the first request that asks.
+            group.start_soon(anyio.to_thread.run_sync, known_model_cards)
             if config.run_worker:
                 worker_config = WorkerConfig(
                     home=config.home,

@@ -18,6 +18,7 @@ Other components add cards (for example for local MLX model directories) with
 :func:`register_model_card`, or build their own :class:`ModelRegistry`.
 """
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,6 +28,10 @@ from exo.models.bundled import BUNDLED_MODEL_ID, BundledModelMissingError, bundl
 from exo.models.directory import card_from_directory
 from exo.models.weights_cache import default_weights_cache, ensure_imported
 from exo.shared.types.models import ModelCard
+
+BUNDLED_RETRY_S = 30.0
+"""After a failed import of the bundled model, how long its card stays unavailable before
+the next try (each try starts a process)."""
 
 PLANNING_BITS_PER_WEIGHT = 4.5
 """Effective bits per weight of a 4-bit MLX-quantised model (group size 64, fp16 scale+bias)."""
@@ -146,6 +151,7 @@ class ModelRegistry:
         self._weights_cache = weights_cache
         self._bundled_card: ModelCard | None = None
         self._bundled_error: str | None = None
+        self._bundled_failed_at = 0.0
         for card in _planning_cards():
             self.register(card)
         for card in extra_cards:
@@ -169,7 +175,8 @@ class ModelRegistry:
     def _bundled(self) -> ModelCard | None:
         if not self._include_bundled:
             return None
-        if self._bundled_card is None:
+        recently_failed = time.monotonic() - self._bundled_failed_at < BUNDLED_RETRY_S
+        if self._bundled_card is None and not (self._bundled_error and recently_failed):
             try:
                 self._bundled_card = bundled_model_card(self.weights_cache)
                 self._bundled_error = None
@@ -177,7 +184,7 @@ class ModelRegistry:
                 if str(error) != self._bundled_error:
                     logger.warning(f"bundled model card unavailable: {error}")
                 self._bundled_error = str(error)
-                return None
+                self._bundled_failed_at = time.monotonic()
         return self._bundled_card
 
     def get(self, model_id: str) -> ModelCard | None:
@@ -231,8 +238,3 @@ def register_model_card(card: ModelCard) -> None:
 def use_weights_cache(directory: Path) -> None:
     """Where the default registry imports the bundled model (a node's ``home/weights``)."""
     _default_registry.use_weights_cache(directory)
-
-
-def weights_cache() -> Path:
-    """The default registry's weights cache."""
-    return _default_registry.weights_cache
