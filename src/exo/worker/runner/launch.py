@@ -95,13 +95,18 @@ def rank_environment(rank: int, hostfile: Path) -> dict[str, str]:
     return environment
 
 
+CLOSE_TIMEOUT_S = 60.0
+
+
 class LocalPipeline:
     """``world_size`` runner processes on this machine forming one pipeline over loopback;
     rank 0 takes requests on stdin, as under a node's supervisor.
 
     ``devices`` names each rank's device (None: the runner's default, the first GPU its MLX
     reaches, else the CPU). Every rank's status lines are kept in ``statuses`` and its
-    stderr in ``stderr``; a watchdog kills every rank after ``timeout_s``.
+    stderr in ``stderr``. With ``timeout_s`` a watchdog kills every rank that long after
+    the start (a guard for one-shot runs); ``close`` waits that long (or 60 s) for the
+    ranks to exit before killing them.
     """
 
     def __init__(
@@ -111,7 +116,7 @@ class LocalPipeline:
         layer_ranges: list[tuple[int, int]] | None = None,
         model_path: Path | None = None,
         devices: list[str | None] | None = None,
-        timeout_s: float = 120.0,
+        timeout_s: float | None = None,
     ) -> None:
         if layer_ranges is None:
             layer_ranges = split_layers(block_count_for(model_path), world_size)
@@ -132,7 +137,7 @@ class LocalPipeline:
         self._lock = threading.Lock()
         self._readers: list[threading.Thread] = []
         self._directory = tempfile.TemporaryDirectory(prefix="exo-ring-")
-        self._killer = threading.Timer(timeout_s, self.kill)
+        self._killer = threading.Timer(timeout_s, self.kill) if timeout_s is not None else None
 
     def __enter__(self) -> "LocalPipeline":
         hostfile = write_hostfile(
@@ -162,7 +167,8 @@ class LocalPipeline:
                 reader = threading.Thread(target=target, args=(rank,), daemon=True)
                 reader.start()
                 self._readers.append(reader)
-        self._killer.start()
+        if self._killer is not None:
+            self._killer.start()
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -188,9 +194,9 @@ class LocalPipeline:
         if stream is not None:
             self.stderr[rank] = stream.read()
 
-    def wait_ready(self, timeout_s: float | None = None) -> None:
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
         """Until every rank reports ``ready``; raises RuntimeError when one fails first."""
-        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with self._lock:
                 failed = [s for s in self.statuses if s.status == "failed"]
@@ -200,7 +206,7 @@ class LocalPipeline:
             if len(ready) == self.world_size:
                 return
             time.sleep(0.05)
-        raise TimeoutError(f"the pipeline was not ready within {timeout_s or self.timeout_s} s")
+        raise TimeoutError(f"the pipeline was not ready within {timeout_s} s")
 
     def generate(self, request: GenerationRequest) -> Iterator[GenerationChunk]:
         """Rank 0's chunks for ``request`` as they stream (none if a rank is gone); a
@@ -234,11 +240,12 @@ class LocalPipeline:
                 stdin.close()
         for process in self.processes:
             try:
-                process.wait(timeout=self.timeout_s)
+                process.wait(timeout=self.timeout_s or CLOSE_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        self._killer.cancel()
+        if self._killer is not None:
+            self._killer.cancel()
         for reader in self._readers:
             reader.join(timeout=5)
         self.return_codes = [process.returncode for process in self.processes]
