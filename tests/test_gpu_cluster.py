@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.cluster import converged, running_cluster, wait_until
@@ -77,3 +78,30 @@ def test_every_node_sees_every_device_and_live_changes(tmp_path: Path) -> None:
         wait_until(devices_gone, 5.0, "the dead node's devices to disappear")
         wait_until(lambda: converged(survivors, 2), 5.0, "survivors to agree")
         assert all(entry["node_id"] != ids[2] for entry in survivors[0].get_list("/gpus"))
+
+
+def test_a_model_placed_on_a_simulated_gpu_computes_on_the_nodes_cpu(tmp_path: Path) -> None:
+    # The simulated GPU is a placement target; its runner computes on what the node really
+    # has, and says so. A node's own execution report lists only real devices.
+    gpus = write_devices(tmp_path / "gpus.json", [device("cuda:0", "Sim RTX 4090", 24, 1008)])
+    with running_cluster(tmp_path, 1, lambda _: ["--simulate-gpus", str(gpus)]) as (node,):
+        wait_until(lambda: converged([node], 1), 10.0, "the node to elect itself")
+        wait_until(
+            lambda: bool(node.state()["gpu_device_state"]), 10.0, "the simulated GPU to appear"
+        )
+        created = httpx.post(
+            node.url + "/instance", json={"model_id": "SmolLM2-135M-Instruct"}, timeout=30.0
+        )
+        assert created.status_code == 201, created.text
+        shard = created.json()["shards"][0]
+        assert shard["device_id"] == "cuda:0"
+
+        def runner_ready() -> bool:
+            runner = node.state()["runners"].get(shard["runner_id"], {})
+            return runner.get("status") == "ready"
+
+        wait_until(runner_ready, 90.0, "the runner to be ready")
+        state = node.state()
+        assert state["runners"][shard["runner_id"]]["compute_device"]["device_id"] == "cpu:0"
+        execution = state["nodes"][node.node_id()]["execution"]
+        assert "cuda:0" not in {entry["device_id"] for entry in execution["devices"]}

@@ -51,13 +51,7 @@ class Worker:
         self._store = store
         self._sender = sender
         self._config = config
-        self.supervisor = RunnerSupervisor(
-            node_id,
-            config.home,
-            sender.emit,
-            simulated_devices=config.gpu_backend == "simulated"
-            or config.simulate_gpus_file is not None,
-        )
+        self.supervisor = RunnerSupervisor(node_id, config.home, sender.emit)
         self.gpu_telemetry: GPUTelemetryCollector | None = None
 
     async def run(self) -> None:
@@ -69,6 +63,7 @@ class Worker:
             event_emitter=self._sender.emit,
             config=TelemetryConfig(interval_s=self._config.telemetry_interval_s),
         )
+        self.supervisor.simulated_devices = self.gpu_telemetry.gpu_backend.name == "simulated"
         execution = await anyio.to_thread.run_sync(probe_execution)
         log_execution(execution)
         try:

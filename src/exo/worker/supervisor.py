@@ -130,11 +130,10 @@ def runner_arguments(
 
 
 class RunnerSupervisor:
-    def __init__(
-        self, node_id: NodeId, home: Path, emit: Emit, simulated_devices: bool = False
-    ) -> None:
+    def __init__(self, node_id: NodeId, home: Path, emit: Emit) -> None:
         self._node_id = node_id
-        self._simulated_devices = simulated_devices
+        self.simulated_devices = False
+        """This node's GPUs come from a simulation file: runners compute on its CPU."""
         self._directory = home / "runners"
         self._weights_cache = weights_cache_in(home)
         self._emit = emit
@@ -182,7 +181,7 @@ class RunnerSupervisor:
                 self._directory / f"{shard.runner_id}.hostfile.json", instance.ring_endpoints
             )
         handle.log_path = self._directory / f"{shard.runner_id}.log"
-        compute_device = compute_device_for(shard, self._simulated_devices)
+        compute_device = compute_device_for(shard, self.simulated_devices)
         log = handle.log_path.open("ab")
         try:
             handle.process = await anyio.open_process(
