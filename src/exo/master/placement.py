@@ -211,7 +211,7 @@ class Candidates(BaseModel):
 
 def _unexecutable_reason(device_id: str, node: NodeInfo) -> str | None:
     """Why the node's MLX cannot compute on ``device_id``, or None when it can (or the node
-    did not say). A simulated device computes wherever the node's MLX does."""
+    did not say)."""
     capability = node.execution
     if capability is None or capability.can_run_on(device_id):
         return None
@@ -234,8 +234,9 @@ def find_candidates(state: State) -> Candidates:
 
     A node offers each GPU in its telemetry (joined with the GPU's static info) on which
     its MLX can compute; a node that offers none (no GPU, or GPUs its MLX cannot reach)
-    offers its CPU and RAM instead, as long as MLX loads there. Nodes that did not report
-    what their MLX can do are taken at their telemetry's word."""
+    offers its CPU and RAM instead, as long as MLX loads there. A simulated GPU is offered as
+    its file describes it (its runner computes on the node's CPU); a node that did not
+    report what its MLX can do is taken at its telemetry's word."""
     devices: list[PlacementDevice] = []
     left_out: list[str] = []
     for node_id in sorted(state.nodes):

@@ -36,7 +36,7 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>",
 """Names models use for "end of turn": stop tokens where the vocabulary has them as specials."""
 
 
-def _build_tokenizer(metadata: Metadata) -> tuple[Tokenizer, list[str], list[int]]:
+def _build_tokenizer(metadata: Metadata) -> tuple[Tokenizer, list[str]]:
     model_kind = metadata_str(metadata, "tokenizer.ggml.model")
     if model_kind != "gpt2":
         raise GGUFImportError(
@@ -83,8 +83,7 @@ def _build_tokenizer(metadata: Metadata) -> tuple[Tokenizer, list[str], list[int
             for index in added
         ]
     )
-    special_ids = [index for index in added if token_types[index] == CONTROL_TOKEN_TYPE]
-    return tokenizer, tokens, special_ids
+    return tokenizer, tokens
 
 
 def stop_token_ids(metadata: Metadata) -> list[int]:
@@ -109,7 +108,7 @@ def stop_token_ids(metadata: Metadata) -> list[int]:
 def write_tokenizer_files(metadata: Metadata, directory: Path, context_length: int) -> None:
     """``tokenizer.json`` and ``tokenizer_config.json`` (chat template, BOS/EOS) for the
     GGUF's vocabulary, in the form ``transformers.AutoTokenizer`` loads."""
-    tokenizer, tokens, _ = _build_tokenizer(metadata)
+    tokenizer, tokens = _build_tokenizer(metadata)
     tokenizer.save(str(directory / "tokenizer.json"))
     bos_id = (
         metadata_int(metadata, "tokenizer.ggml.bos_token_id")
