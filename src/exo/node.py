@@ -23,11 +23,11 @@ from exo.models.cards import known_model_cards, register_model_card, use_weights
 from exo.models.directory import scan_models_dir
 from exo.models.weights_cache import weights_cache_in
 from exo.routing.context import ClusterContext
+from exo.routing.election import Election, now_us
 from exo.routing.event_sync import EventSync
 from exo.routing.local_events import LocalEventSender
 from exo.routing.router import Router, RouterConfig
 from exo.routing.topics import Topics
-from exo.shared.election import Election, now_us
 from exo.shared.event_store import EventStore
 from exo.shared.types.ids import NodeId
 from exo.shared.types.models import ModelCard

@@ -6,8 +6,8 @@ import anyio
 from pydantic import ValidationError
 
 from exo.routing.context import ClusterContext
+from exo.routing.election import Election
 from exo.routing.local_events import LocalEventSender
-from exo.shared.election import Election
 from exo.shared.event_store import EventStore
 from exo.shared.types.commands import Command, CommandAdapter, CommandResult
 from exo.shared.types.ids import NodeId

@@ -2,9 +2,9 @@
 
 from dataclasses import dataclass
 
+from exo.routing.election import Election
 from exo.routing.router import Router
 from exo.routing.topics import Topics
-from exo.shared.election import Election
 from exo.shared.event_store import EventStore
 from exo.shared.types.ids import NodeId
 

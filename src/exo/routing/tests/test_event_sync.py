@@ -12,11 +12,11 @@ import pytest
 from exo.master.commands import handle_command
 from exo.master.main import Master
 from exo.routing.context import ClusterContext
+from exo.routing.election import Election
 from exo.routing.event_sync import EventSync
 from exo.routing.messages import GlobalEventMessage
 from exo.routing.router import Router, RouterConfig
 from exo.routing.topics import Topics
-from exo.shared.election import Election
 from exo.shared.event_store import EventStore
 from exo.shared.types.events import IndexedEvent, ProbeEmitted
 from exo.shared.types.ids import NodeId

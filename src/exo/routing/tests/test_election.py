@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exo.shared.election import LiveNode, elect_master
+from exo.routing.election import LiveNode, elect_master
 from exo.shared.types.ids import NodeId
 
 
