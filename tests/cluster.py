@@ -40,8 +40,10 @@ class ExoNode:
         peers: list[str],
         extra_args: list[str] | None = None,
         discovery: bool = False,
+        api_key: str | None = None,
     ) -> None:
         self.home = home
+        self.api_key = api_key
         self.discovery = discovery
         self.api_port = free_port()
         self.zenoh_port = free_port()
@@ -75,6 +77,7 @@ class ExoNode:
             "--election-settle",
             "1.0",
             *[arg for peer in self.peers if peer != self.endpoint for arg in ("--connect", peer)],
+            *(["--api-key", self.api_key] if self.api_key else []),
             *self.extra_args,
         ]
         log = self.log_path.open("ab")
@@ -109,20 +112,25 @@ class ExoNode:
     def process_exited(self) -> bool:
         return self.process is not None and self.process.poll() is not None
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """What every request to this node carries (its API key, when it has one)."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
     def try_get(self, path: str) -> JsonDict | None:
         try:
-            response = httpx.get(self.url + path, timeout=2.0)
+            response = httpx.get(self.url + path, timeout=2.0, headers=self.headers)
         except httpx.HTTPError:
             return None
         return response.json() if response.status_code == 200 else None
 
     def get(self, path: str) -> JsonDict:
-        response = httpx.get(self.url + path, timeout=5.0)
+        response = httpx.get(self.url + path, timeout=5.0, headers=self.headers)
         response.raise_for_status()
         return response.json()
 
     def get_list(self, path: str) -> list[JsonDict]:
-        response = httpx.get(self.url + path, timeout=5.0)
+        response = httpx.get(self.url + path, timeout=5.0, headers=self.headers)
         response.raise_for_status()
         return response.json()
 

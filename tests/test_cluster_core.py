@@ -235,6 +235,7 @@ def test_bad_startup_arguments_exit_with_a_sentence(tmp_path: Path) -> None:
             ["--simulate-gpus", str(bad_devices)],
             ["--telemetry-interval", "0"],
             ["--home", str(busy.home)],
+            ["--api-host", "0.0.0.0"],  # beyond loopback without --api-key
         ]
         for extra in cases:
             args = [

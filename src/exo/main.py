@@ -8,6 +8,7 @@ from pathlib import Path
 import anyio
 from loguru import logger
 
+from exo.api.guard import ApiExposureError, check_api_exposure
 from exo.gpu.backend import GPUBackendError
 from exo.gpu.backends.simulated import load_simulated_file
 from exo.node import NodeConfig, StartupError, run_node
@@ -26,7 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
         "one event-sourced state, report GPUs, place and run models.",
     )
     parser.add_argument(
-        "--api-host", default="0.0.0.0", help="address the HTTP API binds (default 0.0.0.0)"
+        "--api-host",
+        default="127.0.0.1",
+        help="address the HTTP API binds (default 127.0.0.1; any other needs --api-key or "
+        "--insecure-api)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every API request (default $EXO_API_KEY)",
+    )
+    parser.add_argument(
+        "--insecure-api",
+        action="store_true",
+        help="let the API listen beyond loopback without a key (logs a warning)",
     )
     parser.add_argument(
         "--api-port",
@@ -149,6 +163,13 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         models_dir = models_dir.expanduser()
         if not models_dir.is_dir():
             raise StartupError(f"{models_dir_source} {models_dir} is not a directory")
+    api_key: str | None = args.api_key or os.environ.get("EXO_API_KEY") or None
+    try:
+        api_warning = check_api_exposure(args.api_host, api_key, args.insecure_api)
+    except ApiExposureError as error:
+        raise StartupError(str(error)) from error
+    if api_warning is not None:
+        logger.warning(api_warning)
     return NodeConfig(
         home=home.expanduser(),
         namespace=args.namespace,
@@ -157,6 +178,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         discovery=not args.no_discovery,
         api_host=args.api_host,
         api_port=args.api_port,
+        api_key=api_key,
         run_worker=not args.no_worker,
         friendly_name=args.friendly_name,
         election_settle_s=args.election_settle,

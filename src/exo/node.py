@@ -17,6 +17,7 @@ from loguru import logger
 
 from exo.api.app import create_app
 from exo.api.context import ApiContext
+from exo.api.guard import guarded
 from exo.master.commands import handle_command
 from exo.master.main import Master
 from exo.models.cards import known_model_cards, register_model_card, use_weights_cache
@@ -52,8 +53,10 @@ class NodeConfig:
     listen: list[str] = field(default_factory=lambda: ["tcp/0.0.0.0:52414"])
     connect: list[str] = field(default_factory=list[str])
     discovery: bool = True
-    api_host: str = "0.0.0.0"
+    api_host: str = "127.0.0.1"
     api_port: int = 52415
+    api_key: str | None = None
+    """Every API request must carry ``Authorization: Bearer <api_key>`` when set."""
     run_worker: bool = True
     friendly_name: str | None = None
     election_settle_s: float = 1.5
@@ -176,7 +179,12 @@ async def run_node(config: NodeConfig) -> None:
     election.start()
     context = ApiContext(cluster, sender)
     server = _ApiServer(
-        uvicorn.Config(create_app(context), log_level="warning", lifespan="off", access_log=False)
+        uvicorn.Config(
+            guarded(create_app(context), config.api_key),
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+        )
     )
     try:
         async with anyio.create_task_group() as group:

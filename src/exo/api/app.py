@@ -5,13 +5,13 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from exo.api.chat import chat_routes, openai_error
 from exo.api.context import ApiContext
+from exo.api.validation import MAX_ID_LENGTH, ApiRequest, describe_errors
 from exo.master.commands import plan_instance
 from exo.shared.types.commands import CommandResult, DeleteInstance, PlaceInstance
 from exo.shared.types.events import InstanceCreated, ProbeEmitted
@@ -20,10 +20,8 @@ from exo.shared.types.ids import InstanceId
 MAX_EVENTS_PER_PAGE = 10_000
 
 
-class PlaceInstanceRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model_id: str = Field(min_length=1)
+class PlaceInstanceRequest(ApiRequest):
+    model_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     min_nodes: int = Field(default=1, ge=1, le=1024)
 
 
@@ -38,13 +36,11 @@ def create_app(context: ApiContext) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        # The offending input is never echoed: a body can be megabytes.
+        problems = describe_errors(error.errors())
         if request.url.path.startswith("/v1/"):
-            problems = "; ".join(
-                f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
-                for problem in error.errors()
-            )
             return openai_error(422, f"invalid request: {problems}", "invalid_request_error")
-        return JSONResponse(status_code=422, content={"detail": jsonable_encoder(error.errors())})
+        return JSONResponse(status_code=422, content={"detail": f"invalid request: {problems}"})
 
     @app.get("/gpus")
     async def get_gpus() -> list[dict[str, Any]]:
@@ -116,7 +112,7 @@ def create_app(context: ApiContext) -> FastAPI:
 
     @app.get("/instance/placement")
     async def get_placement(
-        model_id: Annotated[str, Query(min_length=1)],
+        model_id: Annotated[str, Query(min_length=1, max_length=MAX_ID_LENGTH)],
         min_nodes: Annotated[int, Query(ge=1, le=1024)] = 1,
     ) -> JSONResponse:
         """Dry run: the placement this node would get now; nothing is created."""

@@ -15,9 +15,10 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from exo.api.context import ApiContext
+from exo.api.validation import MAX_ID_LENGTH, ApiRequest
 from exo.master.commands import instance_health
 from exo.models.cards import known_model_cards
 from exo.shared.types.commands import CancelTask, CommandResult, CreateChatTask
@@ -30,10 +31,10 @@ NO_PROGRESS_TIMEOUT_S = 120.0
 """A request whose instance produces nothing for this long fails instead of hanging."""
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatCompletionRequest(ApiRequest):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields exo does not use
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=32768)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
