@@ -1,6 +1,7 @@
 """Start real ``exo`` node processes on 127.0.0.1 for cluster tests and benchmarks."""
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -13,9 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import zenoh
 
 JsonDict = dict[str, Any]
 
+
+TEST_CLUSTER_SECRET = "exo-test-cluster-secret-0123456789"
+"""What every test node holds unless a test gives it another (nodes with different secrets
+never see each other)."""
 
 PORT_RANGE = (20000, 32000)
 """Below Linux's ephemeral range (32768+), so outgoing connections never take our ports."""
@@ -41,9 +47,11 @@ class ExoNode:
         extra_args: list[str] | None = None,
         discovery: bool = False,
         api_key: str | None = None,
+        cluster_secret: str | None = TEST_CLUSTER_SECRET,
     ) -> None:
         self.home = home
         self.api_key = api_key
+        self.cluster_secret = cluster_secret
         self.discovery = discovery
         self.api_port = free_port()
         self.zenoh_port = free_port()
@@ -78,6 +86,7 @@ class ExoNode:
             "1.0",
             *[arg for peer in self.peers if peer != self.endpoint for arg in ("--connect", peer)],
             *(["--api-key", self.api_key] if self.api_key else []),
+            *(["--cluster-secret", self.cluster_secret] if self.cluster_secret else []),
             *self.extra_args,
         ]
         log = self.log_path.open("ab")
@@ -209,3 +218,25 @@ def converged(nodes: list[ExoNode], expected_nodes: int) -> bool:
         and None not in masters
         and len(indices) == 1
     )
+
+
+def zenoh_peer(
+    endpoint: str, directory: Path, secret: str | None = TEST_CLUSTER_SECRET
+) -> zenoh.Session:
+    """A bare zenoh session connected to a node's endpoint, as another program would open
+    one: with the cluster's credentials by default, without any when ``secret`` is None."""
+    config = zenoh.Config()
+    config.insert_json5("mode", '"peer"')
+    config.insert_json5("connect/endpoints", json.dumps([endpoint]))
+    config.insert_json5("connect/timeout_ms", "2000")
+    config.insert_json5("connect/exit_on_failure", "false")
+    config.insert_json5("listen/endpoints", "[]")
+    config.insert_json5("scouting/multicast/enabled", "false")
+    if secret is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        dictionary = directory / "users"
+        dictionary.write_text(f"exo:{secret}\n")
+        config.insert_json5("transport/auth/usrpwd/user", '"exo"')
+        config.insert_json5("transport/auth/usrpwd/password", json.dumps(secret))
+        config.insert_json5("transport/auth/usrpwd/dictionary_file", json.dumps(str(dictionary)))
+    return zenoh.open(config)

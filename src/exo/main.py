@@ -12,7 +12,7 @@ from exo.api.guard import ApiExposureError, check_api_exposure
 from exo.gpu.backend import GPUBackendError
 from exo.gpu.backends.simulated import load_simulated_file
 from exo.node import NodeConfig, StartupError, run_node
-from exo.routing.router import TransportError, validate_endpoint
+from exo.routing.router import TlsFiles, TransportError, check_tls, validate_endpoint
 
 DEFAULT_API_PORT = 52415
 DEFAULT_LISTEN = "tcp/0.0.0.0:52414"
@@ -60,6 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="ENDPOINT",
         help="zenoh endpoint of a peer to connect to, e.g. tcp/192.168.1.10:52414; repeatable",
+    )
+    parser.add_argument(
+        "--cluster-secret",
+        default=None,
+        metavar="SECRET",
+        help="the secret every node of the cluster holds (default $EXO_CLUSTER_SECRET, else "
+        "the one in the home, made on the first start)",
+    )
+    parser.add_argument(
+        "--tls-cert", type=Path, default=None, help="PEM certificate for tls/ endpoints"
+    )
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        help="PEM certificate of the CA that signed the nodes' certificates (checks peers; "
+        "with --tls-cert and --tls-key, links are mutual TLS)",
     )
     parser.add_argument(
         "--no-discovery",
@@ -139,6 +157,12 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         problem = validate_endpoint(endpoint)
         if problem is not None:
             raise StartupError(problem)
+    tls = TlsFiles(
+        certificate=args.tls_cert, private_key=args.tls_key, certificate_authority=args.tls_ca
+    )
+    tls_problem = check_tls(listen, connect, tls)
+    if tls_problem is not None:
+        raise StartupError(tls_problem)
     if not 0 < args.api_port < 65536:
         raise StartupError(f"--api-port {args.api_port} is not a port number (1-65535)")
     if args.link_probe_interval <= 0 or args.election_settle < 0:
@@ -179,6 +203,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         api_host=args.api_host,
         api_port=args.api_port,
         api_key=api_key,
+        cluster_secret=args.cluster_secret,
+        tls=tls,
         run_worker=not args.no_worker,
         friendly_name=args.friendly_name,
         election_settle_s=args.election_settle,

@@ -23,11 +23,17 @@ from exo.master.main import Master
 from exo.models.cards import known_model_cards, register_model_card, use_weights_cache
 from exo.models.directory import scan_models_dir
 from exo.models.weights_cache import weights_cache_in
+from exo.routing.cluster_secret import (
+    SECRET_ENV,
+    SECRET_FILE,
+    ClusterSecretError,
+    resolve_cluster_secret,
+)
 from exo.routing.context import ClusterContext
 from exo.routing.election import Election, now_us
 from exo.routing.event_sync import EventSync
 from exo.routing.local_events import LocalEventSender
-from exo.routing.router import Router, RouterConfig
+from exo.routing.router import Router, RouterConfig, TlsFiles
 from exo.routing.topics import Topics
 from exo.shared.event_store import EventStore
 from exo.shared.types.ids import NodeId
@@ -57,6 +63,9 @@ class NodeConfig:
     api_port: int = 52415
     api_key: str | None = None
     """Every API request must carry ``Authorization: Bearer <api_key>`` when set."""
+    cluster_secret: str | None = None
+    """Given with --cluster-secret; else $EXO_CLUSTER_SECRET, the home's, or a new one."""
+    tls: TlsFiles = field(default_factory=TlsFiles)
     run_worker: bool = True
     friendly_name: str | None = None
     election_settle_s: float = 1.5
@@ -148,6 +157,20 @@ def register_models_dir(models_dir: Path) -> list[ModelCard]:
 
 async def run_node(config: NodeConfig) -> None:
     node_id = prepare_home(config.home)
+    try:
+        secret = resolve_cluster_secret(config.cluster_secret, config.home)
+    except ClusterSecretError as error:
+        raise StartupError(str(error)) from error
+    except OSError as error:
+        raise StartupError(f"cannot store the cluster secret in {config.home}: {error}") from error
+    if secret.created:
+        logger.info(
+            f"this node made a new cluster secret, stored in {config.home / SECRET_FILE}: "
+            f"{secret.value} — start the other nodes with --cluster-secret {secret.value} "
+            f"(or {SECRET_ENV}) so they can join"
+        )
+    else:
+        logger.info(f"cluster secret from {secret.source}")
     use_weights_cache(weights_cache_in(config.home))
     if config.models_dir is not None:
         register_models_dir(config.models_dir)
@@ -158,7 +181,16 @@ async def run_node(config: NodeConfig) -> None:
     except OSError as error:
         api_socket.close()
         raise StartupError(f"cannot read the event log in {config.home}: {error}") from error
-    router = Router(RouterConfig(config.listen, config.connect, config.discovery))
+    router = Router(
+        RouterConfig(
+            config.listen,
+            config.connect,
+            config.discovery,
+            secret=secret.value,
+            dictionary_file=secret.dictionary_file,
+            tls=config.tls,
+        )
+    )
     try:
         await router.open()
     except Exception:
@@ -194,6 +226,8 @@ async def run_node(config: NodeConfig) -> None:
             group.start_soon(sender.run)
             group.start_soon(master.run)
             group.start_soon(_sync_disk_periodically, store)
+            if config.connect:
+                group.start_soon(_warn_when_alone, router, config.connect)
             # The bundled model's card needs its import (once per machine, a child process):
             # do it now, off the event loop, rather than in the first request that asks.
             group.start_soon(anyio.to_thread.run_sync, known_model_cards)
@@ -232,6 +266,19 @@ async def _stop_on_signal(scope: anyio.CancelScope) -> None:
             logger.info(f"received {signal.Signals(received).name}; shutting down")
             scope.cancel()
             return
+
+
+JOIN_CHECK_S = 10.0
+
+
+async def _warn_when_alone(router: Router, connect: list[str]) -> None:
+    """A node told where its peers are but with none after a while says why that may be."""
+    await anyio.sleep(JOIN_CHECK_S)
+    if router.peer_count() == 0:
+        logger.warning(
+            f"no peer has accepted this node after {JOIN_CHECK_S:.0f} s (--connect "
+            f"{' '.join(connect)}): are they up, and do all nodes hold the same cluster secret?"
+        )
 
 
 async def _sync_disk_periodically(store: EventStore) -> None:

@@ -9,6 +9,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 import anyio.from_thread
@@ -16,6 +17,8 @@ import anyio.lowlevel
 import anyio.to_thread
 import zenoh
 from loguru import logger
+
+from exo.routing.cluster_secret import CLUSTER_USER
 
 ENDPOINT_PATTERN = re.compile(r"^(tcp|udp|tls|quic|ws|unixsock-stream)/\S+$")
 TCP_LIKE_PATTERN = re.compile(r"^(tcp|udp|tls|quic|ws)/(\[[0-9a-fA-F:]+\]|[^/:\s]+):(\d{1,5})$")
@@ -40,19 +43,84 @@ def validate_endpoint(endpoint: str) -> str | None:
     return None
 
 
+CONNECT_TIMEOUT_MS = 3000
+"""How long opening the session waits for the ``connect`` peers before going on without
+them (zenoh keeps trying in the background); a peer that refuses this node, a wrong
+cluster secret say, never makes the start hang."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The files of zenoh's TLS links (``tls/HOST:PORT`` endpoints), PEM."""
+
+    certificate: Path | None = None
+    """This node's certificate, presented on the links it accepts (and, with mutual TLS,
+    on those it opens)."""
+    private_key: Path | None = None
+    certificate_authority: Path | None = None
+    """The CA that signed the peers' certificates; a node opening a TLS link checks the
+    peer's certificate against it. With a certificate and key too, links are mutual."""
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     listen: list[str] = field(default_factory=lambda: ["tcp/0.0.0.0:52414"])
     connect: list[str] = field(default_factory=list[str])
     discovery: bool = True
+    secret: str | None = None
+    """The cluster secret (zenoh user-password authentication); None: no authentication
+    (in-process tests of the transport only)."""
+    dictionary_file: Path | None = None
+    """zenoh's dictionary of accepted user:password pairs (the secret's one line)."""
+    tls: TlsFiles = field(default_factory=TlsFiles)
+
+
+def check_tls(listen: list[str], connect: list[str], tls: TlsFiles) -> str | None:
+    """A sentence saying what TLS setup the endpoints lack, or None."""
+    for path in (tls.certificate, tls.private_key, tls.certificate_authority):
+        if path is not None and not path.is_file():
+            return f"TLS file {path} does not exist"
+    if (tls.certificate is None) != (tls.private_key is None):
+        return "--tls-cert and --tls-key go together"
+    if any(endpoint.startswith("tls/") for endpoint in listen) and tls.certificate is None:
+        return "listening on a tls/ endpoint needs --tls-cert and --tls-key"
+    if any(endpoint.startswith("tls/") for endpoint in connect) and (
+        tls.certificate_authority is None
+    ):
+        return "connecting to a tls/ endpoint needs --tls-ca (the CA that signed the peer)"
+    return None
+
+
+def _insert(config: zenoh.Config, key: str, value: object) -> None:
+    config.insert_json5(key, json.dumps(value))
 
 
 def _zenoh_config(config: RouterConfig) -> zenoh.Config:
     zenoh_config = zenoh.Config()
-    zenoh_config.insert_json5("mode", '"peer"')
-    zenoh_config.insert_json5("listen/endpoints", json.dumps(config.listen))
-    zenoh_config.insert_json5("connect/endpoints", json.dumps(config.connect))
-    zenoh_config.insert_json5("scouting/multicast/enabled", json.dumps(config.discovery))
+    _insert(zenoh_config, "mode", "peer")
+    _insert(zenoh_config, "listen/endpoints", config.listen)
+    _insert(zenoh_config, "connect/endpoints", config.connect)
+    _insert(zenoh_config, "connect/timeout_ms", CONNECT_TIMEOUT_MS)
+    _insert(zenoh_config, "connect/exit_on_failure", False)
+    _insert(zenoh_config, "scouting/multicast/enabled", config.discovery)
+    if config.secret is not None:
+        if config.dictionary_file is None:
+            raise ValueError("a cluster secret needs its dictionary file")
+        _insert(zenoh_config, "transport/auth/usrpwd/user", CLUSTER_USER)
+        _insert(zenoh_config, "transport/auth/usrpwd/password", config.secret)
+        _insert(zenoh_config, "transport/auth/usrpwd/dictionary_file", str(config.dictionary_file))
+    tls = config.tls
+    if tls.certificate_authority is not None:
+        _insert(
+            zenoh_config, "transport/link/tls/root_ca_certificate", str(tls.certificate_authority)
+        )
+    if tls.certificate is not None and tls.private_key is not None:
+        _insert(zenoh_config, "transport/link/tls/listen_certificate", str(tls.certificate))
+        _insert(zenoh_config, "transport/link/tls/listen_private_key", str(tls.private_key))
+        if tls.certificate_authority is not None:
+            _insert(zenoh_config, "transport/link/tls/enable_mtls", True)
+            _insert(zenoh_config, "transport/link/tls/connect_certificate", str(tls.certificate))
+            _insert(zenoh_config, "transport/link/tls/connect_private_key", str(tls.private_key))
     return zenoh_config
 
 
@@ -136,6 +204,10 @@ class Router:
 
         return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
 
+    def peer_count(self) -> int:
+        """zenoh peers this node has a session with right now."""
+        return len(list(self.session.info.peers_zid()))
+
     def declare_liveliness_token(self, key_expr: str) -> None:
         self._liveliness_tokens.append(self.session.liveliness().declare_token(key_expr))
 
@@ -171,6 +243,11 @@ def _explain_zenoh_error(message: str, config: RouterConfig) -> str:
         return f"a listen address is already in use ({', '.join(config.listen)}); pick another port with --listen"
     if "Endpoints must be of the form" in message or "Json5Err" in message:
         return "an endpoint is malformed; expected PROTOCOL/HOST:PORT such as tcp/127.0.0.1:52414"
+    if "TLS" in message or "tls" in message or "certificate" in message.lower():
+        return (
+            f"TLS is not set up for {', '.join(config.listen)}: {message.strip()[-200:]} "
+            "(give --tls-cert, --tls-key and --tls-ca)"
+        )
     if "Can not create a new TCP listener" in message:
         return f"cannot listen on {', '.join(config.listen)}: {message.split(':', 3)[-1].strip()}"
     return f"the zenoh transport could not start: {message}"
