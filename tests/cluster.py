@@ -48,8 +48,10 @@ class ExoNode:
         discovery: bool = False,
         api_key: str | None = None,
         cluster_secret: str | None = TEST_CLUSTER_SECRET,
+        protocol: str = "tcp",
     ) -> None:
         self.home = home
+        self.protocol = protocol
         self.api_key = api_key
         self.cluster_secret = cluster_secret
         self.discovery = discovery
@@ -62,7 +64,7 @@ class ExoNode:
 
     @property
     def endpoint(self) -> str:
-        return f"tcp/127.0.0.1:{self.zenoh_port}"
+        return f"{self.protocol}/127.0.0.1:{self.zenoh_port}"
 
     @property
     def url(self) -> str:
@@ -221,11 +223,15 @@ def converged(nodes: list[ExoNode], expected_nodes: int) -> bool:
 
 
 def zenoh_peer(
-    endpoint: str, directory: Path, secret: str | None = TEST_CLUSTER_SECRET
+    endpoint: str,
+    directory: Path,
+    secret: str | None = TEST_CLUSTER_SECRET,
+    config: zenoh.Config | None = None,
 ) -> zenoh.Session:
     """A bare zenoh session connected to a node's endpoint, as another program would open
-    one: with the cluster's credentials by default, without any when ``secret`` is None."""
-    config = zenoh.Config()
+    one: with the cluster's credentials by default, without any when ``secret`` is None;
+    ``config`` may carry more settings (TLS files, say)."""
+    config = config if config is not None else zenoh.Config()
     config.insert_json5("mode", '"peer"')
     config.insert_json5("connect/endpoints", json.dumps([endpoint]))
     config.insert_json5("connect/timeout_ms", "2000")

@@ -232,6 +232,11 @@ def test_bad_startup_arguments_exit_with_a_sentence(tmp_path: Path) -> None:
             ["--telemetry-interval", "0"],
             ["--home", str(busy.home)],
             ["--api-host", "0.0.0.0"],  # beyond loopback without --api-key
+            ["--listen", "tls/127.0.0.1:0"],  # TLS without a certificate
+            ["--connect", "tls/127.0.0.1:52414"],  # TLS without a CA to check the peer
+            ["--tls-cert", str(bad_devices)],  # a certificate without its key
+            ["--tls-ca", str(tmp_path / "missing.pem")],
+            ["--cluster-secret", "short"],
         ]
         for extra in cases:
             args = [

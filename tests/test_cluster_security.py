@@ -8,6 +8,8 @@ and once by the stranger, who gets nothing and changes nothing.
 """
 
 import json
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -218,3 +220,91 @@ def test_a_first_node_makes_and_keeps_its_secret(tmp_path: Path) -> None:
         assert "cluster secret from" in node.log_text()
     finally:
         node.kill()
+
+
+def make_certificates(directory: Path, name: str) -> tuple[Path, Path, Path]:
+    """A test CA and a node certificate it signed for 127.0.0.1: (ca, cert, key), PEM."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / f"{name}-ca.pem", directory / f"{name}-ca.key"
+    cert, key = directory / f"{name}-node.pem", directory / f"{name}-node.key"
+    request, extensions = directory / f"{name}-node.csr", directory / f"{name}-ext.cnf"
+    extensions.write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "basicConstraints=CA:FALSE\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    elliptic = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ca_subject = ["-subj", f"/CN={name} test CA"]
+    ca_extensions = [
+        *("-addext", "basicConstraints=critical,CA:TRUE"),
+        *("-addext", "keyUsage=critical,keyCertSign,cRLSign"),
+    ]
+    commands = [
+        [
+            "req",
+            "-x509",
+            *elliptic,
+            "-keyout",
+            ca_key,
+            "-out",
+            ca,
+            "-days",
+            "2",
+            *ca_subject,
+            *ca_extensions,
+        ],
+        ["req", *elliptic, "-keyout", key, "-out", request, "-subj", "/CN=localhost"],
+        [
+            *("x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial"),
+            *("-out", cert, "-days", "2", "-extfile", extensions),
+        ],
+    ]
+    for command in commands:
+        subprocess.run(["openssl", *map(str, command)], check=True, capture_output=True)
+    return ca, cert, key
+
+
+def tls_peer(endpoint: str, directory: Path, ca: Path, cert: Path, key: Path) -> zenoh.Session:
+    """A zenoh peer with the cluster secret that opens a mutual-TLS link with its own
+    certificate, checking the node's against ``ca``."""
+    session_config = zenoh.Config()
+    session_config.insert_json5("transport/link/tls/root_ca_certificate", json.dumps(str(ca)))
+    session_config.insert_json5("transport/link/tls/enable_mtls", "true")
+    session_config.insert_json5("transport/link/tls/connect_certificate", json.dumps(str(cert)))
+    session_config.insert_json5("transport/link/tls/connect_private_key", json.dumps(str(key)))
+    return zenoh_peer(endpoint, directory, config=session_config)
+
+
+@pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs openssl to make test certificates"
+)
+def test_nodes_join_over_mutual_tls_and_refuse_a_foreign_certificate(tmp_path: Path) -> None:
+    ca, cert, key = make_certificates(tmp_path / "pki", "cluster")
+    tls_args = ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(ca)]
+    nodes = [ExoNode(tmp_path / f"node{index}", [], tls_args, protocol="tls") for index in range(2)]
+    nodes[1].peers = [nodes[0].endpoint]
+    for node in nodes:
+        node.start()
+    try:
+        for node in nodes:
+            node.wait_ready()
+        wait_until(lambda: converged(nodes, 2), 15.0, "2 nodes to agree over TLS")
+
+        # A peer with the secret and a certificate from the cluster's CA joins (the
+        # evidence that a TLS peer reaches the node); one whose certificate another CA
+        # signed is refused by the node even though it trusts the node's CA.
+        _, foreign_cert, foreign_key = make_certificates(tmp_path / "pki", "foreign")
+        member = tls_peer(nodes[0].endpoint, tmp_path / "member", ca, cert, key)
+        foreign = tls_peer(nodes[0].endpoint, tmp_path / "foreign", ca, foreign_cert, foreign_key)
+        try:
+            wait_until(lambda: len(list(member.info.peers_zid())) >= 1, 10.0, "the member")
+            assert read_everything(member, nodes[0].node_id())[0]
+            assert list(foreign.info.peers_zid()) == []
+            assert read_everything(foreign, nodes[0].node_id()) == ([], [])
+        finally:
+            member.close()
+            foreign.close()
+        assert set(nodes[0].state()["nodes"]) == {node.node_id() for node in nodes}
+    finally:
+        for node in nodes:
+            node.kill()

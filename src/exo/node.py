@@ -169,6 +169,11 @@ async def run_node(config: NodeConfig) -> None:
             f"{secret.value} — start the other nodes with --cluster-secret {secret.value} "
             f"(or {SECRET_ENV}) so they can join"
         )
+    elif secret.replaced:
+        logger.warning(
+            f"the cluster secret from {secret.source} replaces the one stored in "
+            f"{config.home / SECRET_FILE}"
+        )
     else:
         logger.info(f"cluster secret from {secret.source}")
     use_weights_cache(weights_cache_in(config.home))

@@ -40,6 +40,8 @@ class ClusterSecret(BaseModel):
     """Where it came from: the flag, the environment, or the home's file."""
     dictionary_file: Path
     """zenoh's user-password dictionary: the one ``exo:<secret>`` line."""
+    replaced: bool = False
+    """The home held a different secret, now replaced by the given one."""
 
 
 def check_secret(value: str) -> str:
@@ -66,18 +68,26 @@ def resolve_cluster_secret(given: str | None, home: Path) -> ClusterSecret:
     stored_path = home / SECRET_FILE
     created = False
     if given:
-        source = "--cluster-secret"
-        value = check_secret(given)
+        source, text = "--cluster-secret", given
     elif os.environ.get(SECRET_ENV):
-        source = SECRET_ENV
-        value = check_secret(os.environ[SECRET_ENV])
+        source, text = SECRET_ENV, os.environ[SECRET_ENV]
     elif stored_path.is_file():
-        source = str(stored_path)
-        value = check_secret(stored_path.read_text())
+        source, text = str(stored_path), stored_path.read_text()
     else:
-        source, value, created = str(stored_path), secrets.token_urlsafe(24), True
-    if not stored_path.is_file() or stored_path.read_text().strip() != value:
+        source, text, created = str(stored_path), secrets.token_urlsafe(24), True
+    try:
+        value = check_secret(text)
+    except ClusterSecretError as error:
+        raise ClusterSecretError(f"{source}: {error}") from error
+    replaced = stored_path.is_file() and stored_path.read_text().strip() != value
+    if replaced or not stored_path.is_file():
         _write_private(stored_path, value + "\n")
     dictionary = home / DICTIONARY_FILE
     _write_private(dictionary, f"{CLUSTER_USER}:{value}\n")
-    return ClusterSecret(value=value, created=created, source=source, dictionary_file=dictionary)
+    return ClusterSecret(
+        value=value,
+        created=created,
+        source=source,
+        dictionary_file=dictionary,
+        replaced=replaced,
+    )
