@@ -140,6 +140,9 @@ def test_a_stranger_can_neither_read_nor_change_anything(
 
             # Writes: every attack, by the stranger.
             queryables = attack(stranger, master_id, len(before) - 1)
+            # Seconds of attempts later (the insider joined in milliseconds), the stranger
+            # still has no session with any node: the transport refused it every time.
+            assert list(stranger.info.peers_zid()) == []
 
             # The cluster keeps working meanwhile, and the insider hears it; the stranger
             # subscribed to everything and hears nothing but itself.

@@ -12,12 +12,22 @@ rank 0 the sampled tokens, from it) and one to its right neighbour (it writes to
 are set up once, after the MLX group is formed: every rank listens on an ephemeral port of
 its ring address, sends the port to its right neighbour over MLX, connects to its left
 neighbour's port and accepts its right neighbour's connection.
+
+The port is reachable from the network, so a rank sends its right neighbour a random
+ticket with the port, and accepts only a connection that presents that ticket first; any
+other connection (a port scan, a stranger racing the neighbour) is closed and the rank goes
+on waiting for the real one.
 """
 
 import contextlib
+import secrets
 import socket
+import time
 
 CONNECT_TIMEOUT_S = 30.0
+TICKET_BYTES = 8
+TICKET_WAIT_S = 2.0
+"""How long a connection may take to present its ticket (the neighbour sends it at once)."""
 
 
 class ControlChannelError(ConnectionError):
@@ -28,6 +38,8 @@ class ControlChannel:
     def __init__(self, host: str) -> None:
         self.host = host
         self._listener = socket.create_server((host, 0))
+        self.ticket = secrets.token_bytes(TICKET_BYTES)
+        """What the right neighbour must present when it connects (sent to it over MLX)."""
         self._from_left: socket.socket | None = None
         self._to_right: socket.socket | None = None
 
@@ -35,12 +47,19 @@ class ControlChannel:
     def port(self) -> int:
         return int(self._listener.getsockname()[1])
 
-    def join(self, left_host: str, left_port: int, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-        """Connect to the left neighbour's listener and accept the right neighbour."""
+    def join(
+        self,
+        left_host: str,
+        left_port: int,
+        left_ticket: bytes,
+        timeout_s: float = CONNECT_TIMEOUT_S,
+    ) -> None:
+        """Connect to the left neighbour's listener (presenting its ticket) and accept the
+        right neighbour (the connection that presents ours)."""
         try:
             self._from_left = socket.create_connection((left_host, left_port), timeout=timeout_s)
-            self._listener.settimeout(timeout_s)
-            self._to_right, _ = self._listener.accept()
+            self._from_left.sendall(left_ticket)
+            self._to_right = self._accept_ticket_holder(time.monotonic() + timeout_s)
         except OSError as error:
             raise ControlChannelError(
                 f"cannot link the pipeline's control channel: {error}"
@@ -50,6 +69,19 @@ class ControlChannel:
         for connection in (self._from_left, self._to_right):
             connection.settimeout(None)
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _accept_ticket_holder(self, deadline: float) -> socket.socket:
+        while True:
+            self._listener.settimeout(max(deadline - time.monotonic(), 0.001))
+            connection, _ = self._listener.accept()
+            try:
+                connection.settimeout(min(TICKET_WAIT_S, max(deadline - time.monotonic(), 0.001)))
+                presented = _read_exactly(connection, TICKET_BYTES)
+            except OSError:
+                presented = b""
+            if secrets.compare_digest(presented, self.ticket):
+                return connection
+            connection.close()
 
     def send(self, data: bytes) -> None:
         """To the right neighbour."""
@@ -82,3 +114,14 @@ class ControlChannel:
             if connection is not None:
                 with contextlib.suppress(OSError):
                     connection.close()
+
+
+def _read_exactly(connection: socket.socket, size: int) -> bytes:
+    """Up to ``size`` bytes: fewer only when the peer closed first."""
+    data = bytearray()
+    while len(data) < size:
+        piece = connection.recv(size - len(data))
+        if not piece:
+            break
+        data += piece
+    return bytes(data)

@@ -168,7 +168,8 @@ def _check_layer_chain(stage: ModelStage, group: mx.distributed.Group) -> None:
 
 def link_control_channel(group: mx.distributed.Group, hostfile: Path | str) -> ControlChannel:
     """Set up this rank's control channel (see :mod:`~exo.worker.runner.control_channel`):
-    listen on its ring address, tell the right neighbour the port, link both neighbours."""
+    listen on its ring address, tell the right neighbour the port and the ticket it must
+    present, link both neighbours."""
     hosts = read_hostfile(hostfile)
     rank, size = group.rank(), group.size()
     left = (rank - 1) % size
@@ -178,9 +179,10 @@ def link_control_channel(group: mx.distributed.Group, hostfile: Path | str) -> C
 
     channel = ControlChannel(host_of(rank))
     try:
-        _send(mx.array([channel.port], dtype=mx.int32), (rank + 1) % size, group)
-        left_port = _scalar(_receive((1,), mx.int32, left, group))
-        channel.join(host_of(left), left_port)
+        ticket = np.frombuffer(channel.ticket, dtype="<i4")
+        _send(mx.array([channel.port, *ticket.tolist()], dtype=mx.int32), (rank + 1) % size, group)
+        received = np.array(_receive((1 + ticket.size,), mx.int32, left, group), dtype="<i4")
+        channel.join(host_of(left), int(received[0]), received[1:].tobytes())
     except Exception:
         channel.close()
         raise
