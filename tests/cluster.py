@@ -223,20 +223,22 @@ def converged(nodes: list[ExoNode], expected_nodes: int) -> bool:
 
 
 def zenoh_peer(
-    endpoint: str,
+    endpoint: str | None,
     directory: Path,
     secret: str | None = TEST_CLUSTER_SECRET,
     config: zenoh.Config | None = None,
+    listen: str | None = None,
 ) -> zenoh.Session:
-    """A bare zenoh session connected to a node's endpoint, as another program would open
-    one: with the cluster's credentials by default, without any when ``secret`` is None;
-    ``config`` may carry more settings (TLS files, say)."""
+    """A bare zenoh session connected to a node's endpoint (or to none), as another program
+    would open one: with the cluster's credentials by default, without any when ``secret``
+    is None; listening on ``listen`` if given; ``config`` may carry more settings (TLS
+    files, say)."""
     config = config if config is not None else zenoh.Config()
     config.insert_json5("mode", '"peer"')
-    config.insert_json5("connect/endpoints", json.dumps([endpoint]))
+    config.insert_json5("connect/endpoints", json.dumps([endpoint] if endpoint else []))
     config.insert_json5("connect/timeout_ms", "2000")
     config.insert_json5("connect/exit_on_failure", "false")
-    config.insert_json5("listen/endpoints", "[]")
+    config.insert_json5("listen/endpoints", json.dumps([listen] if listen else []))
     config.insert_json5("scouting/multicast/enabled", "false")
     if secret is not None:
         directory.mkdir(parents=True, exist_ok=True)

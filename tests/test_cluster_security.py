@@ -22,6 +22,7 @@ import zenoh
 from tests.cluster import (
     ExoNode,
     converged,
+    free_port,
     running_cluster,
     wait_until,
     zenoh_peer,
@@ -204,6 +205,37 @@ def test_nodes_with_different_secrets_never_meet(tmp_path: Path) -> None:
     finally:
         a.kill()
         b.kill()
+
+
+@pytest.mark.parametrize(
+    "stranger_secret", [None, "not-the-cluster-secret-42"], ids=["no secret", "wrong secret"]
+)
+def test_a_node_that_connects_to_a_stranger_gets_no_session(
+    tmp_path: Path, stranger_secret: str | None
+) -> None:
+    """The other direction: the stranger listens and the node opens the link (as it does
+    for --connect and for peers it discovers). The node's side refuses it too."""
+    port = free_port()
+    stranger = zenoh_peer(
+        None, tmp_path / "stranger", stranger_secret, listen=f"tcp/127.0.0.1:{port}"
+    )
+    heard: list[str] = []
+    subscription = stranger.declare_subscriber(
+        "**", lambda sample: heard.append(str(sample.key_expr))
+    )
+    node = ExoNode(tmp_path / "node", [f"tcp/127.0.0.1:{port}"])
+    node.start()
+    try:
+        node.wait_ready()
+        # The node tried the stranger's address for 10 s and says nobody accepted it.
+        wait_until(lambda: "no peer has accepted" in node.log_text(), 20.0, "the node to give up")
+        assert list(stranger.info.peers_zid()) == []
+        assert heard == []
+        assert set(node.state()["nodes"]) == {node.node_id()}
+    finally:
+        node.kill()
+        subscription.undeclare()
+        stranger.close()
 
 
 def test_a_first_node_makes_and_keeps_its_secret(tmp_path: Path) -> None:
