@@ -1,17 +1,23 @@
 """A node's copy of the global log and the state derived from it, kept on disk.
 
+Every change goes to disk first and to memory only once the disk took it: when the disk
+cannot be written (full, failing) the store raises ``LogWriteError``, keeps its log and
+state as they were, and remembers the failure in ``write_error`` until a write succeeds
+again.
+
 Single-threaded by design: it is only touched from the event loop thread.
 """
 
 import time
 from pathlib import Path
+from typing import Literal
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from loguru import logger
 
 from exo.shared.apply import apply
-from exo.shared.event_log import DiskEventLog
+from exo.shared.event_log import DiskEventLog, LogWriteError
 from exo.shared.types.events import IndexedEvent, elided
 from exo.shared.types.ids import EventId
 from exo.shared.types.state import State
@@ -28,12 +34,16 @@ class EventStore:
         self._state = State()
         self._changed = anyio.Event()
         self._subscribers: list[MemoryObjectSendStream[IndexedEvent]] = []
+        self._write_error: str | None = None
+        self._write_error_source: Literal["write", "sync"] = "write"
 
-    def load(self) -> None:
-        """Open the disk log and rebuild state from it."""
+    def load(self, *, salvage: bool = False) -> None:
+        """Open the disk log and rebuild state from it. Raises LogDamagedError when a record
+        before the last is damaged; with salvage, keeps the intact records before it instead
+        (the damaged file is set aside) and the node catches up on the rest from a peer."""
         if self._disk is None:
             return
-        for indexed in self._disk.open():
+        for indexed in self._disk.salvage() if salvage else self._disk.open():
             self._apply_in_memory(indexed)
         if self._events:
             logger.info(f"reloaded {len(self._events)} events from {self._disk.path}")
@@ -41,6 +51,12 @@ class EventStore:
     @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def write_error(self) -> str | None:
+        """Why the last write to the disk log failed (one sentence), or None once writing
+        works again."""
+        return self._write_error
 
     @property
     def last_idx(self) -> int:
@@ -61,10 +77,17 @@ class EventStore:
         return self._applied_at[idx]
 
     def append(self, indexed: IndexedEvent) -> None:
-        """Apply and persist the next event. Raises EventOutOfOrderError if it isn't next."""
-        self._apply_in_memory(indexed)
+        """Persist and apply the next event. Raises EventOutOfOrderError if it isn't next,
+        and LogWriteError, changing nothing, if the disk cannot store it."""
+        state = apply(self._state, indexed)
         if self._disk is not None:
-            self._disk.append(indexed)
+            try:
+                self._disk.append(indexed)
+            except LogWriteError as error:
+                self._write_failed(error, "write")
+                raise
+            self._write_succeeded("write")
+        self._record(indexed, state)
         self._notify(indexed)
         self._elide_old_ephemeral(indexed.idx - EPHEMERAL_BODIES_KEPT)
 
@@ -75,8 +98,24 @@ class EventStore:
         if old is not None and old.event.ephemeral:
             self._events[idx] = elided(old)
 
+    def _write_failed(self, error: LogWriteError, source: Literal["write", "sync"]) -> None:
+        if str(error) != self._write_error:
+            logger.error(str(error))
+        self._write_error = str(error)
+        self._write_error_source = source
+
+    def _write_succeeded(self, source: Literal["write", "sync"]) -> None:
+        """A write or fsync worked: it ends a failure of its own kind (an append that works
+        says nothing of a failing fsync, and the other way round)."""
+        if self._write_error is not None and self._write_error_source == source:
+            self._write_error = None
+            logger.info("event log writable again")
+
     def _apply_in_memory(self, indexed: IndexedEvent) -> None:
-        self._state = apply(self._state, indexed)
+        self._record(indexed, apply(self._state, indexed))
+
+    def _record(self, indexed: IndexedEvent, state: State) -> None:
+        self._state = state
         self._events.append(indexed)
         self._applied_at.append(time.time())
         self._event_ids.add(indexed.event.event_id)
@@ -97,9 +136,17 @@ class EventStore:
         self._subscribers = alive
 
     def truncate_after(self, last_kept_idx: int) -> None:
-        """Forget every event after last_kept_idx and rebuild state (divergence repair)."""
+        """Forget every event after last_kept_idx and rebuild state (divergence repair).
+        Raises LogWriteError, changing nothing, if the disk log cannot be cut."""
         if last_kept_idx >= self.last_idx:
             return
+        if self._disk is not None:
+            try:
+                self._disk.truncate_after(last_kept_idx)
+            except LogWriteError as error:
+                self._write_failed(error, "write")
+                raise
+            self._write_succeeded("write")
         logger.warning(
             f"dropping events {last_kept_idx + 1}..{self.last_idx}: they differ from the master's log"
         )
@@ -108,8 +155,6 @@ class EventStore:
         self._state = State()
         for indexed in kept:
             self._apply_in_memory(indexed)
-        if self._disk is not None:
-            self._disk.truncate_after(last_kept_idx)
         self._changed.set()
         self._changed = anyio.Event()
 
@@ -132,11 +177,22 @@ class EventStore:
         return False
 
     def sync(self) -> None:
-        if self._disk is not None:
+        """fsync the disk log. A failure is logged and kept in write_error, not raised: the
+        events stay in memory and in the file, and the next sync writes them again."""
+        if self._disk is None:
+            return
+        try:
             self._disk.sync()
+        except LogWriteError as error:
+            self._write_failed(error, "sync")
+            return
+        self._write_succeeded("sync")
 
     def close(self) -> None:
         for subscriber in self._subscribers:
             subscriber.close()
         if self._disk is not None:
-            self._disk.close()
+            try:
+                self._disk.close()
+            except LogWriteError as error:
+                logger.error(f"{error}; events since the last sync may not be on disk")
