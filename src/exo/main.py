@@ -228,9 +228,18 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         _interrupted_again()
     except BaseExceptionGroup as group:
+        startup = group.subgroup(StartupError)
+        if startup is not None:
+            print(f"exo: {_first_leaf(startup)}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
         if group.subgroup(KeyboardInterrupt) is None:
             raise
         _interrupted_again()
+
+
+def _first_leaf(group: BaseExceptionGroup[StartupError]) -> StartupError:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _interrupted_again() -> None:

@@ -34,7 +34,9 @@ from exo.routing.election import Election, now_us
 from exo.routing.event_sync import EventSync
 from exo.routing.local_events import LocalEventSender
 from exo.routing.router import Router, RouterConfig, TlsFiles
+from exo.routing.term_store import TermStore, TermStoreError
 from exo.routing.topics import Topics
+from exo.shared.event_log import LogDamagedError
 from exo.shared.event_store import EventStore
 from exo.shared.types.ids import NodeId
 from exo.shared.types.models import ModelCard
@@ -181,11 +183,27 @@ async def run_node(config: NodeConfig) -> None:
         register_models_dir(config.models_dir)
     api_socket = bind_api_socket(config.api_host, config.api_port)
     store = EventStore(config.home / "events")
+    terms = TermStore(config.home)
+    damage: LogDamagedError | None = None
     try:
-        store.load()
-    except OSError as error:
+        terms.load()
+        try:
+            store.load()
+        except LogDamagedError as error:
+            damage = error
+            if not (config.connect or config.discovery):
+                raise StartupError(
+                    f"{error}; this node has no peer to get the rest from (give --connect "
+                    "to a cluster member, or move the file aside to start from scratch)"
+                ) from error
+            store.load(salvage=True)
+    except (OSError, TermStoreError) as error:
         api_socket.close()
+        store.close()
         raise StartupError(f"cannot read the event log in {config.home}: {error}") from error
+    except StartupError:
+        api_socket.close()
+        raise
     router = Router(
         RouterConfig(
             config.listen,
@@ -204,11 +222,13 @@ async def run_node(config: NodeConfig) -> None:
         raise
     logger.info(f"node {node_id} starting (home {config.home}, namespace {config.namespace})")
     topics = Topics(config.namespace)
-    election = Election(router, topics, node_id, now_us(), config.election_settle_s)
+    election = Election(router, topics, node_id, now_us(), config.election_settle_s, store, terms)
+    if damage is not None:
+        election.stand_from_idx = damage.record_idx
     cluster = ClusterContext(node_id, router, topics, election, store)
     sync = EventSync(cluster)
     sender = LocalEventSender(cluster)
-    master = Master(cluster, sync, handle_command)
+    master = Master(cluster, handle_command)
     link_prober = LinkProber(cluster, sender, LinkProbeConfig(config.link_probe_interval_s))
     sync.start()
     master.start()
@@ -231,6 +251,8 @@ async def run_node(config: NodeConfig) -> None:
             group.start_soon(sender.run)
             group.start_soon(master.run)
             group.start_soon(_sync_disk_periodically, store)
+            if damage is not None:
+                group.start_soon(_require_repair, store, damage)
             if config.connect:
                 group.start_soon(_warn_when_alone, router, config.connect)
             # The bundled model's card needs its import (once per machine, a child process):
@@ -274,6 +296,7 @@ async def _stop_on_signal(scope: anyio.CancelScope) -> None:
 
 
 JOIN_CHECK_S = 10.0
+REPAIR_WAIT_S = 30.0
 
 
 async def _warn_when_alone(router: Router, connect: list[str]) -> None:
@@ -284,6 +307,17 @@ async def _warn_when_alone(router: Router, connect: list[str]) -> None:
             f"no peer has accepted this node after {JOIN_CHECK_S:.0f} s (--connect "
             f"{' '.join(connect)}): are they up, and do all nodes hold the same cluster secret?"
         )
+
+
+async def _require_repair(store: EventStore, damage: LogDamagedError) -> None:
+    """A node whose log was cut at a damaged record must get the rest from a peer soon;
+    it never goes on (or becomes master) with the shortened log."""
+    if not await store.wait_for_index(damage.record_idx, REPAIR_WAIT_S):
+        raise StartupError(
+            f"{damage}; no peer supplied the records from {damage.record_idx} on within "
+            f"{REPAIR_WAIT_S:.0f} s, so this node does not start from a shortened log"
+        )
+    logger.info(f"event log repaired from the cluster: records {damage.record_idx} on refetched")
 
 
 async def _sync_disk_periodically(store: EventStore) -> None:

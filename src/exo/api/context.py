@@ -13,6 +13,8 @@ from exo.shared.types.commands import Command, CommandAdapter, CommandResult
 from exo.shared.types.ids import NodeId
 
 COMMAND_TIMEOUT_S = 5.0
+COMMIT_TIMEOUT_S = 5.0
+"""How long a write waits for a majority to store its events before the API answers 503."""
 MASTER_WAIT_S = 3.0
 """A node that has just started waits this long for an election before answering 503."""
 
@@ -53,14 +55,25 @@ class ApiContext:
             except ValidationError:
                 continue
             if result.ok and result.event_indices:
-                applied = await self.store.wait_for_index(
-                    max(result.event_indices), COMMAND_TIMEOUT_S
-                )
-                if not applied:
-                    return CommandResult(
-                        ok=False,
-                        status_code=504,
-                        error="the master accepted the command but its events did not arrive in time",
-                    )
+                return await self._committed(result)
             return result
         return CommandResult(ok=False, status_code=503, error="the master did not answer")
+
+    async def _committed(self, result: CommandResult) -> CommandResult:
+        """The result once its last event is committed (stored by a majority) in the term
+        the master indexed it and applied here; else a 503 that says the write may or may
+        not take effect."""
+        last = max(result.event_indices)
+        with anyio.move_on_after(COMMIT_TIMEOUT_S):
+            await self.election.wait_for_commit(last, COMMIT_TIMEOUT_S)
+            await self.store.wait_for_index(last, COMMIT_TIMEOUT_S)
+        held = self.store.event_at(last)
+        if self.election.commit_idx >= last and held is not None and held.term == result.term:
+            return result
+        if held is not None and held.term != result.term:
+            reason = "a new master replaced it before a majority stored it; it did not happen"
+        else:
+            reason = (
+                "a majority of the cluster did not confirm it in time; it may still take effect"
+            )
+        return CommandResult(ok=False, status_code=503, error=f"no quorum: {reason}")

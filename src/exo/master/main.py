@@ -1,11 +1,26 @@
 """The master: the one node that turns commands into events and gives every event its
 place in the global log.
 
-Active only on the elected node. On taking over it first catches up to the most advanced
-live node's log, then indexes ``MasterElected`` and a ``NodeTimedOut`` for every node in
-the state that is no longer alive; only then does it index anything new.
+Active only on the node elected master of the current term (:mod:`exo.routing.election`;
+its vote rules guarantee it already holds every committed event, so it never takes events
+from other nodes). On taking over it indexes ``MasterElected`` in its term, then keeps the
+membership in step with who is alive.
+
+- **Commit.** An event is committed once a majority of the members (counted by
+  :mod:`exo.routing.quorum`) has stored it: the master counts the match index every
+  follower acknowledges in its announcements. As in Raft, only an event of the master's
+  own term is committed by counting; everything before it is committed with it.
+- **Writes need a quorum.** A command is refused with 503 "no quorum", changing nothing,
+  unless a majority of the members answered this master within the last
+  :data:`QUORUM_LEASE_S` seconds. The API acknowledges a write only once its events are
+  committed (:mod:`exo.api.context`).
+- **Membership, one change at a time.** A live node that is not a member is added
+  (``MemberJoined``), a member whose liveliness is gone is removed (``NodeTimedOut``); the
+  next change waits until the previous one is committed, so two majorities of successive
+  memberships always overlap.
 """
 
+import contextlib
 from collections.abc import Callable
 
 import anyio
@@ -13,29 +28,39 @@ from loguru import logger
 from pydantic import ValidationError
 
 from exo.routing.context import ClusterContext
-from exo.routing.event_sync import EventSync, LogSourceUnavailableError
 from exo.routing.messages import GlobalEventMessage, LocalEventMessage
+from exo.routing.quorum import is_majority
+from exo.shared.event_log import LogWriteError
 from exo.shared.types.commands import Command, CommandAdapter, CommandResult
-from exo.shared.types.events import Event, IndexedEvent, MasterElected, NodeTimedOut
+from exo.shared.types.events import (
+    Event,
+    IndexedEvent,
+    MasterElected,
+    MemberJoined,
+    NodeTimedOut,
+)
 from exo.shared.types.ids import NodeId
 from exo.shared.types.state import State
 
 CommandHandler = Callable[[Command, State], "list[Event] | CommandResult"]
 """Pure: the events a command produces, or a CommandResult carrying the error."""
 
+QUORUM_LEASE_S = 2.5
+"""A follower heard from within this long counts towards the quorum for writes."""
+MEMBERSHIP_TICK_S = 0.25
+
 
 class Master:
-    def __init__(
-        self, context: ClusterContext, sync: EventSync, command_handler: CommandHandler
-    ) -> None:
+    def __init__(self, context: ClusterContext, command_handler: CommandHandler) -> None:
         self._router = context.router
         self._topics = context.topics
         self._election = context.election
         self._store = context.store
-        self._sync = sync
         self._node_id = context.node_id
         self._handle_command = command_handler
         self._active = False
+        self._term = -1
+        self._last_membership_change = -1
         self._role_changed = anyio.Event()
 
     @property
@@ -44,63 +69,137 @@ class Master:
 
     def start(self) -> None:
         self._router.subscribe(self._topics.local_events, self._on_local_event)
+        self._router.subscribe(self._topics.election, self._on_announcement)
         self._router.declare_queryable(self._topics.commands, self._on_command)
         self._election.on_master_change(self._on_master_change)
         self._election.on_node_departed(self._on_node_departed)
 
     def _on_master_change(self, old: NodeId | None, new: NodeId | None) -> None:
         if new != self._node_id and self._active:
-            logger.warning("stepping down as master")
+            logger.warning(f"stepping down as master of term {self._term}")
             self._active = False
         self._role_changed.set()
 
     async def run(self) -> None:
-        while True:
-            await self._role_changed.wait()
-            self._role_changed = anyio.Event()
-            if self._election.is_master and not self._active:
-                await self._take_over()
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._membership_loop)
+            while True:
+                await self._role_changed.wait()
+                self._role_changed = anyio.Event()
+                if self._election.is_master and not self._active:
+                    self._take_over()
 
-    async def _take_over(self) -> None:
-        logger.info("elected master; catching up before indexing anything")
-        while self._election.is_master:
-            try:
-                await self._catch_up()
-                break
-            except LogSourceUnavailableError as error:
-                logger.warning(f"catch-up failed ({error}); retrying")
-                await anyio.sleep(0.2)
-        if not self._election.is_master:
-            return
+    def _take_over(self) -> None:
+        self._term = self._election.term
         self._active = True
-        self.index(MasterElected(master_node_id=self._node_id, origin_node_id=self._node_id))
-        live = self._election.live_node_ids
-        for node_id in list(self._store.state.nodes):
-            if node_id not in live:
-                self.index(NodeTimedOut(node_id=node_id, origin_node_id=self._node_id))
-        logger.info(f"master active at event index {self._store.last_idx}")
-
-    async def _catch_up(self) -> None:
-        heads = await self._sync.query_heads()
-        live = self._election.live_node_ids
-        ahead = {
-            node: head
-            for node, head in heads.items()
-            if node in live and node != self._node_id and head > self._store.last_idx
-        }
-        if not ahead:
-            return
-        source = max(ahead, key=lambda node: (ahead[node], node))
-        logger.info(f"catching up from {source}: {self._store.last_idx} -> {ahead[source]}")
-        await self._sync.align_with(source)
+        self._last_membership_change = -1
+        self._election.match_idx = self._store.last_idx
+        with contextlib.suppress(LogWriteError):  # writes are refused until the disk is back
+            self.index(MasterElected(master_node_id=self._node_id, origin_node_id=self._node_id))
+            live = self._election.live_node_ids
+            for node_id in list(self._store.state.nodes):
+                if node_id not in live and node_id not in self._store.state.members:
+                    self.index(NodeTimedOut(node_id=node_id, origin_node_id=self._node_id))
+        self._reconcile_membership()
+        logger.info(f"master of term {self._term} active at event index {self._store.last_idx}")
 
     def index(self, event: Event) -> int:
-        """Give the event the next index, apply and persist it, and broadcast it."""
-        indexed = IndexedEvent(idx=self._store.last_idx + 1, event=event)
+        """Give the event the next index in this master's term, apply and persist it, and
+        broadcast it. It is committed once a majority has stored it. Raises LogWriteError,
+        changing nothing, when the disk log cannot be written (a full disk)."""
+        indexed = IndexedEvent(idx=self._store.last_idx + 1, term=self._term, event=event)
         self._store.append(indexed)
-        message = GlobalEventMessage(master_node_id=self._node_id, indexed_event=indexed)
+        self._election.match_idx = indexed.idx
+        self._advance_commit()
+        message = GlobalEventMessage(
+            master_node_id=self._node_id,
+            term=self._term,
+            commit_idx=self._election.commit_idx,
+            indexed_event=indexed,
+        )
         self._router.publish(self._topics.global_events, message.model_dump_json().encode())
         return indexed.idx
+
+    # ---- commit and quorum -------------------------------------------------------------
+
+    def _on_announcement(self, key: str, payload: bytes) -> None:
+        if self._active:
+            self._advance_commit()
+
+    def _advance_commit(self) -> None:
+        """Move the commit index to the highest event of this term a majority stores."""
+        if not self._active:
+            return
+        election = self._election
+        acknowledged = election.acknowledged()
+        acknowledged[self._node_id] = self._store.last_idx
+        live = election.live_node_ids
+        for idx in range(self._store.last_idx, election.commit_idx, -1):
+            held = self._store.event_at(idx)
+            if held is None or held.term != self._term:
+                break  # earlier terms' events commit only with one of this term
+            stored = [node for node, match in acknowledged.items() if match >= idx]
+            if is_majority(stored, election.members, live, self._node_id):
+                if idx > election.commit_idx:
+                    election.note_commit(idx)
+                    election.announce()
+                break
+
+    def has_quorum(self) -> bool:
+        election = self._election
+        answered = election.heard_recently(QUORUM_LEASE_S) | {self._node_id}
+        return is_majority(answered, election.members, election.live_node_ids, self._node_id)
+
+    def _quorum_error(self) -> CommandResult:
+        members = self._election.members
+        answered = (self._election.heard_recently(QUORUM_LEASE_S) | {self._node_id}) & members
+        return CommandResult(
+            ok=False,
+            status_code=503,
+            error=(
+                f"no quorum: this master reaches {len(answered)} of the cluster's "
+                f"{len(members)} members; writes resume when a majority is back"
+            ),
+        )
+
+    # ---- membership --------------------------------------------------------------------
+
+    async def _membership_loop(self) -> None:
+        while True:
+            await anyio.sleep(MEMBERSHIP_TICK_S)
+            if self._active:
+                self._advance_commit()
+                self._reconcile_membership()
+
+    def _reconcile_membership(self) -> None:
+        """At most one membership change in flight: add a live non-member or remove a
+        departed member once the previous change is committed."""
+        if not self._active or self._last_membership_change > self._election.commit_idx:
+            return
+        members = self._store.state.members
+        live = self._election.live_node_ids
+        departed = sorted(members - live - {self._node_id})
+        joined = sorted(live - members)
+        if self._node_id in joined:
+            joined = [self._node_id]  # the master first, on a fresh log
+        if departed:
+            change: Event = NodeTimedOut(node_id=departed[0], origin_node_id=self._node_id)
+        elif joined:
+            change = MemberJoined(node_id=joined[0], origin_node_id=self._node_id)
+        else:
+            return
+        with contextlib.suppress(LogWriteError):  # the store logged it; tried again next tick
+            self._last_membership_change = self.index(change)
+
+    def _on_node_departed(self, node_id: NodeId) -> None:
+        state = self._store.state
+        if self._active and node_id in state.nodes and node_id not in state.members:
+            with contextlib.suppress(LogWriteError):
+                self.index(NodeTimedOut(node_id=node_id, origin_node_id=self._node_id))
+        else:
+            self._reconcile_membership()
+
+    # ---- events and commands -----------------------------------------------------------
 
     def _on_local_event(self, key: str, payload: bytes) -> None:
         if not self._active:
@@ -112,11 +211,8 @@ class Master:
             return
         if self._store.contains_event(message.event.event_id):
             return
-        self.index(message.event)
-
-    def _on_node_departed(self, node_id: NodeId) -> None:
-        if self._active and node_id in self._store.state.nodes:
-            self.index(NodeTimedOut(node_id=node_id, origin_node_id=self._node_id))
+        with contextlib.suppress(LogWriteError):  # the worker's outbox sends it again
+            self.index(message.event)
 
     def _on_command(self, parameters: str, payload: bytes | None) -> bytes | None:
         if not self._active:
@@ -129,8 +225,17 @@ class Master:
             command = CommandAdapter.validate_json(payload)
         except ValidationError as error:
             return CommandResult(ok=False, status_code=422, error=f"invalid command: {error}")
+        if not self.has_quorum():
+            return self._quorum_error()
         outcome = self._handle_command(command, self._store.state)
         if isinstance(outcome, CommandResult):
             return outcome
-        indices = [self.index(event) for event in outcome]
-        return CommandResult(ok=True, event_indices=indices)
+        try:
+            indices = [self.index(event) for event in outcome]
+        except LogWriteError as error:
+            return CommandResult(
+                ok=False,
+                status_code=503,
+                error=f"the master cannot store events: {error}; reads still work",
+            )
+        return CommandResult(ok=True, event_indices=indices, term=self._term)

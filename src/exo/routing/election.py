@@ -1,37 +1,59 @@
-"""Who is master.
+"""Who is master, in which term: Raft's election rules over zenoh.
 
-The rule is deterministic and needs no voting round: among the live nodes (those holding a
-zenoh liveliness token), the master is the one that started first, ties broken by node id.
-Every node computes it from the same membership, so they agree, and a node that joins
-later never unseats a sitting master (it is always younger).
+- **Terms.** Every master holds a term, a number that only grows and is kept on disk
+  (:mod:`~exo.routing.term_store`). A node never follows a master of a term older than its
+  own, and any message carrying a newer term makes it adopt that term (a master that sees
+  one steps down). So a master that was paused or cut off and comes back cannot take over
+  again: the others moved to a newer term while it was away.
+- **Votes.** When the master it follows is gone (its liveliness token disappeared) a node
+  may stand: it moves to the next term, votes for itself and asks every node for its vote
+  (a zenoh query on ``vote/*``). A node grants at most one vote per term, only to a
+  candidate whose log is at least as up to date as its own (last term, then last index),
+  and never while it still hears from a live master. A majority of the members
+  (:mod:`~exo.routing.quorum`) makes the candidate master of that term; a split vote is
+  retried after a random pause.
+- **Who stands.** To avoid split votes, a node stands only when, among the live nodes it
+  has heard from, none has a more up-to-date log or (equal logs) an earlier start; after a
+  few seconds without a master it stands anyway. A node that cannot see a majority of the
+  members alive does not stand at all (it could not win), so a cut-off node does not
+  inflate its term.
+- **Heartbeats.** Every node announces its term, the master it follows and where its log
+  ends every 0.5 s, and at once when it stores events (the announcement doubles as its
+  acknowledgement to the master). The master's announcement carries its commit index.
 
-``Election`` is the actor that keeps the membership from liveliness tokens and tells the
-other components when the master changes. A node does not act as master during a short
-settle period after it starts, so that it first hears of the nodes already running.
+The master's side (indexing, commit index, quorum for writes) is in :mod:`exo.master.main`;
+keeping a follower's log equal to the master's is :mod:`exo.routing.event_sync`.
 """
 
+import random
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import anyio
 from loguru import logger
+from pydantic import ValidationError
 
+from exo.routing.messages import ElectionAnnouncement, VoteReply, VoteRequest
+from exo.routing.quorum import can_reach_majority, is_majority, voters
 from exo.routing.router import Router
+from exo.routing.term_store import TermRecord, TermStore
 from exo.routing.topics import Topics
+from exo.shared.event_store import EventStore
 from exo.shared.types.ids import NodeId
 
+ANNOUNCE_INTERVAL_S = 0.5
+TICK_S = 0.1
+STAND_ANYWAY_AFTER_S = 3.0
+"""Without a master for this long, a node stands even if another looks better placed."""
+HEARD_RECENTLY_S = 2.0
+"""A master heard from within this long still counts as present to a voter."""
+VOTE_TIMEOUT_S = 1.0
 
-@dataclass(frozen=True, order=True)
-class LiveNode:
-    started_at_us: int
-    node_id: NodeId
 
-
-def elect_master(live_nodes: Iterable[LiveNode]) -> NodeId | None:
-    """The earliest-started live node, ties broken by node id; None if nobody is alive."""
-    earliest = min(live_nodes, default=None)
-    return earliest.node_id if earliest is not None else None
+def log_position(store: EventStore) -> tuple[int, int]:
+    """(term of the last event, index of the last event): what "up to date" compares."""
+    last = store.event_at(store.last_idx)
+    return (last.term if last is not None else 0, store.last_idx)
 
 
 class Election:
@@ -42,30 +64,94 @@ class Election:
         node_id: NodeId,
         started_at_us: int,
         settle_s: float,
+        store: EventStore,
+        terms: TermStore,
     ) -> None:
+        """``terms`` is loaded already (its errors are start-up errors)."""
         self._router = router
         self._topics = topics
         self.node_id = node_id
         self.started_at_us = started_at_us
         self._settle_s = settle_s
         self._settled = settle_s <= 0
+        self._store = store
+        self._terms = terms
         self._live: dict[NodeId, int] = {node_id: started_at_us}
         self._master: NodeId | None = None
+        self._heard: dict[NodeId, ElectionAnnouncement] = {}
+        self._heard_at: dict[NodeId, float] = {}
+        self._masterless_since = time.monotonic()
+        self.match_idx = -1
+        """Up to here this node's log equals its master's (set by the log sync/master)."""
+        self.stand_from_idx = -1
+        """This node does not stand for master before its log reaches this index (a node
+        whose damaged log was cut must first get the rest back from a peer)."""
+        self._commit_idx = -1
+        self._commit_changed = anyio.Event()
         self._listeners: list[Callable[[NodeId | None, NodeId | None], None]] = []
         self._departure_listeners: list[Callable[[NodeId], None]] = []
+
+    # ---- what the other components read -----------------------------------------------
+
+    @property
+    def term(self) -> int:
+        return self._terms.record.term
 
     @property
     def live_node_ids(self) -> set[NodeId]:
         return set(self._live)
 
     @property
+    def members(self) -> frozenset[NodeId]:
+        """The nodes majorities are counted over (this node alone on a fresh log)."""
+        return voters(self._store.state.members, self.node_id)
+
+    @property
     def master_node_id(self) -> NodeId | None:
-        """The master this node follows (None while it settles and knows no other node)."""
+        """The master this node follows in its current term (None while there is none)."""
         return self._master
 
     @property
     def is_master(self) -> bool:
         return self._master == self.node_id
+
+    @property
+    def commit_idx(self) -> int:
+        """The highest index known to be stored by a majority of the members."""
+        return self._commit_idx
+
+    def note_commit(self, commit_idx: int) -> None:
+        if commit_idx > self._commit_idx:
+            self._commit_idx = commit_idx
+            self._commit_changed.set()
+            self._commit_changed = anyio.Event()
+
+    async def wait_for_commit(self, idx: int, timeout_s: float) -> bool:
+        with anyio.move_on_after(timeout_s):
+            while self._commit_idx < idx:
+                await self._commit_changed.wait()
+            return True
+        return False
+
+    def heard_recently(self, within_s: float) -> set[NodeId]:
+        """Nodes whose announcement in this term, following this node as master, arrived
+        within the last ``within_s`` seconds."""
+        now = time.monotonic()
+        return {
+            node
+            for node, announcement in self._heard.items()
+            if announcement.term == self.term
+            and announcement.master_node_id == self.node_id
+            and now - self._heard_at[node] <= within_s
+        }
+
+    def acknowledged(self) -> dict[NodeId, int]:
+        """The match index each node announced for this master in this term."""
+        return {
+            node: announcement.match_idx
+            for node, announcement in self._heard.items()
+            if announcement.term == self.term and announcement.master_node_id == self.node_id
+        }
 
     def on_master_change(self, listener: Callable[[NodeId | None, NodeId | None], None]) -> None:
         """listener(old, new), called on the event loop thread."""
@@ -74,18 +160,189 @@ class Election:
     def on_node_departed(self, listener: Callable[[NodeId], None]) -> None:
         self._departure_listeners.append(listener)
 
+    # ---- running ----------------------------------------------------------------------
+
     def start(self) -> None:
         self._router.declare_liveliness_token(
             self._topics.alive_token(self.node_id, self.started_at_us)
         )
         self._router.watch_liveliness(self._topics.alive_all, self._on_liveliness)
+        self._router.subscribe(self._topics.election, self._on_announcement)
+        self._router.declare_queryable(self._topics.vote(self.node_id), self._on_vote_request)
 
     async def run(self) -> None:
-        """Ends the settle period, then keeps nothing else to do (membership is event driven)."""
         if not self._settled:
             await anyio.sleep(self._settle_s)
             self._settled = True
-            self._recompute()
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._announce_loop)
+            group.start_soon(self._stand_loop)
+
+    async def _announce_loop(self) -> None:
+        while True:
+            self.announce()
+            await anyio.sleep(ANNOUNCE_INTERVAL_S)
+
+    def announce(self) -> None:
+        """Publish this node's heartbeat now (also its acknowledgement to the master)."""
+        last_term, last_idx = log_position(self._store)
+        announcement = ElectionAnnouncement(
+            node_id=self.node_id,
+            started_at_us=self.started_at_us,
+            term=self.term,
+            master_node_id=self._master,
+            last_event_idx=last_idx,
+            last_log_term=last_term,
+            match_idx=self.match_idx if self._master is not None else -1,
+            commit_idx=self._commit_idx,
+        )
+        self._router.publish(self._topics.election, announcement.model_dump_json().encode())
+
+    async def _stand_loop(self) -> None:
+        while True:
+            await anyio.sleep(TICK_S)
+            if self._master is None and self._should_stand():
+                await self._stand()
+
+    def _should_stand(self) -> bool:
+        if self._store.last_idx < self.stand_from_idx:
+            return False
+        if not can_reach_majority(self.members, self._live, self.node_id):
+            return False
+        if time.monotonic() - self._masterless_since >= STAND_ANYWAY_AFTER_S:
+            return True
+        ours = self._standing_key(self.node_id, log_position(self._store), self.started_at_us)
+        for node, announcement in self._heard.items():
+            if node == self.node_id or self._live.get(node) != announcement.started_at_us:
+                continue
+            theirs = self._standing_key(
+                node,
+                (announcement.last_log_term, announcement.last_event_idx),
+                announcement.started_at_us,
+            )
+            if theirs < ours:
+                return False
+        return True
+
+    @staticmethod
+    def _standing_key(
+        node: NodeId, position: tuple[int, int], started_at_us: int
+    ) -> tuple[int, int, int, str]:
+        """Smaller stands first: the most up-to-date log, then the earliest start."""
+        return (-position[0], -position[1], started_at_us, node)
+
+    async def _stand(self) -> None:
+        term = self.term + 1
+        self._terms.save(TermRecord(term=term, voted_for=self.node_id))
+        last_term, last_idx = log_position(self._store)
+        request = VoteRequest(
+            candidate_id=self.node_id, term=term, last_event_idx=last_idx, last_log_term=last_term
+        )
+        logger.info(
+            f"standing for master in term {term} (log ends at {last_idx}, term {last_term})"
+        )
+        replies = await self._router.query(
+            self._topics.vote_all, request.model_dump_json().encode(), VOTE_TIMEOUT_S
+        )
+        granted = {self.node_id}
+        refusals: list[str] = []
+        for payload in replies:
+            try:
+                reply = VoteReply.model_validate_json(payload)
+            except ValidationError:
+                continue
+            if reply.term > self.term:
+                self._adopt_term(reply.term, None)
+            elif reply.granted and reply.term == term:
+                granted.add(reply.node_id)
+            elif reply.node_id != self.node_id:
+                refusals.append(f"{reply.node_id}: {reply.reason}")
+        if self.term != term or self._master is not None:
+            return  # a newer term, or another master of this term, arrived meanwhile
+        if is_majority(granted, self.members, self._live, self.node_id):
+            logger.info(f"elected master in term {term} with the votes of {sorted(granted)}")
+            self._set_master(self.node_id)
+            self.announce()
+        else:
+            logger.info(
+                f"no majority in term {term} ({len(granted)} of {len(self.members)} members"
+                f"{'; ' + '; '.join(refusals) if refusals else ''}); trying again"
+            )
+            await anyio.sleep(random.uniform(0.2, 0.8))
+
+    # ---- what arrives -----------------------------------------------------------------
+
+    def observe_term(self, term: int, master: NodeId | None) -> bool:
+        """A message from ``master`` (None: from no master) carried ``term``. Adopt a newer
+        term; follow the sender if it is master of this node's term. False if the message
+        is from an older term and must be ignored."""
+        if term < self.term:
+            return False
+        if term > self.term:
+            self._adopt_term(term, master)
+        elif master is not None and self._master is None and master != self.node_id:
+            self._set_master(master)
+        return True
+
+    def _adopt_term(self, term: int, master: NodeId | None) -> None:
+        logger.info(f"term {self.term} -> {term}" + (f", master {master}" if master else ""))
+        self._terms.save(TermRecord(term=term, voted_for=None))
+        self._set_master(master if master != self.node_id else None)
+
+    def _on_announcement(self, key: str, payload: bytes) -> None:
+        try:
+            announcement = ElectionAnnouncement.model_validate_json(payload)
+        except ValidationError:
+            logger.warning("dropped an invalid election announcement")
+            return
+        node = announcement.node_id
+        if node == self.node_id:
+            return
+        self._heard[node] = announcement
+        self._heard_at[node] = time.monotonic()
+        claims_master = announcement.master_node_id == node
+        if not self.observe_term(announcement.term, node if claims_master else None):
+            return
+        if claims_master and announcement.term == self.term and self._master == node:
+            self.note_commit(announcement.commit_idx)
+
+    def _on_vote_request(self, parameters: str, payload: bytes | None) -> bytes | None:
+        try:
+            request = VoteRequest.model_validate_json(payload or b"")
+        except ValidationError:
+            return None
+        return self._vote(request).model_dump_json().encode()
+
+    def _vote(self, request: VoteRequest) -> VoteReply:
+        candidate = request.candidate_id
+
+        def reply(granted: bool, reason: str = "") -> VoteReply:
+            return VoteReply(node_id=self.node_id, term=self.term, granted=granted, reason=reason)
+
+        if request.term < self.term:
+            return reply(False, f"its term {request.term} is older than {self.term}")
+        master = self._master
+        if master is not None and master != candidate and self._master_present(master):
+            return reply(False, f"this node still follows the live master {master}")
+        if request.term > self.term:
+            self._adopt_term(request.term, None)
+        voted_for = self._terms.record.voted_for
+        if voted_for not in (None, candidate):
+            return reply(False, f"already voted for {voted_for} in term {self.term}")
+        if (request.last_log_term, request.last_event_idx) < log_position(self._store):
+            return reply(False, "its log is behind this node's")
+        self._terms.save(TermRecord(term=self.term, voted_for=candidate))
+        return reply(True)
+
+    def _master_present(self, master: NodeId) -> bool:
+        if master == self.node_id:
+            return True
+        heard_at = self._heard_at.get(master)
+        return (
+            master in self._live
+            and heard_at is not None
+            and time.monotonic() - heard_at <= HEARD_RECENTLY_S
+        )
 
     def _on_liveliness(self, key: str, alive: bool) -> None:
         parsed = self._topics.parse_alive_token(key)
@@ -104,17 +361,19 @@ class Election:
             logger.info(f"node {node_id} left")
             for listener in self._departure_listeners:
                 listener(node_id)
-        self._recompute()
+            if node_id == self._master:
+                self._set_master(None)
 
-    def _recompute(self) -> None:
-        candidate = elect_master(LiveNode(s, n) for n, s in self._live.items())
-        if candidate == self.node_id and not self._settled:
-            candidate = None
-        if candidate != self._master:
-            old, self._master = self._master, candidate
-            logger.info(f"master is now {candidate} (was {old})")
-            for listener in self._listeners:
-                listener(old, candidate)
+    def _set_master(self, master: NodeId | None) -> None:
+        if master == self._master:
+            return
+        old, self._master = self._master, master
+        self.match_idx = -1
+        if master is None:
+            self._masterless_since = time.monotonic()
+        logger.info(f"master is now {master} (was {old}, term {self.term})")
+        for listener in self._listeners:
+            listener(old, master)
 
 
 def now_us() -> int:

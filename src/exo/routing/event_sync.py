@@ -1,13 +1,15 @@
 """Keeping this node's log equal to the master's.
 
-- Live: global events from the master are applied in index order; out-of-order ones wait
-  in a buffer; anything from a node that is not the master we follow is dropped.
+- Live: global events from the master of this node's term are applied in index order;
+  out-of-order ones wait in a buffer; anything from another node, or from an older term, is
+  dropped. A newer term makes the node follow the sender (:mod:`exo.routing.election`).
 - Gaps: a missing range is fetched from the master's log queryable.
-- Divergence: before following a (new) master, the node checks that its log is a prefix
-  of the master's, and cuts a tail that is not (a node that briefly thought itself
-  master at start-up, or a master that died after writing an event nobody else got).
-- Every node serves ranges of its own log, so a new master can catch up from the most
-  advanced live node before it indexes anything.
+- Divergence: before following a (new) master, the node makes its log a prefix of the
+  master's, cutting a tail that differs or runs past the master's end. Such a tail was
+  never committed (the vote rules give the master every committed event).
+- Acknowledgement: once aligned, every stored event moves this node's match index, which
+  its next announcement (sent at once) reports to the master for the commit count.
+- Every node serves ranges of its own log.
 """
 
 from urllib.parse import parse_qsl
@@ -18,12 +20,12 @@ from pydantic import ValidationError
 
 from exo.routing.context import ClusterContext
 from exo.routing.messages import ElectionAnnouncement, GlobalEventMessage, LogRangeReply
+from exo.shared.event_log import LogWriteError
 from exo.shared.types.events import IndexedEvent
 from exo.shared.types.ids import NodeId
 
 MAX_EVENTS_PER_REPLY = 1000
 MAX_BUFFERED_EVENTS = 20_000
-ANNOUNCE_INTERVAL_S = 0.5
 VERIFY_WINDOW = 256
 
 
@@ -70,15 +72,22 @@ class EventSync:
         except ValidationError as error:
             self._drop(f"invalid global event ({error.error_count()} validation errors)")
             return
+        if message.master_node_id == self._node_id:
+            return  # our own broadcast; the master appended it already
+        if not self._election.observe_term(message.term, message.master_node_id):
+            self._drop(
+                f"global event from {message.master_node_id} of term {message.term}, older "
+                f"than this node's term {self._election.term}"
+            )
+            return
         master = self._election.master_node_id
         if message.master_node_id != master:
             self._drop(
                 f"global event from {message.master_node_id}, who is not the master ({master})"
             )
             return
-        if master == self._node_id:
-            return  # our own broadcast; the master appended it already
         self._receive(message.indexed_event)
+        self._election.note_commit(message.commit_idx)
 
     def _receive(self, indexed: IndexedEvent) -> None:
         last = self._store.last_idx
@@ -87,16 +96,34 @@ class EventSync:
             return
         if indexed.idx <= last:
             held = self._store.event_at(indexed.idx)
-            if held is not None and held.event.event_id != indexed.event.event_id:
+            if held is not None and not _same_entry(held, indexed):
                 logger.warning(f"event {indexed.idx} differs from the master's; repairing")
                 self._verified_master = None
                 self._buffer_event(indexed)
             return
         if indexed.idx == last + 1:
-            self._store.append(indexed)
+            self._append(indexed)
             self._drain_buffer()
+            self._acknowledge()
         else:
             self._buffer_event(indexed)
+
+    def _append(self, indexed: IndexedEvent) -> bool:
+        """Store the next event; False (the store logged why) when the disk refuses it: this
+        node then stays behind and fetches the rest once it can write again."""
+        try:
+            self._store.append(indexed)
+        except LogWriteError:
+            return False
+        return True
+
+    def _acknowledge(self) -> None:
+        """Tell the master how far this log now matches its own (if it is aligned)."""
+        if self._verified_master is None or self._verified_master != self._election.master_node_id:
+            return
+        if self._election.match_idx != self._store.last_idx:
+            self._election.match_idx = self._store.last_idx
+            self._election.announce()
 
     def _buffer_event(self, indexed: IndexedEvent) -> None:
         if len(self._buffer) < MAX_BUFFERED_EVENTS:
@@ -107,7 +134,8 @@ class EventSync:
         for stale in [idx for idx in self._buffer if idx <= self._store.last_idx]:
             del self._buffer[stale]
         while (next_event := self._buffer.pop(self._store.last_idx + 1, None)) is not None:
-            self._store.append(next_event)
+            if not self._append(next_event):
+                return
 
     def _on_announcement(self, key: str, payload: bytes) -> None:
         try:
@@ -168,28 +196,20 @@ class EventSync:
             heads[reply.node_id] = reply.last_event_idx
         return heads
 
-    async def align_with(self, source: NodeId) -> bool:
-        """Make this log a prefix of source's (cutting a divergent tail), then fetch up to
-        source's head. False, changing nothing, if source's log is a prefix of ours (it is
-        behind: try again later)."""
+    async def align_with(self, source: NodeId) -> None:
+        """Make this log a prefix of source's (cutting a tail that differs from it or runs
+        past its end), then fetch up to source's head."""
         window_end = self._store.last_idx
-        source_behind = False
-        compared_head = False
+        head_known = False
         while window_end >= 0:
             window_start = max(0, window_end - VERIFY_WINDOW + 1)
             reply = await self.fetch_log(source, window_start, window_end)
-            if not source_behind and reply.last_event_idx < window_end:
-                # Source holds fewer events than we do: compare up to its head first.
-                if reply.last_event_idx < 0:
-                    return False
-                source_behind = True
-                window_end = reply.last_event_idx
-                continue
+            if not head_known:
+                head_known = True
+                if reply.last_event_idx < window_end:
+                    window_end = reply.last_event_idx  # compare from source's end
+                    continue
             common = self._highest_common(reply.events)
-            if not compared_head:
-                compared_head = True
-                if source_behind and common == window_end:
-                    return False
             if common is not None:
                 self._store.truncate_after(common)
                 break
@@ -197,12 +217,11 @@ class EventSync:
         else:
             self._store.truncate_after(-1)
         await self.fetch_up_to(source, None)
-        return True
 
     def _highest_common(self, theirs: list[IndexedEvent]) -> int | None:
         for indexed in reversed(theirs):
             ours = self._store.event_at(indexed.idx)
-            if ours is not None and ours.event.event_id == indexed.event.event_id:
+            if ours is not None and _same_entry(ours, indexed):
                 return indexed.idx
         return None
 
@@ -217,28 +236,17 @@ class EventSync:
             appended = 0
             for indexed in reply.events:
                 if indexed.idx == self._store.last_idx + 1:
-                    self._store.append(indexed)
+                    if not self._append(indexed):
+                        return
                     appended += 1
+            self._acknowledge()
             if appended == 0 or self._store.last_idx >= reply.last_event_idx:
                 return
 
     # ---- loops -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        async with anyio.create_task_group() as group:
-            group.start_soon(self._announce_loop)
-            group.start_soon(self._follow_loop)
-
-    async def _announce_loop(self) -> None:
-        while True:
-            announcement = ElectionAnnouncement(
-                node_id=self._node_id,
-                started_at_us=self._election.started_at_us,
-                last_event_idx=self._store.last_idx,
-                master_node_id=self._election.master_node_id,
-            )
-            self._router.publish(self._topics.election, announcement.model_dump_json().encode())
-            await anyio.sleep(ANNOUNCE_INTERVAL_S)
+        await self._follow_loop()
 
     async def _follow_loop(self) -> None:
         while True:
@@ -256,14 +264,22 @@ class EventSync:
 
     async def _follow(self, master: NodeId) -> None:
         if self._verified_master != master:
-            if not await self.align_with(master):
-                return
+            await self.align_with(master)
             if self._election.master_node_id != master:
                 return
             self._verified_master = master
-            logger.info(f"following master {master} from event {self._store.last_idx}")
+            logger.info(
+                f"following master {master} (term {self._election.term}) from event "
+                f"{self._store.last_idx}"
+            )
+            self._acknowledge()
         self._drain_buffer()
         target = max(self._heads.get(master, -1), max(self._buffer, default=0) - 1)
         if target > self._store.last_idx:
             await self.fetch_up_to(master, target)
             self._drain_buffer()
+
+
+def _same_entry(ours: IndexedEvent, theirs: IndexedEvent) -> bool:
+    """The same event at the same place, indexed in the same term."""
+    return ours.term == theirs.term and ours.event.event_id == theirs.event.event_id

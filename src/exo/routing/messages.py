@@ -17,22 +17,55 @@ class LocalEventMessage(BaseModel):
 
 
 class GlobalEventMessage(BaseModel):
-    """An event as indexed by the master. Receivers check ``master_node_id`` against the
-    master they follow and drop anything else."""
+    """An event as indexed by the master of ``term``. Receivers drop it unless it comes
+    from the master they follow in their current term (a newer term makes them follow the
+    sender)."""
 
     model_config = ConfigDict(frozen=True)
 
     master_node_id: NodeId
+    term: int = 0
+    commit_idx: int = -1
+    """The master's commit index when it sent this (every event up to it is stored by a
+    majority of the members)."""
     indexed_event: IndexedEvent
 
 
 class ElectionAnnouncement(BaseModel):
+    """Every node's heartbeat, every 0.5 s and after it stores events: its term, the master
+    it follows, where its log ends, and (as an acknowledgement to the master) up to which
+    index its log matches that master's. The master's own announcement carries its commit
+    index."""
+
     model_config = ConfigDict(frozen=True)
 
     node_id: NodeId
     started_at_us: int
-    last_event_idx: int
+    term: int = 0
     master_node_id: NodeId | None
+    last_event_idx: int
+    last_log_term: int = 0
+    match_idx: int = -1
+    """Up to here this node's log is known to equal its master's (-1: not checked yet)."""
+    commit_idx: int = -1
+
+
+class VoteRequest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    candidate_id: NodeId
+    term: int
+    last_event_idx: int
+    last_log_term: int
+
+
+class VoteReply(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    node_id: NodeId
+    term: int
+    granted: bool
+    reason: str = ""
 
 
 class LogRangeReply(BaseModel):

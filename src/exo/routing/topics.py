@@ -29,6 +29,14 @@ class Topics:
         """Every node's periodic announcement: start time, log head, the master it follows."""
         return f"{self.namespace}/election"
 
+    def vote(self, node_id: NodeId) -> str:
+        """Queryable on every node: a candidate asks it for its vote in a term."""
+        return f"{self.namespace}/vote/{node_id}"
+
+    @property
+    def vote_all(self) -> str:
+        return f"{self.namespace}/vote/*"
+
     @property
     def alive_prefix(self) -> str:
         return f"{self.namespace}/alive"

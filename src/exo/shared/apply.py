@@ -23,6 +23,7 @@ from exo.shared.types.events import (
     InstanceCreated,
     InstanceDeleted,
     MasterElected,
+    MemberJoined,
     NodeInfoReported,
     NodeMemoryUpdated,
     NodeTimedOut,
@@ -61,6 +62,8 @@ def apply_event(state: State, event: Event) -> State:
     match event:
         case MasterElected():
             return state.model_copy(update={"master_node_id": event.master_node_id})
+        case MemberJoined():
+            return state.model_copy(update={"members": state.members | {event.node_id}})
         case NodeInfoReported():
             return apply_node_info_reported(state, event)
         case NodeMemoryUpdated():
@@ -129,6 +132,7 @@ def apply_node_timed_out(state: State, event: NodeTimedOut) -> State:
     node_id = event.node_id
     return state.model_copy(
         update={
+            "members": state.members - {node_id},
             "nodes": _without_node(state.nodes, node_id),
             "gpu_device_info": _without_node(state.gpu_device_info, node_id),
             "gpu_device_state": _without_node(state.gpu_device_state, node_id),

@@ -1,26 +1,101 @@
-from hypothesis import given
-from hypothesis import strategies as st
+"""The majority rule and a voter's rules (Raft's: one vote per term, only for a log at
+least as up to date, never while a live master is heard, terms never go back)."""
 
-from exo.routing.election import LiveNode, elect_master
+from pathlib import Path
+
+import pytest
+
+from exo.routing.election import Election
+from exo.routing.messages import VoteRequest
+from exo.routing.quorum import can_reach_majority, is_majority
+from exo.routing.router import Router, RouterConfig
+from exo.routing.term_store import TermStore, TermStoreError
+from exo.routing.topics import Topics
+from exo.shared.event_store import EventStore
+from exo.shared.types.events import IndexedEvent, MemberJoined
 from exo.shared.types.ids import NodeId
 
-
-def test_nobody_alive_means_no_master() -> None:
-    assert elect_master([]) is None
+A, B, C, D = NodeId("a"), NodeId("b"), NodeId("c"), NodeId("d")
 
 
-def test_earliest_started_wins_ties_by_id() -> None:
-    nodes = [LiveNode(30, NodeId("c")), LiveNode(10, NodeId("b")), LiveNode(10, NodeId("a"))]
-    assert elect_master(nodes) == NodeId("a")
+def test_a_majority_is_more_than_half_of_the_members() -> None:
+    members = {A, B, C}
+    assert not is_majority([A], members, members, A)
+    assert is_majority([A, B], members, members, A)
+    assert not is_majority([A, D], members, members, A)  # D is no member
+    assert not is_majority([A, B], {A, B, C, D}, {A, B, C, D}, A)
+    assert is_majority([A, B, C], {A, B, C, D}, {A, B, C, D}, A)
 
 
-@given(st.lists(st.tuples(st.integers(0, 100), st.text(min_size=1, max_size=4)), min_size=1))
-def test_rule_is_order_independent_and_a_joiner_never_unseats(
-    raw: list[tuple[int, str]],
-) -> None:
-    nodes = [LiveNode(started, NodeId(name)) for started, name in raw]
-    master = elect_master(nodes)
-    assert master == elect_master(list(reversed(nodes)))
-    # A node that starts later than everyone never becomes master.
-    latest = max(node.started_at_us for node in nodes)
-    assert elect_master([*nodes, LiveNode(latest + 1, NodeId("joiner"))]) == master
+def test_a_fresh_log_counts_this_node_alone() -> None:
+    assert is_majority([A], set(), {A, B}, A)
+    assert not is_majority([B], set(), {A, B}, A)
+
+
+def test_two_members_go_on_alone_only_when_the_other_is_gone() -> None:
+    assert not is_majority([A], {A, B}, {A, B}, A)  # B alive but silent: no
+    assert is_majority([A], {A, B}, {A}, A)  # B switched off: A alone suffices
+    assert is_majority([A, B], {A, B}, {A, B}, A)
+
+
+def test_a_cut_off_node_does_not_stand() -> None:
+    assert not can_reach_majority({A, B, C}, {A}, A)
+    assert can_reach_majority({A, B, C}, {A, C}, A)
+    assert can_reach_majority({A, B}, {A}, A)
+
+
+def election(tmp_path: Path, node: NodeId, log_terms: list[int]) -> Election:
+    store = EventStore(None)
+    for idx, term in enumerate(log_terms):
+        store.append(IndexedEvent(idx=idx, term=term, event=MemberJoined(node_id=node)))
+    terms = TermStore(tmp_path)
+    terms.load()
+    router = Router(RouterConfig([], [], discovery=False))  # never opened: votes need no I/O
+    return Election(router, Topics("test"), node, 1, 0.0, store, terms)
+
+
+def ask(candidate: NodeId, term: int, last_idx: int, last_term: int) -> VoteRequest:
+    return VoteRequest(
+        candidate_id=candidate, term=term, last_event_idx=last_idx, last_log_term=last_term
+    )
+
+
+def test_one_vote_per_term_kept_across_a_restart(tmp_path: Path) -> None:
+    voter = election(tmp_path, A, [1, 1])
+    assert voter._vote(ask(B, 2, 1, 1)).granted  # pyright: ignore[reportPrivateUsage]
+    assert voter.term == 2
+    refused = voter._vote(ask(C, 2, 5, 1))  # pyright: ignore[reportPrivateUsage]
+    assert not refused.granted and "already voted for b" in refused.reason
+    # The same node after a restart remembers its vote and its term.
+    again = election(tmp_path, A, [1, 1])
+    assert again.term == 2
+    assert not again._vote(ask(C, 2, 5, 1)).granted  # pyright: ignore[reportPrivateUsage]
+    assert again._vote(ask(B, 2, 1, 1)).granted  # pyright: ignore[reportPrivateUsage]
+    # A newer term frees the vote.
+    assert again._vote(ask(C, 3, 5, 1)).granted  # pyright: ignore[reportPrivateUsage]
+
+
+def test_no_vote_for_a_log_behind_ours_or_an_older_term(tmp_path: Path) -> None:
+    voter = election(tmp_path, A, [1, 1, 2])
+    behind_by_term = voter._vote(ask(B, 3, 9, 1))  # pyright: ignore[reportPrivateUsage]
+    assert not behind_by_term.granted and "behind" in behind_by_term.reason
+    behind_by_index = voter._vote(ask(B, 3, 1, 2))  # pyright: ignore[reportPrivateUsage]
+    assert not behind_by_index.granted
+    assert voter._vote(ask(B, 3, 2, 2)).granted  # pyright: ignore[reportPrivateUsage]
+    stale = voter._vote(ask(C, 2, 9, 9))  # pyright: ignore[reportPrivateUsage]
+    assert not stale.granted and "older" in stale.reason and stale.term == 3
+
+
+def test_a_newer_term_makes_a_node_follow_and_an_older_one_is_ignored(tmp_path: Path) -> None:
+    node = election(tmp_path, A, [])
+    assert node.observe_term(4, B)
+    assert node.term == 4 and node.master_node_id == B
+    assert not node.observe_term(3, C)
+    assert node.master_node_id == B and node.term == 4
+    assert TermStore(tmp_path).load().term == 4
+
+
+def test_a_damaged_term_file_is_a_start_up_error(tmp_path: Path) -> None:
+    (tmp_path / "term.json").write_text('{"term": "many"}')
+    with pytest.raises(TermStoreError, match=r"term\.json"):
+        TermStore(tmp_path).load()

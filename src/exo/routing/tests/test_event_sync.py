@@ -16,6 +16,7 @@ from exo.routing.election import Election
 from exo.routing.event_sync import EventSync
 from exo.routing.messages import GlobalEventMessage
 from exo.routing.router import Router, RouterConfig
+from exo.routing.term_store import TermStore
 from exo.routing.topics import Topics
 from exo.shared.event_store import EventStore
 from exo.shared.types.events import IndexedEvent, ProbeEmitted
@@ -50,10 +51,14 @@ async def stack(
     topics = Topics("test")
     store = EventStore(home)
     store.load()
-    election = Election(router, topics, NodeId(node_id), started_at_us, settle_s=0.2)
+    terms = TermStore(home)
+    terms.load()
+    election = Election(
+        router, topics, NodeId(node_id), started_at_us, settle_s=0.2, store=store, terms=terms
+    )
     cluster = ClusterContext(NodeId(node_id), router, topics, election, store)
     sync = EventSync(cluster)
-    master = Master(cluster, sync, handle_command)
+    master = Master(cluster, handle_command)
     sync.start()
     master.start()
     election.start()
@@ -138,12 +143,14 @@ async def test_duplicates_are_ignored_and_divergent_tail_is_repaired(tmp_path: P
         assert_same_events(follower, leader, leader.store.last_idx + 1)
 
 
-async def test_a_follower_ahead_of_the_master_keeps_its_log(tmp_path: Path) -> None:
-    """A master still catching up (its log a prefix of ours) must not make us cut ours."""
+async def test_a_follower_ahead_of_its_master_cuts_the_uncommitted_tail(tmp_path: Path) -> None:
+    """Events past the master's end were never committed (the master holds every committed
+    event): following the master cuts them."""
     async with leader_and_follower(tmp_path) as (leader, follower):
         await wait_for(lambda: follower.store.last_idx == leader.store.last_idx)
+        head = leader.store.last_idx
         for _ in range(3):
             follower.store.append(IndexedEvent(idx=follower.store.last_idx + 1, event=probe()))
-        ours = [follower.store.event_at(idx) for idx in range(follower.store.last_idx + 1)]
-        assert await follower.sync.align_with(leader.node_id) is False
-        assert [follower.store.event_at(idx) for idx in range(len(ours))] == ours
+        await follower.sync.align_with(leader.node_id)
+        assert follower.store.last_idx == head
+        assert_same_events(follower, leader, head + 1)

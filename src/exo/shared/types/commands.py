@@ -53,6 +53,9 @@ class CommandResult(BaseModel):
 
     ok: bool
     event_indices: list[int] = Field(default_factory=list)
+    term: int = 0
+    """The master's term when it indexed them: the write stands once the events at those
+    indices are committed with this term."""
     status_code: int = 200
     error: str | None = None
     detail: dict[str, object] = Field(default_factory=dict)

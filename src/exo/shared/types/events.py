@@ -54,8 +54,17 @@ class NodeMemoryUpdated(BaseEvent):
     reported_at: datetime = Field(default_factory=utc_now)
 
 
+class MemberJoined(BaseEvent):
+    """The node became a member of the cluster: it counts towards every majority (votes
+    and commits) until a ``NodeTimedOut`` removes it."""
+
+    kind: Literal["MemberJoined"] = "MemberJoined"
+    node_id: NodeId
+
+
 class NodeTimedOut(BaseEvent):
-    """The master saw the node's liveliness token disappear."""
+    """The master saw the node's liveliness token disappear; the node is no longer a
+    member."""
 
     kind: Literal["NodeTimedOut"] = "NodeTimedOut"
     node_id: NodeId
@@ -150,6 +159,7 @@ class EventElided(BaseEvent):
 
 Event = Annotated[
     MasterElected
+    | MemberJoined
     | NodeInfoReported
     | NodeMemoryUpdated
     | NodeTimedOut
@@ -176,10 +186,12 @@ class IndexedEvent(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     idx: int = Field(ge=0)
+    term: int = Field(default=0, ge=0)
+    """The term of the master that indexed it (0 in logs written before terms existed)."""
     event: Event
 
 
 def elided(indexed: IndexedEvent) -> IndexedEvent:
-    """The same place in the log with the event's body dropped (same id and index)."""
+    """The same place in the log with the event's body dropped (same id, index, term)."""
     stand_in = EventElided(event_id=indexed.event.event_id, elided_kind=indexed.event.kind)
-    return IndexedEvent(idx=indexed.idx, event=stand_in)
+    return IndexedEvent(idx=indexed.idx, term=indexed.term, event=stand_in)

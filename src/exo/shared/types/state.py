@@ -14,6 +14,9 @@ class State(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     master_node_id: NodeId | None = None
+    members: frozenset[NodeId] = frozenset()
+    """The nodes every majority is counted over (``MemberJoined`` adds, ``NodeTimedOut``
+    removes); empty until the first master adds itself."""
     last_event_applied_idx: int = -1
     nodes: dict[NodeId, NodeInfo] = Field(default_factory=dict)
     gpu_device_info: dict[NodeId, dict[DeviceId, GPUDeviceInfo]] = Field(default_factory=dict)
