@@ -84,6 +84,7 @@ def test_master_killed_with_events_in_flight(tmp_path: Path) -> None:
         try:
             time.sleep(1.0)
             before = survivors[0].all_events()
+            killed_at = time.monotonic()
             master.kill()
             time.sleep(1.0)
         finally:
@@ -99,8 +100,17 @@ def test_master_killed_with_events_in_flight(tmp_path: Path) -> None:
                 and all(set(state["nodes"]) == survivor_ids for state in states)
             )
 
-        elapsed = wait_until(new_master_agreed, 5.0, "survivors to agree on a new master")
-        assert elapsed < 5.0
+        # Failover target (docs/architecture.md): survivors agree within 5 s of the kill.
+        # This upper bound includes the second of probing after the kill above.
+        wait_until(new_master_agreed, 15.0, "survivors to agree on a new master")
+        failover_s = time.monotonic() - killed_at
+        assert failover_s < 5.0, f"failover took {failover_s:.2f}s"
+        states = [node.state() for node in survivors]
+        new_master_id = states[0]["master_node_id"]
+        assert new_master_id != master_id and new_master_id in survivor_ids
+        for state in states:
+            assert state["master_node_id"] == new_master_id
+            assert master_id not in state["nodes"]
 
         # Every probe a survivor accepted reaches the global log, with nothing lost.
         def all_probes_logged() -> bool:
@@ -115,8 +125,14 @@ def test_master_killed_with_events_in_flight(tmp_path: Path) -> None:
         after_ids = [entry["event"]["event_id"] for entry in logs[0]]
         before_ids = [entry["event"]["event_id"] for entry in before]
         assert after_ids[: len(before_ids)] == before_ids
-        kinds = [entry["event"]["kind"] for entry in logs[0][len(before_ids) :]]
-        assert "MasterElected" in kinds and "NodeTimedOut" in kinds
+        since_kill = [entry["event"] for entry in logs[0][len(before_ids) :]]
+        elected = [
+            event["master_node_id"] for event in since_kill if event["kind"] == "MasterElected"
+        ]
+        timed_out = [event["node_id"] for event in since_kill if event["kind"] == "NodeTimedOut"]
+        # The log says what the state shows: the new master elected, the dead one timed out.
+        assert elected and elected[-1] == new_master_id
+        assert master_id in timed_out and not set(timed_out) & survivor_ids
         # The dead master's own log (on disk) agrees with the survivors where it overlaps.
         disk = (master.home / "events" / "global_events.jsonl").read_text().splitlines()
         disk_ids = [json.loads(line)["event"]["event_id"] for line in disk]

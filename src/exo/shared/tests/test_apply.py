@@ -77,6 +77,23 @@ def test_apply_rejects_events_out_of_order() -> None:
         apply(State(), IndexedEvent(idx=1, event=MasterElected(master_node_id=NODE_A)))
 
 
+def test_apply_rejects_an_index_already_applied() -> None:
+    state = apply_all([MasterElected(master_node_id=NODE_A), node_info(NODE_A)])
+    assert state.last_event_applied_idx == 1
+    before = state.model_dump()
+    # The last index applied again, and an older one: neither may replace what is there.
+    for stale_idx in (1, 0):
+        stale = IndexedEvent(idx=stale_idx, event=MasterElected(master_node_id=NODE_B))
+        with pytest.raises(EventOutOfOrderError):
+            apply(state, stale)
+        assert state.model_dump() == before
+    assert state.master_node_id == NODE_A and state.last_event_applied_idx == 1
+    # The state is still at its place in the log: the next index applies to it.
+    after = apply(state, IndexedEvent(idx=2, event=MasterElected(master_node_id=NODE_B)))
+    assert after.master_node_id == NODE_B and after.last_event_applied_idx == 2
+    assert state.model_dump() == before
+
+
 def test_node_lifecycle() -> None:
     state = apply_all(
         [
