@@ -52,8 +52,7 @@ VOTE_TIMEOUT_S = 1.0
 
 def log_position(store: EventStore) -> tuple[int, int]:
     """(term of the last event, index of the last event): what "up to date" compares."""
-    last = store.event_at(store.last_idx)
-    return (last.term if last is not None else 0, store.last_idx)
+    return (store.last_term, store.last_idx)
 
 
 class Election:
@@ -123,6 +122,7 @@ class Election:
     def note_commit(self, commit_idx: int) -> None:
         if commit_idx > self._commit_idx:
             self._commit_idx = commit_idx
+            self._store.compact_if_due(commit_idx)
             self._commit_changed.set()
             self._commit_changed = anyio.Event()
 

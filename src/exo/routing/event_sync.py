@@ -9,7 +9,9 @@
   never committed (the vote rules give the master every committed event).
 - Acknowledgement: once aligned, every stored event moves this node's match index, which
   its next announcement (sent at once) reports to the master for the commit count.
-- Every node serves ranges of its own log.
+- Compaction: a node serves ranges of its own log and, for the part it has compacted
+  away, its state snapshot; a node that needs events its source no longer holds installs
+  that snapshot and goes on from there.
 """
 
 from urllib.parse import parse_qsl
@@ -21,6 +23,7 @@ from pydantic import ValidationError
 from exo.routing.context import ClusterContext
 from exo.routing.messages import ElectionAnnouncement, GlobalEventMessage, LogRangeReply
 from exo.shared.event_log import LogWriteError
+from exo.shared.snapshot import Snapshot
 from exo.shared.types.events import IndexedEvent
 from exo.shared.types.ids import NodeId
 
@@ -50,6 +53,9 @@ class EventSync:
         self._router.subscribe(self._topics.global_events, self._on_global_event)
         self._router.subscribe(self._topics.election, self._on_announcement)
         self._router.declare_queryable(self._topics.log(self._node_id), self._answer_log_query)
+        self._router.declare_queryable(
+            self._topics.snapshot(self._node_id), self._answer_snapshot_query
+        )
         self._election.on_master_change(self._on_master_change)
 
     def _wake(self) -> None:
@@ -166,9 +172,31 @@ class EventSync:
             last = min(last, first + MAX_EVENTS_PER_REPLY - 1)
             events = self._store.events_between(first, last)
         reply = LogRangeReply(
-            node_id=self._node_id, last_event_idx=self._store.last_idx, events=events
+            node_id=self._node_id,
+            last_event_idx=self._store.last_idx,
+            first_idx=self._store.base,
+            events=events,
         )
         return reply.model_dump_json().encode()
+
+    def _answer_snapshot_query(self, parameters: str, payload: bytes | None) -> bytes | None:
+        snapshot = self._store.snapshot()
+        return snapshot.model_dump_json().encode() if snapshot is not None else None
+
+    async def install_snapshot_from(self, source: NodeId) -> None:
+        """Replace this log by source's snapshot (source compacted the events we need)."""
+        for payload in await self._router.query(self._topics.snapshot(source), timeout_s=10.0):
+            try:
+                snapshot = Snapshot.model_validate_json(payload)
+            except ValidationError:
+                self._drop("invalid snapshot reply")
+                continue
+            try:
+                self._store.install_snapshot(snapshot)
+            except OSError as error:
+                raise LogSourceUnavailableError(f"cannot store the snapshot: {error}") from error
+            return
+        raise LogSourceUnavailableError(f"node {source} did not send its snapshot")
 
     # ---- fetching --------------------------------------------------------------------
 
@@ -198,24 +226,29 @@ class EventSync:
 
     async def align_with(self, source: NodeId) -> None:
         """Make this log a prefix of source's (cutting a tail that differs from it or runs
-        past its end), then fetch up to source's head."""
+        past its end), then fetch up to source's head. Where source no longer holds the
+        events to compare (it compacted them), take its snapshot instead."""
         window_end = self._store.last_idx
         head_known = False
-        while window_end >= 0:
-            window_start = max(0, window_end - VERIFY_WINDOW + 1)
+        while window_end >= self._store.base:
+            window_start = max(self._store.base, window_end - VERIFY_WINDOW + 1)
             reply = await self.fetch_log(source, window_start, window_end)
             if not head_known:
                 head_known = True
                 if reply.last_event_idx < window_end:
                     window_end = reply.last_event_idx  # compare from source's end
                     continue
+            if reply.first_idx > window_start:
+                await self.install_snapshot_from(source)
+                break
             common = self._highest_common(reply.events)
             if common is not None:
                 self._store.truncate_after(common)
                 break
             window_end = window_start - 1
         else:
-            self._store.truncate_after(-1)
+            # Nothing in common after our snapshot (committed, so the same everywhere).
+            self._store.truncate_after(self._store.base - 1)
         await self.fetch_up_to(source, None)
 
     def _highest_common(self, theirs: list[IndexedEvent]) -> int | None:
@@ -233,6 +266,10 @@ class EventSync:
             if target is not None and first > target:
                 return
             reply = await self.fetch_log(source, first, last)
+            if reply.first_idx > first:
+                await self.install_snapshot_from(source)
+                self._acknowledge()
+                continue
             appended = 0
             for indexed in reply.events:
                 if indexed.idx == self._store.last_idx + 1:

@@ -76,4 +76,7 @@ class LogRangeReply(BaseModel):
 
     node_id: NodeId
     last_event_idx: int
+    first_idx: int = 0
+    """The first index this node still holds as an event (the ones before are in its
+    snapshot, served on ``snapshot/<node>``)."""
     events: list[IndexedEvent] = Field(default_factory=list)

@@ -53,6 +53,11 @@ class Topics:
         """Queryable on every node serving ranges of its copy of the global log."""
         return f"{self.namespace}/log/{node_id}"
 
+    def snapshot(self, node_id: NodeId) -> str:
+        """Queryable on every node serving its state snapshot (for a peer that needs
+        events this node has compacted away)."""
+        return f"{self.namespace}/snapshot/{node_id}"
+
     def ping(self, node_id: NodeId) -> str:
         """Queryable on every node that echoes the payload (link measurements)."""
         return f"{self.namespace}/ping/{node_id}"

@@ -1,6 +1,7 @@
 """The global log on disk: one checksummed line per indexed event under ``EXO_HOME/events/``.
 
-Format of ``global_events.jsonl``: one record per line, in index order from 0 with no gap::
+Format of ``global_events.jsonl``: one record per line, in index order with no gap, from
+the index after the state snapshot (:mod:`exo.shared.snapshot`; from 0 without one)::
 
     <crc32 of the JSON bytes, 8 lowercase hex digits> <JSON of the IndexedEvent>\\n
 
@@ -152,7 +153,7 @@ class _Scan:
     """(record index, reason) of a damaged record that is not a torn tail."""
 
 
-def _scan(path: Path) -> _Scan:
+def _scan(path: Path, base: int) -> _Scan:
     scan = _Scan()
     with path.open("rb") as handle:
         scan.size = os.fstat(handle.fileno()).st_size
@@ -164,7 +165,7 @@ def _scan(path: Path) -> _Scan:
         parse = _parse_legacy if scan.legacy else _parse_checksummed
         while line is not None:
             following = next(lines, None)
-            expected_idx = len(scan.events)
+            expected_idx = base + len(scan.events)
             ended = line.endswith(b"\n")
             parsed = parse(line[:-1], expected_idx) if ended else "no line end"
             if isinstance(parsed, str):
@@ -180,6 +181,17 @@ def _scan(path: Path) -> _Scan:
             scan.good_end += len(line)
             line = following
     return scan
+
+
+def _first_index(path: Path) -> int | None:
+    """The index the file's first line claims, if it reads as a record at all."""
+    with path.open("rb") as handle:
+        line = handle.readline()
+    body = line if line.startswith(b"{") else line[CHECKSUM_DIGITS + 1 :]
+    try:
+        return IndexedEvent.model_validate_json(body).idx
+    except ValidationError:
+        return None
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -201,8 +213,10 @@ class DiskEventLog:
     def __init__(self, directory: Path) -> None:
         self._directory = directory
         self._path = directory / LOG_FILE_NAME
+        self._base = 0
+        """Index of the file's first record (the one after the snapshot)."""
         self._offsets: list[int] = []
-        """Byte offset where each index's line starts; len == number of events."""
+        """Byte offset where each record's line starts, record ``base + i`` at ``[i]``."""
         self._end = 0
         """Bytes of whole records in the file: where the next record goes."""
         self._descriptor: int | None = None
@@ -221,29 +235,40 @@ class DiskEventLog:
         return self._path
 
     @property
+    def base(self) -> int:
+        """Index of the file's first record."""
+        return self._base
+
+    @property
     def sync_failed(self) -> bool:
         """The last fsync failed and no later one succeeded."""
         return self._sync_failed
 
-    def open(self) -> list[IndexedEvent]:
+    def open(self, base: int = 0) -> list[IndexedEvent]:
         """Create the directory if needed, read back every record, cut a torn last record,
         rewrite a file of the old format, and open the file for appending. Returns the
         events read. Raises LogDamagedError (leaving the file as it is) when a record
         before the last is damaged, and LogWriteError when a cut or rewrite fails."""
-        return self._open(salvage=False)
+        return self._open(salvage=False, base=base)
 
-    def salvage(self) -> list[IndexedEvent]:
+    def salvage(self, base: int = 0) -> list[IndexedEvent]:
         """Like open, but when a record before the last is damaged: move the file aside as
         global_events.jsonl.damaged-<unix seconds>, start a fresh file holding the intact
         records before the damaged one, open it and return those events. For a node that
         will refetch the rest from a peer."""
-        return self._open(salvage=True)
+        return self._open(salvage=True, base=base)
 
-    def _open(self, *, salvage: bool) -> list[IndexedEvent]:
+    def _open(self, *, salvage: bool, base: int) -> list[IndexedEvent]:
         if self._descriptor is not None:
             raise RuntimeError("event log is already open")
         self._directory.mkdir(parents=True, exist_ok=True)
-        scan = _scan(self._path) if self._path.exists() else _Scan()
+        if self._path.exists():
+            first = _first_index(self._path)
+            if first is not None and first < base:
+                base = first  # a crash after a snapshot, before the compaction: see load
+            scan = _scan(self._path, base)
+        else:
+            scan = _Scan()
         offsets, end = scan.offsets, scan.good_end
         if scan.damage is not None:
             damage = LogDamagedError(self._path, *scan.damage)
@@ -268,6 +293,7 @@ class DiskEventLog:
             self._descriptor = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as error:
             raise LogWriteError(self._path, error) from error
+        self._base = base
         self._offsets = offsets
         self._end = self._synced_end = end
         self._unsynced.clear()
@@ -352,8 +378,9 @@ class DiskEventLog:
         """Write the next record (not fsynced: see sync). Raises LogWriteError, with the
         record not stored and the file holding only whole records, when the write fails."""
         descriptor = self._open_descriptor()
-        if indexed.idx != len(self._offsets):
-            raise ValueError(f"event log expects index {len(self._offsets)}, got {indexed.idx}")
+        expected = self._base + len(self._offsets)
+        if indexed.idx != expected:
+            raise ValueError(f"event log expects index {expected}, got {indexed.idx}")
         stored = elided(indexed) if indexed.event.ephemeral else indexed
         line = encode_record(stored)
         try:
@@ -379,9 +406,11 @@ class DiskEventLog:
         LogWriteError, with nothing changed, when the file cannot be cut; a failed fsync of
         the cut is logged and retried by the next sync."""
         descriptor = self._open_descriptor()
-        keep = last_kept_idx + 1
+        keep = last_kept_idx + 1 - self._base
         if keep >= len(self._offsets):
             return
+        if keep < 0:
+            raise ValueError(f"cannot cut the log into its snapshot (up to {self._base - 1})")
         cut_at = self._offsets[keep]
         try:
             os.ftruncate(descriptor, cut_at)
@@ -418,6 +447,51 @@ class DiskEventLog:
         self._dirty = self._sync_failed = False
         self._synced_end = self._end
         self._unsynced.clear()
+
+    def compact(self, first_kept_idx: int) -> None:
+        """Drop the records before first_kept_idx (a snapshot holds their effect now): the
+        file is replaced atomically by one holding only the later records. Raises
+        LogWriteError, with nothing changed, when that fails."""
+        keep = first_kept_idx - self._base
+        if keep <= 0:
+            return
+        self.sync()
+        cut_at = self._offsets[keep] if keep < len(self._offsets) else self._end
+        lines = self._file_range(cut_at, self._end)
+        self._reopen_with(
+            first_kept_idx, [offset - cut_at for offset in self._offsets[keep:]], lines
+        )
+
+    def reset(self, base: int) -> None:
+        """Start over with an empty file whose first record will be base (a snapshot from
+        the master replaced this node's log). Raises LogWriteError when that fails."""
+        self._reopen_with(base, [], [])
+
+    def _reopen_with(self, base: int, offsets: list[int], lines: Iterable[bytes]) -> None:
+        descriptor = self._open_descriptor()
+        self._replace_file((offsets, lines), None)
+        self._descriptor = None
+        os.close(descriptor)
+        try:
+            self._descriptor = os.open(self._path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError as error:
+            raise LogWriteError(self._path, error) from error
+        self._base = base
+        self._offsets = offsets
+        self._end = self._synced_end = os.fstat(self._descriptor).st_size
+        self._unsynced.clear()
+        self._dirty = self._sync_failed = self._tail_dirty = False
+
+    def _file_range(self, start: int, end: int) -> Iterator[bytes]:
+        with self._path.open("rb") as handle:
+            handle.seek(start)
+            left = end - start
+            while left > 0:
+                chunk = handle.read(min(left, _COPY_CHUNK))
+                if not chunk:
+                    return
+                left -= len(chunk)
+                yield chunk
 
     def close(self) -> None:
         """Sync and close. Raises LogWriteError when the last fsync fails (closed anyway)."""

@@ -5,6 +5,11 @@ cannot be written (full, failing) the store raises ``LogWriteError``, keeps its 
 state as they were, and remembers the failure in ``write_error`` until a write succeeds
 again.
 
+The log is bounded: once :data:`COMPACT_AFTER` events have piled up since the last
+snapshot and all of them are committed, the store writes a snapshot of the state
+(:mod:`exo.shared.snapshot`) and the disk log drops the records it covers. Indices go on
+from there; ``base`` is the first index still held as an event.
+
 Single-threaded by design: it is only touched from the event loop thread.
 """
 
@@ -18,16 +23,24 @@ from loguru import logger
 
 from exo.shared.apply import apply
 from exo.shared.event_log import DiskEventLog, LogWriteError
+from exo.shared.snapshot import Snapshot, read_snapshot, write_snapshot
 from exo.shared.types.events import IndexedEvent, elided
 from exo.shared.types.ids import EventId
 from exo.shared.types.state import State
 
 EPHEMERAL_BODIES_KEPT = 10_000
+COMPACT_AFTER = 10_000
+"""Events held since the last snapshot before the next one is taken."""
 
 
 class EventStore:
     def __init__(self, events_directory: Path | None) -> None:
+        self._directory = events_directory
         self._disk = DiskEventLog(events_directory) if events_directory is not None else None
+        self._base = 0
+        self._base_state = State()
+        self._base_term = 0
+        self.compact_after = COMPACT_AFTER
         self._events: list[IndexedEvent] = []
         self._applied_at: list[float] = []
         self._event_ids: set[EventId] = set()
@@ -41,12 +54,28 @@ class EventStore:
         """Open the disk log and rebuild state from it. Raises LogDamagedError when a record
         before the last is damaged; with salvage, keeps the intact records before it instead
         (the damaged file is set aside) and the node catches up on the rest from a peer."""
-        if self._disk is None:
+        if self._disk is None or self._directory is None:
             return
-        for indexed in self._disk.salvage() if salvage else self._disk.open():
-            self._apply_in_memory(indexed)
-        if self._events:
-            logger.info(f"reloaded {len(self._events)} events from {self._disk.path}")
+        snapshot = read_snapshot(self._directory)
+        if snapshot is not None:
+            self._start_from(snapshot)
+        base = self._base
+        for indexed in self._disk.salvage(base) if salvage else self._disk.open(base):
+            if indexed.idx >= base:
+                self._apply_in_memory(indexed)
+        if self._disk.base < base:
+            self._disk.compact(base)  # the snapshot was written, the compaction not yet
+        if snapshot is not None or self._events:
+            logger.info(
+                f"reloaded {len(self._events)} events from {self._disk.path}"
+                + (f" after a snapshot at {snapshot.idx}" if snapshot is not None else "")
+            )
+
+    def _start_from(self, snapshot: Snapshot) -> None:
+        self._base = snapshot.idx + 1
+        self._base_state = self._state = snapshot.state
+        self._base_term = snapshot.term
+        self._events, self._applied_at, self._event_ids = [], [], set()
 
     @property
     def state(self) -> State:
@@ -59,22 +88,72 @@ class EventStore:
         return self._write_error
 
     @property
+    def base(self) -> int:
+        """The first index held as an event (the ones before it are in the snapshot)."""
+        return self._base
+
+    @property
     def last_idx(self) -> int:
-        return len(self._events) - 1
+        return self._base + len(self._events) - 1
+
+    @property
+    def last_term(self) -> int:
+        """The term of the last event (of the snapshot's, when no event follows it)."""
+        return self._events[-1].term if self._events else self._base_term
 
     def contains_event(self, event_id: EventId) -> bool:
         return event_id in self._event_ids
 
     def event_at(self, idx: int) -> IndexedEvent | None:
-        return self._events[idx] if 0 <= idx < len(self._events) else None
+        position = idx - self._base
+        return self._events[position] if 0 <= position < len(self._events) else None
 
     def events_between(self, first_idx: int, last_idx: int) -> list[IndexedEvent]:
         """Events with first_idx <= idx <= last_idx that this store holds."""
-        first = max(first_idx, 0)
-        return self._events[first : last_idx + 1]
+        end = last_idx + 1 - self._base
+        if end <= 0:
+            return []
+        return self._events[max(first_idx - self._base, 0) : end]
 
     def applied_at(self, idx: int) -> float:
-        return self._applied_at[idx]
+        return self._applied_at[idx - self._base]
+
+    def snapshot(self) -> Snapshot | None:
+        """The state at base - 1, for a peer whose log must start past it (None before the
+        first compaction)."""
+        if self._base == 0:
+            return None
+        return Snapshot(idx=self._base - 1, term=self._base_term, state=self._base_state)
+
+    def compact_if_due(self, commit_idx: int) -> None:
+        """Take a snapshot at the last event and drop the events it covers, when enough
+        have piled up and all of them are committed (only committed events are final)."""
+        if len(self._events) < self.compact_after or commit_idx < self.last_idx:
+            return
+        snapshot = Snapshot(idx=self.last_idx, term=self.last_term, state=self._state)
+        if self._disk is not None and self._directory is not None:
+            try:
+                size = write_snapshot(self._directory, snapshot)
+                self._disk.compact(snapshot.idx + 1)
+            except OSError as error:
+                logger.warning(f"cannot compact the event log: {error}; trying again later")
+                return
+            logger.info(
+                f"snapshot at event {snapshot.idx} ({size} bytes); dropped "
+                f"{len(self._events)} events from the log"
+            )
+        self._start_from(snapshot)
+
+    def install_snapshot(self, snapshot: Snapshot) -> None:
+        """Replace this node's log by a peer's snapshot (its events before it are gone
+        from the cluster). Raises OSError, changing nothing, when it cannot be stored."""
+        if self._disk is not None and self._directory is not None:
+            write_snapshot(self._directory, snapshot)
+            self._disk.reset(snapshot.idx + 1)
+        logger.info(f"installed a snapshot at event {snapshot.idx} (term {snapshot.term})")
+        self._start_from(snapshot)
+        self._changed.set()
+        self._changed = anyio.Event()
 
     def append(self, indexed: IndexedEvent) -> None:
         """Persist and apply the next event. Raises EventOutOfOrderError if it isn't next,
@@ -96,7 +175,7 @@ class EventStore:
         EPHEMERAL_BODIES_KEPT events, keep their id and place in the log, not their text."""
         old = self.event_at(idx)
         if old is not None and old.event.ephemeral:
-            self._events[idx] = elided(old)
+            self._events[idx - self._base] = elided(old)
 
     def _write_failed(self, error: LogWriteError, source: Literal["write", "sync"]) -> None:
         if str(error) != self._write_error:
@@ -140,6 +219,8 @@ class EventStore:
         Raises LogWriteError, changing nothing, if the disk log cannot be cut."""
         if last_kept_idx >= self.last_idx:
             return
+        if last_kept_idx < self._base - 1:
+            raise ValueError(f"cannot cut into the snapshot (up to event {self._base - 1})")
         if self._disk is not None:
             try:
                 self._disk.truncate_after(last_kept_idx)
@@ -150,9 +231,9 @@ class EventStore:
         logger.warning(
             f"dropping events {last_kept_idx + 1}..{self.last_idx}: they differ from the master's log"
         )
-        kept = self._events[: last_kept_idx + 1]
+        kept = self._events[: last_kept_idx + 1 - self._base]
         self._events, self._applied_at, self._event_ids = [], [], set()
-        self._state = State()
+        self._state = self._base_state
         for indexed in kept:
             self._apply_in_memory(indexed)
         self._changed.set()

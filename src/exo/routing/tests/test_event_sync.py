@@ -154,3 +154,27 @@ async def test_a_follower_ahead_of_its_master_cuts_the_uncommitted_tail(tmp_path
         await follower.sync.align_with(leader.node_id)
         assert follower.store.last_idx == head
         assert_same_events(follower, leader, head + 1)
+
+
+async def test_a_follower_behind_a_compacted_log_installs_the_snapshot(tmp_path: Path) -> None:
+    async with leader_and_follower(tmp_path) as (leader, follower):
+        await wait_for(lambda: follower.store.last_idx == leader.store.last_idx)
+        leader.store.compact_after = 50
+        follower.store.compact_after = 10**9
+        # Events the follower misses (not broadcast), then the leader compacts them away.
+        for _ in range(120):
+            leader.store.append(
+                IndexedEvent(
+                    idx=leader.store.last_idx + 1, term=leader.election.term, event=probe()
+                )
+            )
+        leader.store.compact_if_due(leader.store.last_idx)
+        assert leader.store.base > follower.store.last_idx + 1
+        leader.master.index(probe())  # broadcast: the follower sees the gap
+        await wait_for(lambda: follower.store.last_idx == leader.store.last_idx)
+        assert follower.store.base == leader.store.base
+        assert follower.store.state.members == leader.store.state.members
+        for idx in range(leader.store.base, leader.store.last_idx + 1):
+            ours, theirs = follower.store.event_at(idx), leader.store.event_at(idx)
+            assert ours is not None and theirs is not None
+            assert ours.event.event_id == theirs.event.event_id
