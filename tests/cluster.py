@@ -49,8 +49,17 @@ class ExoNode:
         api_key: str | None = None,
         cluster_secret: str | None = TEST_CLUSTER_SECRET,
         protocol: str = "tcp",
+        host: str = "127.0.0.1",
+        extra_listen: list[str] | None = None,
+        prefix: list[str] | None = None,
     ) -> None:
+        """``host``: the address its zenoh endpoint and API use (an address other than
+        loopback gets --insecure-api); ``extra_listen``: more zenoh endpoints; ``prefix``:
+        what the command runs under (``ip netns exec NAME``, say)."""
         self.home = home
+        self.host = host
+        self.extra_listen = extra_listen or []
+        self.prefix = prefix or []
         self.protocol = protocol
         self.api_key = api_key
         self.cluster_secret = cluster_secret
@@ -64,24 +73,27 @@ class ExoNode:
 
     @property
     def endpoint(self) -> str:
-        return f"{self.protocol}/127.0.0.1:{self.zenoh_port}"
+        return f"{self.protocol}/{self.host}:{self.zenoh_port}"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"http://{self.host}:{self.api_port}"
 
     def start(self) -> None:
         args = [
+            *self.prefix,
             sys.executable,
             "-m",
             "exo.main",
             *([] if self.discovery else ["--no-discovery"]),
             "--api-host",
-            "127.0.0.1",
+            self.host,
+            *(["--insecure-api"] if self.host != "127.0.0.1" else []),
             "--api-port",
             str(self.api_port),
             "--listen",
             self.endpoint,
+            *[arg for endpoint in self.extra_listen for arg in ("--listen", endpoint)],
             "--home",
             str(self.home),
             "--election-settle",

@@ -29,7 +29,6 @@ from pydantic import ValidationError
 
 from exo.routing.context import ClusterContext
 from exo.routing.messages import GlobalEventMessage, LocalEventMessage
-from exo.routing.quorum import is_majority
 from exo.shared.event_log import LogWriteError
 from exo.shared.types.commands import Command, CommandAdapter, CommandResult
 from exo.shared.types.events import (
@@ -133,13 +132,12 @@ class Master:
         election = self._election
         acknowledged = election.acknowledged()
         acknowledged[self._node_id] = self._store.last_idx
-        live = election.live_node_ids
         for idx in range(self._store.last_idx, election.commit_idx, -1):
             held = self._store.event_at(idx)
             if held is None or held.term != self._term:
                 break  # earlier terms' events commit only with one of this term
             stored = [node for node, match in acknowledged.items() if match >= idx]
-            if is_majority(stored, election.members, live, self._node_id):
+            if election.is_majority(stored):
                 if idx > election.commit_idx:
                     election.note_commit(idx)
                     election.announce()
@@ -148,7 +146,7 @@ class Master:
     def has_quorum(self) -> bool:
         election = self._election
         answered = election.heard_recently(QUORUM_LEASE_S) | {self._node_id}
-        return is_majority(answered, election.members, election.live_node_ids, self._node_id)
+        return election.is_majority(answered)
 
     def _quorum_error(self) -> CommandResult:
         members = self._election.members
@@ -182,6 +180,8 @@ class Master:
         joined = sorted(live - members)
         if self._node_id in joined:
             joined = [self._node_id]  # the master first, on a fresh log
+        if departed and not self.has_quorum():
+            return  # removing a member takes a majority of the membership it leaves
         if departed:
             change: Event = NodeTimedOut(node_id=departed[0], origin_node_id=self._node_id)
         elif joined:

@@ -27,16 +27,16 @@ keeping a follower's log equal to the master's is :mod:`exo.routing.event_sync`.
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import anyio
 from loguru import logger
 from pydantic import ValidationError
 
+from exo.routing import quorum
 from exo.routing.messages import ElectionAnnouncement, VoteReply, VoteRequest
-from exo.routing.quorum import can_reach_majority, is_majority, voters
 from exo.routing.router import Router
-from exo.routing.term_store import TermRecord, TermStore
+from exo.routing.term_store import TermStore
 from exo.routing.topics import Topics
 from exo.shared.event_store import EventStore
 from exo.shared.types.ids import NodeId
@@ -103,7 +103,17 @@ class Election:
     @property
     def members(self) -> frozenset[NodeId]:
         """The nodes majorities are counted over (this node alone on a fresh log)."""
-        return voters(self._store.state.members, self.node_id)
+        return quorum.voters(self._store.state.members, self.node_id)
+
+    def is_majority(self, agreeing: Iterable[NodeId]) -> bool:
+        """Whether ``agreeing`` is a majority of the members (:mod:`exo.routing.quorum`)."""
+        return quorum.is_majority(
+            agreeing, self.members, self._live, self.node_id, self._membership_committed()
+        )
+
+    def _membership_committed(self) -> bool:
+        known = max(self._commit_idx, self._terms.record.membership_committed_idx)
+        return self._store.membership_idx <= known
 
     @property
     def master_node_id(self) -> NodeId | None:
@@ -122,6 +132,12 @@ class Election:
     def note_commit(self, commit_idx: int) -> None:
         if commit_idx > self._commit_idx:
             self._commit_idx = commit_idx
+            record = self._terms.record
+            membership_idx = self._store.membership_idx
+            if record.membership_committed_idx < membership_idx <= commit_idx:
+                self._terms.save(
+                    record.model_copy(update={"membership_committed_idx": membership_idx})
+                )
             self._store.compact_if_due(commit_idx)
             self._commit_changed.set()
             self._commit_changed = anyio.Event()
@@ -207,7 +223,7 @@ class Election:
     def _should_stand(self) -> bool:
         if self._store.last_idx < self.stand_from_idx:
             return False
-        if not can_reach_majority(self.members, self._live, self.node_id):
+        if not self.is_majority([*self._live, self.node_id]):
             return False
         if time.monotonic() - self._masterless_since >= STAND_ANYWAY_AFTER_S:
             return True
@@ -233,7 +249,9 @@ class Election:
 
     async def _stand(self) -> None:
         term = self.term + 1
-        self._terms.save(TermRecord(term=term, voted_for=self.node_id))
+        self._terms.save(
+            self._terms.record.model_copy(update={"term": term, "voted_for": self.node_id})
+        )
         last_term, last_idx = log_position(self._store)
         request = VoteRequest(
             candidate_id=self.node_id, term=term, last_event_idx=last_idx, last_log_term=last_term
@@ -259,7 +277,7 @@ class Election:
                 refusals.append(f"{reply.node_id}: {reply.reason}")
         if self.term != term or self._master is not None:
             return  # a newer term, or another master of this term, arrived meanwhile
-        if is_majority(granted, self.members, self._live, self.node_id):
+        if self.is_majority(granted):
             logger.info(f"elected master in term {term} with the votes of {sorted(granted)}")
             self._set_master(self.node_id)
             self.announce()
@@ -286,7 +304,7 @@ class Election:
 
     def _adopt_term(self, term: int, master: NodeId | None) -> None:
         logger.info(f"term {self.term} -> {term}" + (f", master {master}" if master else ""))
-        self._terms.save(TermRecord(term=term, voted_for=None))
+        self._terms.save(self._terms.record.model_copy(update={"term": term, "voted_for": None}))
         self._set_master(master if master != self.node_id else None)
 
     def _on_announcement(self, key: str, payload: bytes) -> None:
@@ -331,7 +349,7 @@ class Election:
             return reply(False, f"already voted for {voted_for} in term {self.term}")
         if (request.last_log_term, request.last_event_idx) < log_position(self._store):
             return reply(False, "its log is behind this node's")
-        self._terms.save(TermRecord(term=self.term, voted_for=candidate))
+        self._terms.save(self._terms.record.model_copy(update={"voted_for": candidate}))
         return reply(True)
 
     def _master_present(self, master: NodeId) -> bool:

@@ -6,10 +6,13 @@ node alone.
 
 Two members are the exception: a strict majority of 2 is both, so the cluster would stop
 whenever the other machine is switched off. Instead, while the other member is not alive
-(its liveliness token is gone), the remaining one is a majority by itself. What that costs:
-a real network partition between the two looks the same as a switched-off peer, so both
-sides go on alone, and when the partition heals the side with the older term steps down and
-loses what it accepted meanwhile. With three or more members no such case exists.
+(its liveliness token is gone), the remaining one is a majority by itself, provided the
+two-member membership is committed (``two_committed``). Without that proviso a master cut
+off from a three-node cluster could append the removal of one peer, find itself in a
+two-member membership, and go on alone. What the exception costs: a real network
+partition between the two looks the same as a switched-off peer, so both sides go on
+alone, and when the partition heals the side with the older term steps down and loses what
+it accepted meanwhile. With three or more members no such case exists.
 """
 
 from collections.abc import Collection, Iterable
@@ -27,20 +30,14 @@ def is_majority(
     members: Collection[NodeId],
     live: Collection[NodeId],
     self_id: NodeId,
+    two_committed: bool,
 ) -> bool:
     """Whether ``agreeing`` (the nodes that voted, stored an entry, or answered lately) is
     a majority of the members, with the two-member exception above."""
     counted = voters(members, self_id)
     agreed = counted.intersection(agreeing)
-    if len(counted) == 2 and self_id in counted:
+    if two_committed and len(counted) == 2 and self_id in counted:
         other = next(iter(counted - {self_id}))
         if other not in live:
             return self_id in agreed
     return 2 * len(agreed) > len(counted)
-
-
-def can_reach_majority(
-    members: Collection[NodeId], live: Collection[NodeId], self_id: NodeId
-) -> bool:
-    """Whether the live members could form a majority (worth holding an election)."""
-    return is_majority([*live, self_id], members, live, self_id)

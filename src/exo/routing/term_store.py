@@ -22,6 +22,9 @@ class TermRecord(BaseModel):
 
     term: int = 0
     voted_for: NodeId | None = None
+    membership_committed_idx: int = -1
+    """The last membership change this node knows to be committed (the two-member
+    exception of :mod:`exo.routing.quorum` needs it also right after a restart)."""
 
 
 class TermStoreError(ValueError):

@@ -29,7 +29,7 @@ from exo.shared.types.ids import EventId
 from exo.shared.types.state import State
 
 EPHEMERAL_BODIES_KEPT = 10_000
-COMPACT_AFTER = 10_000
+COMPACT_AFTER = 4_000
 """Events held since the last snapshot before the next one is taken."""
 
 
@@ -41,6 +41,7 @@ class EventStore:
         self._base_state = State()
         self._base_term = 0
         self.compact_after = COMPACT_AFTER
+        self._membership_idx = -1
         self._events: list[IndexedEvent] = []
         self._applied_at: list[float] = []
         self._event_ids: set[EventId] = set()
@@ -72,6 +73,7 @@ class EventStore:
             )
 
     def _start_from(self, snapshot: Snapshot) -> None:
+        self._membership_idx = snapshot.idx if snapshot.state.members else -1
         self._base = snapshot.idx + 1
         self._base_state = self._state = snapshot.state
         self._base_term = snapshot.term
@@ -100,6 +102,12 @@ class EventStore:
     def last_term(self) -> int:
         """The term of the last event (of the snapshot's, when no event follows it)."""
         return self._events[-1].term if self._events else self._base_term
+
+    @property
+    def membership_idx(self) -> int:
+        """Index of the last event that changed the members (-1: none); a snapshot counts
+        as its last index."""
+        return self._membership_idx
 
     def contains_event(self, event_id: EventId) -> bool:
         return event_id in self._event_ids
@@ -194,6 +202,8 @@ class EventStore:
         self._record(indexed, apply(self._state, indexed))
 
     def _record(self, indexed: IndexedEvent, state: State) -> None:
+        if state.members != self._state.members:
+            self._membership_idx = indexed.idx
         self._state = state
         self._events.append(indexed)
         self._applied_at.append(time.time())
@@ -234,6 +244,7 @@ class EventStore:
         kept = self._events[: last_kept_idx + 1 - self._base]
         self._events, self._applied_at, self._event_ids = [], [], set()
         self._state = self._base_state
+        self._membership_idx = self._base - 1 if self._base_state.members else -1
         for indexed in kept:
             self._apply_in_memory(indexed)
         self._changed.set()

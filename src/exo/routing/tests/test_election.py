@@ -7,7 +7,7 @@ import pytest
 
 from exo.routing.election import Election
 from exo.routing.messages import VoteRequest
-from exo.routing.quorum import can_reach_majority, is_majority
+from exo.routing.quorum import is_majority
 from exo.routing.router import Router, RouterConfig
 from exo.routing.term_store import TermStore, TermStoreError
 from exo.routing.topics import Topics
@@ -18,30 +18,34 @@ from exo.shared.types.ids import NodeId
 A, B, C, D = NodeId("a"), NodeId("b"), NodeId("c"), NodeId("d")
 
 
+def majority(agreeing: list[NodeId], members: set[NodeId], live: set[NodeId]) -> bool:
+    return is_majority(agreeing, members, live, A, two_committed=True)
+
+
 def test_a_majority_is_more_than_half_of_the_members() -> None:
     members = {A, B, C}
-    assert not is_majority([A], members, members, A)
-    assert is_majority([A, B], members, members, A)
-    assert not is_majority([A, D], members, members, A)  # D is no member
-    assert not is_majority([A, B], {A, B, C, D}, {A, B, C, D}, A)
-    assert is_majority([A, B, C], {A, B, C, D}, {A, B, C, D}, A)
+    assert not majority([A], members, members)
+    assert majority([A, B], members, members)
+    assert not majority([A, D], members, members)  # D is no member
+    assert not majority([A, B], {A, B, C, D}, {A, B, C, D})
+    assert majority([A, B, C], {A, B, C, D}, {A, B, C, D})
 
 
 def test_a_fresh_log_counts_this_node_alone() -> None:
-    assert is_majority([A], set(), {A, B}, A)
-    assert not is_majority([B], set(), {A, B}, A)
+    assert majority([A], set(), {A, B})
+    assert not majority([B], set(), {A, B})
 
 
 def test_two_members_go_on_alone_only_when_the_other_is_gone() -> None:
-    assert not is_majority([A], {A, B}, {A, B}, A)  # B alive but silent: no
-    assert is_majority([A], {A, B}, {A}, A)  # B switched off: A alone suffices
-    assert is_majority([A, B], {A, B}, {A, B}, A)
+    assert not majority([A], {A, B}, {A, B})  # B alive but silent: no
+    assert majority([A], {A, B}, {A})  # B switched off: A alone suffices
+    assert majority([A, B], {A, B}, {A, B})
 
 
-def test_a_cut_off_node_does_not_stand() -> None:
-    assert not can_reach_majority({A, B, C}, {A}, A)
-    assert can_reach_majority({A, B, C}, {A, C}, A)
-    assert can_reach_majority({A, B}, {A}, A)
+def test_an_uncommitted_shrink_to_two_members_gives_no_exception() -> None:
+    """A master cut off from {A, B, C} that appended B's removal must not go on alone."""
+    assert not is_majority([A], {A, C}, {A}, A, two_committed=False)
+    assert is_majority([A, C], {A, C}, {A, C}, A, two_committed=False)
 
 
 def election(tmp_path: Path, node: NodeId, log_terms: list[int]) -> Election:

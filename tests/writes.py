@@ -1,0 +1,56 @@
+"""Cheap real writes for durability tests: ``POST /instance`` of a planning-only model card
+on nodes with large simulated GPUs. Each is a real command through the master and the log,
+and no runner process starts (the worker reports the runner failed at once: the card has no
+weights)."""
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.cluster import ExoNode
+from tests.simulated import device, write_devices
+
+MODEL = "Llama-3.1-8B-Instruct-4bit"
+
+
+class Writer:
+    """Creates instances through one node's API, one after another, and keeps every answer."""
+
+    def __init__(self, node: ExoNode) -> None:
+        self._node = node
+        self.acknowledged: list[tuple[float, str]] = []
+        self.refused: list[tuple[float, int, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30.0)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=20.0) as client:
+            while not self._stop.is_set():
+                sent = time.monotonic()
+                try:
+                    response = client.post(self._node.url + "/instance", json={"model_id": MODEL})
+                except httpx.HTTPError as error:
+                    self.refused.append((sent, 0, repr(error)))
+                    continue
+                if response.status_code == 201:
+                    self.acknowledged.append((sent, response.json()["instance_id"]))
+                else:
+                    self.refused.append((sent, response.status_code, response.text[:200]))
+                    time.sleep(0.2)
+                self._stop.wait(0.25)
+
+
+def big_gpus(tmp_path: Path, count: int) -> list[Path]:
+    return [
+        write_devices(tmp_path / f"gpus{index}.json", [device("cuda:0", "Sim", 4000, 2000)])
+        for index in range(count)
+    ]
