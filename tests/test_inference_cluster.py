@@ -3,6 +3,7 @@
 import json
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +265,30 @@ def test_a_model_directory_of_another_family_runs_split_over_two_nodes(
         body = answer.json()
         assert body["choices"][0]["message"]["content"] == expected.text
         assert body["usage"]["completion_tokens"] == expected.completion_tokens
+
+
+def test_a_prompt_travels_to_its_runner_and_stays_out_of_the_log(tmp_path: Path) -> None:
+    """The request goes to the node without the runner: its prompt reaches the runner
+    point to point, and no node's log or state holds it (only its size)."""
+    with running_cluster(tmp_path, 2) as nodes:
+        wait_until(lambda: converged(nodes, 2), 10.0, "2 nodes to agree")
+        instance = place(nodes[0], 1)
+        serving = {shard["node_id"] for shard in instance["shards"]}
+        requester = next(node for node in nodes if node.node_id() not in serving)
+        wait_until(lambda: runners_ready(requester, instance), 90.0, "the runner to be ready")
+        marker = f"Quokka-{uuid.uuid4().hex}"
+        content = f"Say hello to {marker}."
+        response = ask(requester, content, max_tokens=3)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["prompt_tokens"] > 0
+        tasks = [
+            t
+            for t in requester.state()["tasks"].values()
+            if t["requested_by"] == requester.node_id()
+        ]
+        assert [task["params"]["prompt_chars"] for task in tasks] == [len(content)]
+        for node in nodes:
+            assert marker not in json.dumps(node.state())
+            assert marker not in json.dumps(node.all_events())
+            for path in (node.home / "events").iterdir():
+                assert marker.encode() not in path.read_bytes(), path

@@ -33,6 +33,7 @@ from exo.routing.context import ClusterContext
 from exo.routing.election import Election, now_us
 from exo.routing.event_sync import EventSync
 from exo.routing.local_events import LocalEventSender
+from exo.routing.prompts import PromptExchange
 from exo.routing.router import Router, RouterConfig, TlsFiles
 from exo.routing.term_store import TermStore, TermStoreError
 from exo.routing.topics import Topics
@@ -234,7 +235,9 @@ async def run_node(config: NodeConfig) -> None:
     master.start()
     link_prober.start()
     election.start()
-    context = ApiContext(cluster, sender)
+    prompts = PromptExchange(router, topics, node_id)
+    prompts.start()
+    context = ApiContext(cluster, sender, prompts)
     server = _ApiServer(
         uvicorn.Config(
             guarded(create_app(context), config.api_key),
@@ -267,7 +270,7 @@ async def run_node(config: NodeConfig) -> None:
                     simulate_gpus_file=config.simulate_gpus_file,
                     telemetry_interval_s=config.telemetry_interval_s,
                 )
-                worker = Worker(node_id, store, sender, worker_config)
+                worker = Worker(node_id, store, sender, prompts, worker_config)
                 group.start_soon(worker.run)
                 group.start_soon(link_prober.run)
             group.start_soon(_serve_api, server, api_socket)

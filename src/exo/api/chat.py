@@ -54,7 +54,8 @@ class ChatCompletionRequest(ApiRequest):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return ChatCompletionParams(
             model=self.model,
-            messages=self.messages,
+            message_count=len(self.messages),
+            prompt_chars=sum(len(message.content) for message in self.messages),
             max_tokens=self.max_completion_tokens or self.max_tokens or 256,
             temperature=self.temperature,
             top_p=self.top_p,
@@ -119,8 +120,11 @@ def chat_routes(context: ApiContext) -> APIRouter:
         command = CreateChatTask(
             task_id=task_id, requested_by=context.node_id, params=request.params()
         )
+        # The prompt stays here until the serving runner's worker fetches it.
+        context.prompts.hold(task_id, request.messages)
         result = await context.send_command(command)
         if not result.ok:
+            context.prompts.release(task_id)
             events.close()
             return error_from_result(result)
         chunks = _task_chunks(context, task_id, events)
@@ -190,23 +194,27 @@ async def _task_chunks(
     events: "anyio.abc.ObjectReceiveStream[IndexedEvent]",
 ) -> AsyncIterator[ChunkGenerated]:
     """The task's chunks in order, until the last; raises TaskFailedError when the task or
-    its instance fails, or nothing happens for NO_PROGRESS_TIMEOUT_S."""
+    its instance fails, or nothing happens for NO_PROGRESS_TIMEOUT_S. The held prompt is
+    released when it ends, however it ends."""
     pending: dict[int, ChunkGenerated] = {}
     next_index = 0
-    async with events:
-        while True:
-            event = await _next_event(events)
-            if isinstance(event, ChunkGenerated):
-                if event.task_id != task_id or event.chunk_index < next_index:
+    try:
+        async with events:
+            while True:
+                event = await _next_event(events)
+                if isinstance(event, ChunkGenerated):
+                    if event.task_id != task_id or event.chunk_index < next_index:
+                        continue
+                    pending[event.chunk_index] = event
+                    while (chunk := pending.pop(next_index, None)) is not None:
+                        next_index += 1
+                        yield chunk
+                        if chunk.finish_reason is not None:
+                            return
                     continue
-                pending[event.chunk_index] = event
-                while (chunk := pending.pop(next_index, None)) is not None:
-                    next_index += 1
-                    yield chunk
-                    if chunk.finish_reason is not None:
-                        return
-                continue
-            _raise_if_failed(context, task_id)
+                _raise_if_failed(context, task_id)
+    finally:
+        context.prompts.release(task_id)
 
 
 async def _next_event(events: "anyio.abc.ObjectReceiveStream[IndexedEvent]") -> Event:

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from exo.routing.context import ClusterContext
 from exo.routing.election import Election
 from exo.routing.local_events import LocalEventSender
+from exo.routing.prompts import PromptExchange
 from exo.shared.event_store import EventStore
 from exo.shared.types.commands import Command, CommandAdapter, CommandResult
 from exo.shared.types.ids import NodeId
@@ -21,10 +22,12 @@ MASTER_WAIT_S = 3.0
 
 @dataclass(frozen=True)
 class ApiContext:
-    """The node's shared context, and its worker's outbox (for events the API emits)."""
+    """The node's shared context, its worker's outbox (for events the API emits) and the
+    prompts of the requests it took."""
 
     cluster: ClusterContext
     sender: LocalEventSender
+    prompts: PromptExchange
 
     @property
     def node_id(self) -> NodeId:

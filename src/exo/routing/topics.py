@@ -58,6 +58,11 @@ class Topics:
         events this node has compacted away)."""
         return f"{self.namespace}/snapshot/{node_id}"
 
+    def prompt(self, node_id: NodeId) -> str:
+        """Queryable on every node serving the prompts of the requests it took
+        (``?task=<id>``), fetched by the worker whose runner serves the task."""
+        return f"{self.namespace}/prompt/{node_id}"
+
     def ping(self, node_id: NodeId) -> str:
         """Queryable on every node that echoes the payload (link measurements)."""
         return f"{self.namespace}/ping/{node_id}"

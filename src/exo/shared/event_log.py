@@ -59,13 +59,15 @@ _COPY_CHUNK = 1 << 20
 class LogDamagedError(ValueError):
     """A record before the last one is damaged; the file was left as it is."""
 
-    def __init__(self, path: Path, record_idx: int, reason: str) -> None:
+    def __init__(self, path: Path, record_idx: int, reason: str, line: int) -> None:
         self.path = path
         self.record_idx = record_idx
-        """Index of the first damaged record (it is on line record_idx + 1)."""
+        """Index of the first damaged record."""
+        self.line = line
+        """The file's line that holds it (from 1; the file starts after the snapshot)."""
         self.reason = reason
         super().__init__(
-            f"event log {path}: record {record_idx} (line {record_idx + 1}) is damaged "
+            f"event log {path}: record {record_idx} (line {line}) is damaged "
             f"({reason}); the records before it are intact"
         )
 
@@ -271,7 +273,8 @@ class DiskEventLog:
             scan = _Scan()
         offsets, end = scan.offsets, scan.good_end
         if scan.damage is not None:
-            damage = LogDamagedError(self._path, *scan.damage)
+            record_idx, reason = scan.damage
+            damage = LogDamagedError(self._path, record_idx, reason, line=record_idx - base + 1)
             if not salvage:
                 raise damage
             offsets, end = self._set_damaged_file_aside(scan, damage)

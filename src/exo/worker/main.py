@@ -10,6 +10,7 @@ from loguru import logger
 
 from exo.gpu.backend import GPUBackendError, GPUBackendFactory
 from exo.routing.local_events import LocalEventSender
+from exo.routing.prompts import PromptExchange
 from exo.shared.event_store import EventStore
 from exo.shared.types.events import NodeInfoReported, NodeMemoryUpdated
 from exo.shared.types.ids import NodeId
@@ -45,13 +46,19 @@ class Worker:
         node_id: NodeId,
         store: EventStore,
         sender: LocalEventSender,
+        prompts: PromptExchange,
         config: WorkerConfig,
     ) -> None:
         self.node_id = node_id
         self._store = store
         self._sender = sender
         self._config = config
-        self.supervisor = RunnerSupervisor(node_id, config.home, sender.emit)
+        self.supervisor = RunnerSupervisor(
+            node_id,
+            config.home,
+            sender.emit,
+            lambda task: prompts.fetch(task.requested_by, task.task_id),
+        )
         self.gpu_telemetry: GPUTelemetryCollector | None = None
 
     async def run(self) -> None:

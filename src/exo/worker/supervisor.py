@@ -33,7 +33,7 @@ from exo.shared.types.generation import GenerationRequest
 from exo.shared.types.ids import InstanceId, NodeId, RunnerId, TaskId
 from exo.shared.types.instances import Instance, Shard
 from exo.shared.types.runners import RunnerStatus
-from exo.shared.types.tasks import Task
+from exo.shared.types.tasks import ChatMessage, Task
 from exo.worker.plan import LocalRunner
 from exo.worker.runner.arguments import RunnerArguments
 from exo.worker.runner.hostfile import write_hostfile
@@ -48,6 +48,8 @@ from exo.worker.runner.messages import (
 from exo.worker.runner.process import PARENT_PID_ENV
 
 Emit = Callable[[Event], Awaitable[None]]
+FetchPrompt = Callable[[Task], Awaitable[list[ChatMessage] | None]]
+"""The task's messages, from the node that took the request (None: no longer there)."""
 MAX_LINE_BYTES = 1 << 24
 STOP_GRACE_S = 5.0
 LOG_TAIL_CHARS = 600
@@ -130,8 +132,9 @@ def runner_arguments(
 
 
 class RunnerSupervisor:
-    def __init__(self, node_id: NodeId, home: Path, emit: Emit) -> None:
+    def __init__(self, node_id: NodeId, home: Path, emit: Emit, fetch_prompt: FetchPrompt) -> None:
         self._node_id = node_id
+        self._fetch_prompt = fetch_prompt
         self.simulated_devices = False
         """This node's GPUs come from a simulation file: runners compute on its CPU."""
         self._directory = home / "runners"
@@ -293,10 +296,22 @@ class RunnerSupervisor:
         handle.forwarded.add(task.task_id)
         handle.open_tasks.add(task.task_id)
         self._notify()
+        messages = await self._fetch_prompt(task)
+        if messages is None:
+            handle.open_tasks.discard(task.task_id)
+            await self._emit(
+                TaskStatusUpdated(
+                    task_id=task.task_id,
+                    status="failed",
+                    error=f"the prompt is no longer available from node {task.requested_by} "
+                    "(it left, or the request ended)",
+                )
+            )
+            return
         params = task.params
         request = GenerationRequest(
             request_id=task.task_id,
-            messages=[message.model_dump() for message in params.messages],
+            messages=[message.model_dump() for message in messages],
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,

@@ -15,7 +15,7 @@ from exo.shared.types.instances import Instance, Shard
 from exo.shared.types.node import NodeInfo
 from exo.shared.types.runners import RunnerState, RunnerStatus
 from exo.shared.types.state import State
-from exo.shared.types.tasks import ChatCompletionParams, ChatMessage, Task
+from exo.shared.types.tasks import ChatCompletionParams, Task
 
 NODE = NodeId("node-a")
 MODEL = "SmolLM2-135M-Instruct"
@@ -67,7 +67,7 @@ def with_instances(state: State, *instances: Instance, status: RunnerStatus = "r
 
 
 def chat(task_id: str = "t") -> CreateChatTask:
-    params = ChatCompletionParams(model=MODEL, messages=[ChatMessage(role="user", content="hi")])
+    params = ChatCompletionParams(model=MODEL)
     return CreateChatTask(task_id=TaskId(task_id), requested_by=NODE, params=params)
 
 

@@ -26,7 +26,7 @@ from exo.shared.types.ids import CommandId, DeviceId, InstanceId, NodeId, Runner
 from exo.shared.types.node import NodeStaticInfo
 from exo.shared.types.runners import RunnerStatus
 from exo.shared.types.state import State
-from exo.shared.types.tasks import ChatCompletionParams, ChatMessage, Task
+from exo.shared.types.tasks import ChatCompletionParams, Task
 
 NODE_A = NodeId("node-a")
 NODE_B = NodeId("node-b")
@@ -180,7 +180,7 @@ def test_late_reports_from_a_timed_out_node_change_nothing() -> None:
 
 def test_only_the_most_recent_finished_tasks_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("exo.shared.apply.FINISHED_TASKS_KEPT", 2)
-    params = ChatCompletionParams(model="m", messages=[ChatMessage(role="user", content="hi")])
+    params = ChatCompletionParams(model="m")
     events: list[Event] = []
     for index in range(4):
         task = Task(

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from exo.shared.event_log import LOG_FILE_NAME
+from exo.shared.event_log import LOG_FILE_NAME, LogDamagedError
 from exo.shared.event_store import EventStore
 from exo.shared.snapshot import (
     SNAPSHOT_FILE_NAME,
@@ -102,3 +102,14 @@ def test_a_damaged_snapshot_is_named(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(SnapshotDamagedError, match=SNAPSHOT_FILE_NAME):
         read_snapshot(tmp_path)
+
+
+def test_damage_after_a_snapshot_names_the_files_line(tmp_path: Path) -> None:
+    filled(tmp_path, 15, compact_after=10, commit=True).close()  # the file holds 10..14
+    path = tmp_path / LOG_FILE_NAME
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b'"idx":12', b'"idx":12 ')  # same JSON, wrong checksum
+    path.write_bytes(b"".join(lines))
+    store = EventStore(tmp_path)
+    with pytest.raises(LogDamagedError, match=r"record 12 \(line 3\)"):
+        store.load()

@@ -17,14 +17,19 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionParams(BaseModel):
+    """How a chat task is generated: everything but the prompt, which travels from the
+    node that took the request to the runner (:mod:`exo.routing.prompts`) and is never in
+    the replicated log. Its size is, for accounting."""
+
     model_config = ConfigDict(frozen=True)
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int = Field(default=256, ge=1, le=32768)
     temperature: float = Field(default=0.7, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: list[str] = Field(default_factory=list)
+    message_count: int = Field(default=1, ge=1)
+    prompt_chars: int = Field(default=0, ge=0)
 
 
 class Task(BaseModel):

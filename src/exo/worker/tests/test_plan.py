@@ -5,7 +5,7 @@ from exo.shared.types.ids import CommandId, DeviceId, InstanceId, NodeId, Runner
 from exo.shared.types.instances import Instance, Shard
 from exo.shared.types.runners import RunnerState, RunnerStatus
 from exo.shared.types.state import State
-from exo.shared.types.tasks import ChatCompletionParams, ChatMessage, Task, TaskStatus
+from exo.shared.types.tasks import ChatCompletionParams, Task, TaskStatus
 from exo.worker.plan import (
     CancelRunnerTask,
     ForwardTask,
@@ -53,7 +53,7 @@ def runner_state(runner_id: str, node: NodeId, status: RunnerStatus) -> RunnerSt
 
 
 def task(task_id: str, status: TaskStatus = "pending") -> Task:
-    params = ChatCompletionParams(model="m", messages=[ChatMessage(role="user", content="hi")])
+    params = ChatCompletionParams(model="m")
     return Task(
         task_id=TaskId(task_id),
         command_id=CommandId("c"),
