@@ -6,12 +6,11 @@ atomically (temporary file, fsync, rename) before the node acts on a new term or
 vote.
 """
 
-import json
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from exo.shared.atomic_file import write_atomically
 from exo.shared.types.ids import NodeId
 
 TERM_FILE = "term.json"
@@ -55,10 +54,5 @@ class TermStore:
         if record == self._record:
             return
         if self._path is not None:
-            temporary = self._path.with_suffix(".tmp")
-            with temporary.open("w") as handle:
-                handle.write(json.dumps(record.model_dump(mode="json")))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, self._path)
+            write_atomically(self._path, record.model_dump_json().encode())
         self._record = record

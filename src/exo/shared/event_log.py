@@ -319,23 +319,13 @@ class DiskEventLog:
             position += len(line)
         return offsets, lines
 
-    def _file_prefix(self, length: int) -> Iterator[bytes]:
-        with self._path.open("rb") as handle:
-            left = length
-            while left > 0:
-                chunk = handle.read(min(left, _COPY_CHUNK))
-                if not chunk:
-                    return
-                left -= len(chunk)
-                yield chunk
-
     def _set_damaged_file_aside(
         self, scan: _Scan, damage: LogDamagedError
     ) -> tuple[list[int], int]:
         if scan.legacy:
             prefix = self._new_format_prefix(scan)
         else:
-            prefix = scan.offsets, self._file_prefix(scan.good_end)
+            prefix = scan.offsets, self._file_range(0, scan.good_end)
         aside = self._path.with_name(f"{LOG_FILE_NAME}.damaged-{int(time.time())}")
         number = 1
         while aside.exists():

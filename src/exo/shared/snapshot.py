@@ -10,12 +10,12 @@ A snapshot also travels: a node that needs events its peer has compacted away fe
 peer's snapshot and installs it instead (:mod:`exo.routing.event_sync`).
 """
 
-import os
 import zlib
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from exo.shared.atomic_file import write_atomically
 from exo.shared.types.state import State
 
 SNAPSHOT_FILE_NAME = "snapshot.json"
@@ -61,21 +61,6 @@ def read_snapshot(directory: Path) -> Snapshot | None:
 
 def write_snapshot(directory: Path, snapshot: Snapshot) -> int:
     """Atomically replace the snapshot file; returns its size in bytes. Raises OSError."""
-    path = directory / SNAPSHOT_FILE_NAME
-    temporary = path.with_name(SNAPSHOT_FILE_NAME + ".tmp")
     data = encode_snapshot(snapshot)
-    try:
-        with temporary.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError:
-        temporary.unlink(missing_ok=True)
-        raise
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    write_atomically(directory / SNAPSHOT_FILE_NAME, data)
     return len(data)

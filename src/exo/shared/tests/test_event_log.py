@@ -4,11 +4,9 @@ import random
 import re
 import shutil
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from loguru import logger
 
 from exo.shared.event_log import (
     LOG_FILE_NAME,
@@ -40,18 +38,6 @@ def write_events(directory: Path, count: int) -> list[IndexedEvent]:
 
 def record_lines(directory: Path) -> list[bytes]:
     return (directory / LOG_FILE_NAME).read_bytes().splitlines(keepends=True)
-
-
-@pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    """What loguru logs during the test, as "LEVEL message"."""
-    lines: list[str] = []
-    handler = logger.add(
-        lambda message: lines.append(f"{message.record['level'].name} {message.record['message']}"),
-        level="DEBUG",
-    )
-    yield lines
-    logger.remove(handler)
 
 
 def test_round_trip(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import anyio
 import pytest
-from loguru import logger
 
 from exo.shared.event_log import (
     LOG_FILE_NAME,
@@ -24,18 +23,6 @@ NO_SPACE = os.strerror(errno.ENOSPC)
 
 def probe(index: int) -> IndexedEvent:
     return IndexedEvent(idx=index, event=ProbeEmitted(probe_id=str(index), sent_at=0.0))
-
-
-@pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    """What loguru logs during the test, as "LEVEL message"."""
-    lines: list[str] = []
-    handler = logger.add(
-        lambda message: lines.append(f"{message.record['level'].name} {message.record['message']}"),
-        level="DEBUG",
-    )
-    yield lines
-    logger.remove(handler)
 
 
 @pytest.fixture
