@@ -135,7 +135,8 @@ def test_master_killed_with_events_in_flight(tmp_path: Path) -> None:
         assert master_id in timed_out and not set(timed_out) & survivor_ids
         # The dead master's own log (on disk) agrees with the survivors where it overlaps.
         disk = (master.home / "events" / "global_events.jsonl").read_text().splitlines()
-        disk_ids = [json.loads(line)["event"]["event_id"] for line in disk]
+        # Each record is "<crc32> <JSON>" (src/exo/shared/event_log.py).
+        disk_ids = [json.loads(line.split(" ", 1)[1])["event"]["event_id"] for line in disk]
         overlap = min(len(disk_ids), len(after_ids))
         assert overlap > 0
         mismatches = [i for i in range(overlap) if disk_ids[i] != after_ids[i]]

@@ -130,6 +130,8 @@ class Election:
         return self._commit_idx
 
     def note_commit(self, commit_idx: int) -> None:
+        """The master's commit index; a follower passes at most its match index (what it
+        holds beyond that may still differ from the master's log)."""
         if commit_idx > self._commit_idx:
             self._commit_idx = commit_idx
             record = self._terms.record
@@ -322,7 +324,7 @@ class Election:
         if not self.observe_term(announcement.term, node if claims_master else None):
             return
         if claims_master and announcement.term == self.term and self._master == node:
-            self.note_commit(announcement.commit_idx)
+            self.note_commit(min(announcement.commit_idx, self.match_idx))
 
     def _on_vote_request(self, parameters: str, payload: bytes | None) -> bytes | None:
         try:

@@ -93,7 +93,7 @@ class EventSync:
             )
             return
         self._receive(message.indexed_event)
-        self._election.note_commit(message.commit_idx)
+        self._election.note_commit(min(message.commit_idx, self._election.match_idx))
 
     def _receive(self, indexed: IndexedEvent) -> None:
         last = self._store.last_idx
