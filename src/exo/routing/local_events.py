@@ -1,8 +1,9 @@
 """A worker's outbox: local events go to the master until they are seen in the global log.
 
 Nothing a worker emitted is lost across a master change: an event not yet seen in the
-global log is sent again (at once when the master changes and again when the new master
-announces itself in the log, and after a short timeout otherwise); the master ignores duplicates by event id.
+global log is sent again, at once when the new master's ``MasterElected`` arrives in the log
+(a master indexes nothing before it), and after a short timeout otherwise; the master
+ignores duplicates by event id.
 """
 
 import time
@@ -25,7 +26,6 @@ class LocalEventSender:
         self._store = context.store
         self._node_id = context.node_id
         self._pending: dict[EventId, tuple[Event, float]] = {}
-        context.election.on_master_change(lambda old, new: self._resend_all())
 
     @property
     def pending_count(self) -> int:
@@ -59,8 +59,8 @@ class LocalEventSender:
                 async for indexed in events:
                     self._pending.pop(indexed.event.event_id, None)
                     if isinstance(indexed.event, MasterElected):
-                        # The new master indexes from now on; what it ignored while it was
-                        # catching up goes again at once rather than after the timeout.
+                        # The new master indexes from now on; what it ignored before it
+                        # took over goes again at once rather than after the timeout.
                         self._resend_all()
             group.cancel_scope.cancel()
 

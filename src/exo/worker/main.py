@@ -99,7 +99,8 @@ class Worker:
 
     async def _watch_node(self, info: NodeStaticInfo, reported_ram: int) -> None:
         """Report memory when it moved meaningfully; report everything again if the cluster
-        dropped this node (it timed out while still alive)."""
+        dropped this node (it timed out while still alive), and the devices again if the
+        cluster lacks them."""
         while True:
             await anyio.sleep(MEMORY_CHECK_INTERVAL_S)
             state = self._store.state
@@ -108,6 +109,13 @@ class Worker:
                     logger.info("this node is missing from the cluster state; reporting again")
                     reported_ram = await self._emit_node_info(info)
                 continue
+            telemetry = self.gpu_telemetry
+            if telemetry is not None and self._sender.pending_count == 0:
+                known = set(state.gpu_device_info.get(self.node_id, {}))
+                if set(telemetry.last_readings) - known:
+                    # A device report indexed before this node's own report was ignored.
+                    logger.info("the cluster state lacks this node's devices; reporting again")
+                    telemetry.forget_reported()
             current = available_ram_bytes()
             if memory_changed_meaningfully(reported_ram, current, info.ram_total_bytes):
                 reported_ram = current
