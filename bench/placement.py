@@ -9,10 +9,14 @@ targets: p99 < 10 ms at 16 devices and < 100 ms at 64 devices. Random mixes are 
 
 import argparse
 import random
+import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.timing import percentile
 from exo.master.placement_csp import (
     ConstraintSatisfactionPlacement,
     CostModel,
@@ -182,12 +186,6 @@ def scenarios() -> list[Scenario]:
             )
         )
     return suite
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def main() -> None:

@@ -18,15 +18,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import percentile
 from tests.cluster import converged, running_cluster, wait_until
 
 SEED_TARGET_MS = 500.0
 OUR_TARGET_P99_MS = 50.0
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def main() -> None:

@@ -18,16 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.timing import percentile
 from tests.cluster import converged, running_cluster, wait_until
 from tests.simulated import GB, device, write_devices
 
 SEED_TARGET_MS = 500.0
 GOAL_P99_MS = 100.0
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
-"""Timing a token stream: time to the first token and the decode rate after it."""
+"""Timing helpers of the benchmarks: a token stream's time to the first token and decode
+rate after it, and percentiles of measured times."""
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 
@@ -26,3 +27,9 @@ def timed(arrivals: Iterable[int]) -> StreamTiming:
     if first is None or count < 2:
         raise RuntimeError(f"only {count} tokens came back")
     return StreamTiming(first - started, (count - 1) / max(finished - first, 1e-9), count)
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The value at ``fraction`` (0..1) of the sorted values, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))]

@@ -25,6 +25,10 @@ class Writer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def acknowledged_between(self, start: float, end: float = float("inf")) -> list[str]:
+        """Instances of the writes sent after ``start`` (and before ``end``) that got 201."""
+        return [iid for sent, iid in self.acknowledged if start < sent < end]
+
     def start(self) -> None:
         self._thread.start()
 
