@@ -212,18 +212,6 @@ class EventSync:
                 return reply
         raise LogSourceUnavailableError(f"node {source} did not answer a log query")
 
-    async def query_heads(self) -> dict[NodeId, int]:
-        """Ask every node for the index of its last event."""
-        heads: dict[NodeId, int] = {}
-        selector = f"{self._topics.namespace}/log/*?head=1"
-        for payload in await self._router.query(selector, timeout_s=1.0):
-            try:
-                reply = LogRangeReply.model_validate_json(payload)
-            except ValidationError:
-                continue
-            heads[reply.node_id] = reply.last_event_idx
-        return heads
-
     async def align_with(self, source: NodeId) -> None:
         """Make this log a prefix of source's (cutting a tail that differs from it or runs
         past its end), then fetch up to source's head. Where source no longer holds the
