@@ -19,34 +19,30 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.timing import percentile
-from tests.cluster import converged, running_cluster, wait_until
-from tests.writes import MODEL, big_gpus
+from tests.writes import MODEL, writable_cluster
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--writes", type=int, default=100)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as directory:
-        base = Path(directory)
-        files = big_gpus(base, 3)
-        with running_cluster(
-            base / "cluster", 3, lambda index: ["--simulate-gpus", str(files[index])]
-        ) as nodes:
-            wait_until(lambda: converged(nodes, 3), 15.0, "the cluster to converge")
-            master_id = nodes[0].state()["master_node_id"]
-            node = next(node for node in nodes if node.node_id() != master_id)
-            writes: list[float] = []
-            reads: list[float] = []
-            with httpx.Client(timeout=20.0) as client:
-                for _ in range(args.writes):
-                    started = time.perf_counter()
-                    response = client.post(node.url + "/instance", json={"model_id": MODEL})
-                    writes.append((time.perf_counter() - started) * 1000)
-                    assert response.status_code == 201, response.text
-                    started = time.perf_counter()
-                    client.get(node.url + "/state").raise_for_status()
-                    reads.append((time.perf_counter() - started) * 1000)
+    with (
+        tempfile.TemporaryDirectory() as directory,
+        writable_cluster(Path(directory), 3) as nodes,
+    ):
+        master_id = nodes[0].state()["master_node_id"]
+        node = next(node for node in nodes if node.node_id() != master_id)
+        writes: list[float] = []
+        reads: list[float] = []
+        with httpx.Client(timeout=20.0) as client:
+            for _ in range(args.writes):
+                started = time.perf_counter()
+                response = client.post(node.url + "/instance", json={"model_id": MODEL})
+                writes.append((time.perf_counter() - started) * 1000)
+                assert response.status_code == 201, response.text
+                started = time.perf_counter()
+                client.get(node.url + "/state").raise_for_status()
+                reads.append((time.perf_counter() - started) * 1000)
     for name, values in (("POST /instance (committed)", writes), ("GET /state", reads)):
         print(
             f"{name}: p50 {statistics.median(values):.1f} ms, p99 {percentile(values, 0.99):.1f} ms"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import converged, running_cluster, wait_until
-from tests.writes import Writer, big_gpus
+from tests.cluster import converged, wait_until
+from tests.writes import Writer, writable_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -21,11 +21,7 @@ PAUSE_S = 20.0
 
 
 def test_a_paused_master_steps_down_and_no_acknowledged_write_is_lost(tmp_path: Path) -> None:
-    files = big_gpus(tmp_path, 3)
-    with running_cluster(
-        tmp_path / "cluster", 3, lambda index: ["--simulate-gpus", str(files[index])]
-    ) as nodes:
-        wait_until(lambda: converged(nodes, 3), 15.0, "3 nodes to agree")
+    with writable_cluster(tmp_path, 3) as nodes:
         old_master_id = nodes[0].state()["master_node_id"]
         old_master = next(node for node in nodes if node.node_id() == old_master_id)
         writer_node = next(node for node in nodes if node is not old_master)

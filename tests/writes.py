@@ -3,13 +3,15 @@ on nodes with large simulated GPUs. Each is a real command through the master an
 and no runner process starts (the worker reports the runner failed at once: the card has no
 weights)."""
 
+import contextlib
 import threading
 import time
+from collections.abc import Generator
 from pathlib import Path
 
 import httpx
 
-from tests.cluster import ExoNode
+from tests.cluster import ExoNode, converged, running_cluster, wait_until
 from tests.simulated import device, write_devices
 
 MODEL = "Llama-3.1-8B-Instruct-4bit"
@@ -54,7 +56,19 @@ class Writer:
 
 
 def big_gpus(tmp_path: Path, count: int) -> list[Path]:
+    """One simulated-GPU file per node, each GPU large enough for hundreds of instances."""
     return [
         write_devices(tmp_path / f"gpus{index}.json", [device("cuda:0", "Sim", 4000, 2000)])
         for index in range(count)
     ]
+
+
+@contextlib.contextmanager
+def writable_cluster(base: Path, count: int) -> Generator[list[ExoNode]]:
+    """count nodes with big simulated GPUs (see big_gpus), agreed on one master."""
+    files = big_gpus(base, count)
+    with running_cluster(
+        base / "cluster", count, lambda index: ["--simulate-gpus", str(files[index])]
+    ) as nodes:
+        wait_until(lambda: converged(nodes, count), 15.0, f"{count} nodes to agree")
+        yield nodes

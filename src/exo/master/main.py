@@ -28,7 +28,7 @@ from loguru import logger
 from pydantic import ValidationError
 
 from exo.routing.context import ClusterContext
-from exo.routing.messages import GlobalEventMessage, LocalEventMessage
+from exo.routing.messages import ElectionAnnouncement, GlobalEventMessage, LocalEventMessage
 from exo.shared.event_log import LogWriteError
 from exo.shared.types.commands import Command, CommandAdapter, CommandResult
 from exo.shared.types.events import (
@@ -68,10 +68,10 @@ class Master:
 
     def start(self) -> None:
         self._router.subscribe(self._topics.local_events, self._on_local_event)
-        self._router.subscribe(self._topics.election, self._on_announcement)
         self._router.declare_queryable(self._topics.commands, self._on_command)
         self._election.on_master_change(self._on_master_change)
         self._election.on_node_departed(self._on_node_departed)
+        self._election.on_announcement(self._on_announcement)
 
     def _on_master_change(self, old: NodeId | None, new: NodeId | None) -> None:
         if new != self._node_id and self._active:
@@ -121,7 +121,7 @@ class Master:
 
     # ---- commit and quorum -------------------------------------------------------------
 
-    def _on_announcement(self, key: str, payload: bytes) -> None:
+    def _on_announcement(self, announcement: ElectionAnnouncement) -> None:
         if self._active:
             self._advance_commit()
 

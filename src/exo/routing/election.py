@@ -89,6 +89,7 @@ class Election:
         self._commit_changed = anyio.Event()
         self._listeners: list[Callable[[NodeId | None, NodeId | None], None]] = []
         self._departure_listeners: list[Callable[[NodeId], None]] = []
+        self._announcement_listeners: list[Callable[[ElectionAnnouncement], None]] = []
 
     # ---- what the other components read -----------------------------------------------
 
@@ -177,6 +178,16 @@ class Election:
 
     def on_node_departed(self, listener: Callable[[NodeId], None]) -> None:
         self._departure_listeners.append(listener)
+
+    def on_announcement(self, listener: Callable[[ElectionAnnouncement], None]) -> None:
+        """listener(announcement) for every other node's announcement of this node's term
+        or a newer one (the election has taken in its term and commit index already)."""
+        self._announcement_listeners.append(listener)
+
+    def announced_head(self, node: NodeId) -> int:
+        """The last index ``node`` announced for its log (-1: not heard)."""
+        heard = self._heard.get(node)
+        return heard.last_event_idx if heard is not None else -1
 
     # ---- running ----------------------------------------------------------------------
 
@@ -325,6 +336,8 @@ class Election:
             return
         if claims_master and announcement.term == self.term and self._master == node:
             self.note_commit(min(announcement.commit_idx, self.match_idx))
+        for listener in self._announcement_listeners:
+            listener(announcement)
 
     def _on_vote_request(self, parameters: str, payload: bytes | None) -> bytes | None:
         try:

@@ -44,19 +44,18 @@ class EventSync:
         self._store = context.store
         self._node_id = context.node_id
         self._buffer: dict[int, IndexedEvent] = {}
-        self._heads: dict[NodeId, int] = {}
         self._verified_master: NodeId | None = None
         self._wakeup = anyio.Event()
         self._dropped_count = 0
 
     def start(self) -> None:
         self._router.subscribe(self._topics.global_events, self._on_global_event)
-        self._router.subscribe(self._topics.election, self._on_announcement)
         self._router.declare_queryable(self._topics.log(self._node_id), self._answer_log_query)
         self._router.declare_queryable(
             self._topics.snapshot(self._node_id), self._answer_snapshot_query
         )
         self._election.on_master_change(self._on_master_change)
+        self._election.on_announcement(self._on_announcement)
 
     def _wake(self) -> None:
         self._wakeup.set()
@@ -143,15 +142,8 @@ class EventSync:
             if not self._append(next_event):
                 return
 
-    def _on_announcement(self, key: str, payload: bytes) -> None:
-        try:
-            announcement = ElectionAnnouncement.model_validate_json(payload)
-        except ValidationError:
-            self._drop("invalid election announcement")
-            return
-        if announcement.node_id not in self._election.live_node_ids:
-            return
-        self._heads[announcement.node_id] = announcement.last_event_idx
+    def _on_announcement(self, announcement: ElectionAnnouncement) -> None:
+        """The master announced a log longer than ours: fetch what we missed."""
         if (
             announcement.node_id == self._election.master_node_id
             and announcement.last_event_idx > self._store.last_idx
@@ -299,7 +291,7 @@ class EventSync:
             )
             self._acknowledge()
         self._drain_buffer()
-        target = max(self._heads.get(master, -1), max(self._buffer, default=0) - 1)
+        target = max(self._election.announced_head(master), max(self._buffer, default=0) - 1)
         if target > self._store.last_idx:
             await self.fetch_up_to(master, target)
             self._drain_buffer()

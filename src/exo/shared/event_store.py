@@ -14,6 +14,7 @@ Single-threaded by design: it is only touched from the event loop thread.
 """
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -73,11 +74,16 @@ class EventStore:
             )
 
     def _start_from(self, snapshot: Snapshot) -> None:
-        self._membership_idx = snapshot.idx if snapshot.state.members else -1
         self._base = snapshot.idx + 1
-        self._base_state = self._state = snapshot.state
+        self._base_state = snapshot.state
         self._base_term = snapshot.term
+        self._reset_to_base()
+
+    def _reset_to_base(self) -> None:
+        """Hold no event: the state is the snapshot's (the empty state without one)."""
         self._events, self._applied_at, self._event_ids = [], [], set()
+        self._state = self._base_state
+        self._membership_idx = self._base - 1 if self._base_state.members else -1
 
     @property
     def state(self) -> State:
@@ -160,20 +166,13 @@ class EventStore:
             self._disk.reset(snapshot.idx + 1)
         logger.info(f"installed a snapshot at event {snapshot.idx} (term {snapshot.term})")
         self._start_from(snapshot)
-        self._changed.set()
-        self._changed = anyio.Event()
+        self._signal_change()
 
     def append(self, indexed: IndexedEvent) -> None:
         """Persist and apply the next event. Raises EventOutOfOrderError if it isn't next,
         and LogWriteError, changing nothing, if the disk cannot store it."""
         state = apply(self._state, indexed)
-        if self._disk is not None:
-            try:
-                self._disk.append(indexed)
-            except LogWriteError as error:
-                self._write_failed(error, "write")
-                raise
-            self._write_succeeded("write")
+        self._write(lambda disk: disk.append(indexed))
         self._record(indexed, state)
         self._notify(indexed)
         self._elide_old_ephemeral(indexed.idx - EPHEMERAL_BODIES_KEPT)
@@ -184,6 +183,17 @@ class EventStore:
         old = self.event_at(idx)
         if old is not None and old.event.ephemeral:
             self._events[idx - self._base] = elided(old)
+
+    def _write(self, change: Callable[[DiskEventLog], None]) -> None:
+        """Change the disk log; a failure is remembered in write_error and raised."""
+        if self._disk is None:
+            return
+        try:
+            change(self._disk)
+        except LogWriteError as error:
+            self._write_failed(error, "write")
+            raise
+        self._write_succeeded("write")
 
     def _write_failed(self, error: LogWriteError, source: Literal["write", "sync"]) -> None:
         if str(error) != self._write_error:
@@ -210,8 +220,7 @@ class EventStore:
         self._event_ids.add(indexed.event.event_id)
 
     def _notify(self, indexed: IndexedEvent) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        self._signal_change()
         alive: list[MemoryObjectSendStream[IndexedEvent]] = []
         for subscriber in self._subscribers:
             try:
@@ -231,30 +240,25 @@ class EventStore:
             return
         if last_kept_idx < self._base - 1:
             raise ValueError(f"cannot cut into the snapshot (up to event {self._base - 1})")
-        if self._disk is not None:
-            try:
-                self._disk.truncate_after(last_kept_idx)
-            except LogWriteError as error:
-                self._write_failed(error, "write")
-                raise
-            self._write_succeeded("write")
+        self._write(lambda disk: disk.truncate_after(last_kept_idx))
         logger.warning(
             f"dropping events {last_kept_idx + 1}..{self.last_idx}: they differ from the master's log"
         )
         kept = self._events[: last_kept_idx + 1 - self._base]
-        self._events, self._applied_at, self._event_ids = [], [], set()
-        self._state = self._base_state
-        self._membership_idx = self._base - 1 if self._base_state.members else -1
+        self._reset_to_base()
         for indexed in kept:
             self._apply_in_memory(indexed)
-        self._changed.set()
-        self._changed = anyio.Event()
+        self._signal_change()
 
     def subscribe(self, buffer: int = 10_000) -> MemoryObjectReceiveStream[IndexedEvent]:
         """A stream of every event appended from now on."""
         send, receive = anyio.create_memory_object_stream[IndexedEvent](buffer)
         self._subscribers.append(send)
         return receive
+
+    def _signal_change(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
 
     @property
     def changed(self) -> anyio.Event:
