@@ -1,6 +1,7 @@
 """The ``exo`` command: parse flags, check them, run one node."""
 
 import argparse
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -217,11 +218,15 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # A native crash (zenoh, MLX) prints every thread's Python stack before the process dies.
+    faulthandler.enable()
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.quiet)
     try:
         config = config_from_args(args)
         anyio.run(run_node, config)
+        if argv is None:  # run as the program, not called from Python with arguments
+            _exit_after_orderly_stop()
     except (StartupError, TransportError) as error:
         print(f"exo: {error}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
@@ -235,6 +240,17 @@ def main(argv: list[str] | None = None) -> None:
         if group.subgroup(KeyboardInterrupt) is None:
             raise
         _interrupted_again()
+
+
+def _exit_after_orderly_stop() -> None:
+    """End the process once the node has stopped in order (log synced, zenoh session
+    closed, runners stopped) without the interpreter's own finalisation: there the native
+    libraries' threads and destructors (zenoh's runtime, MLX) can race the interpreter's
+    teardown and abort the process (exit −6) after everything was already saved."""
+    logger.complete()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _first_leaf(group: BaseExceptionGroup[StartupError]) -> StartupError:
