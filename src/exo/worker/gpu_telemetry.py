@@ -5,8 +5,14 @@
 (``DeviceGPUStateUpdated``) whenever it changed meaningfully or a heartbeat is due; see
 ``emit_reason`` for the rule, which is a pure function of (last emitted reading, new reading,
 now, config).
+
+Each reading also carries ``utilization_median_percent``: the median of the device's last
+``UTILIZATION_MEDIAN_WINDOW`` utilisation samples, the current one included. Placement uses it
+rather than the momentary reading, so one busy or idle sample does not move a decision.
 """
 
+import statistics
+from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -22,6 +28,11 @@ from exo.shared.types.ids import DeviceId, NodeId
 
 EventEmitter = Callable[[Event], Awaitable[None]]
 
+UTILIZATION_MEDIAN_WINDOW = 5
+"""How many of a device's latest utilisation samples (the current one included) the reported
+median covers: with 5 at the default 2 s interval, a change must last about 6 s (3 samples)
+before the median follows it, and a single spike never moves it."""
+
 
 class TelemetryConfig(BaseModel):
     """How often to sample, and what counts as a change worth an event."""
@@ -36,7 +47,10 @@ class TelemetryConfig(BaseModel):
         default=0.01, ge=0, description="Used memory moved by at least this share of the total."
     )
     utilization_change_percent: float = Field(
-        default=10.0, ge=0, description="Utilisation moved by at least this many points."
+        default=10.0,
+        ge=0,
+        description="Utilisation, or its median over recent samples, moved by at least this "
+        "many points.",
     )
     temperature_change_c: float = Field(
         default=2.0, ge=0, description="Temperature moved by at least this many degrees."
@@ -56,7 +70,8 @@ def emit_reason(
 
     Emitted at once: the first reading, a throttling or plug-state flip, a changed throttle
     threshold or memory total, a temperature appearing or disappearing. Emitted on change:
-    used memory by >= ``memory_change_fraction`` of the total, utilisation by >=
+    used memory by >= ``memory_change_fraction`` of the total, utilisation or its median
+    (``utilization_median_percent``, when both readings have one) by >=
     ``utilization_change_percent`` points, temperature by >= ``temperature_change_c``,
     battery by >= ``battery_change_percent`` points. Otherwise emitted when the last emitted
     reading is ``heartbeat_s`` old, less a jitter allowance of a quarter interval (at most
@@ -82,6 +97,13 @@ def emit_reason(
     )
     if utilisation_delta > 0 and utilisation_delta >= config.utilization_change_percent:
         return "utilisation changed"
+    if (
+        current.utilization_median_percent is not None
+        and previous.utilization_median_percent is not None
+    ):
+        median_delta = abs(current.utilization_median_percent - previous.utilization_median_percent)
+        if median_delta > 0 and median_delta >= config.utilization_change_percent:
+            return "utilisation median changed"
     was_known = previous.thermal_temperature_c != UNKNOWN_TEMPERATURE_C
     is_known = current.thermal_temperature_c != UNKNOWN_TEMPERATURE_C
     if was_known != is_known:
@@ -148,6 +170,7 @@ class GPUTelemetryCollector:
         self._reported_info: dict[DeviceId, GPUDeviceInfo] = {}
         self._last_emitted: dict[DeviceId, DeviceGPUState] = {}
         self._last_readings: dict[DeviceId, DeviceGPUState] = {}
+        self._utilization_samples: dict[DeviceId, deque[float]] = {}
         self._failing_devices: set[DeviceId] = set()
         self._listing_failed = False
         self._cancel_scope: anyio.CancelScope | None = None
@@ -262,6 +285,7 @@ class GPUTelemetryCollector:
             if device_id in self._failing_devices:
                 self._failing_devices.discard(device_id)
                 logger.info(f"GPU telemetry: reading {device_id} works again")
+            state = self._with_utilization_median(state)
             readings.append(state)
             self._last_readings[device_id] = state
             now = datetime.now(UTC)
@@ -273,6 +297,17 @@ class GPUTelemetryCollector:
             if await self._emit(event):
                 self._last_emitted[device_id] = state
         return readings
+
+    def _with_utilization_median(self, state: DeviceGPUState) -> DeviceGPUState:
+        """``state`` with the median of the device's recent utilisation samples filled in."""
+        samples = self._utilization_samples.get(state.device_id)
+        if samples is None:
+            samples = deque(maxlen=UTILIZATION_MEDIAN_WINDOW)
+            self._utilization_samples[state.device_id] = samples
+        samples.append(state.compute_utilization_percent)
+        return state.model_copy(
+            update={"utilization_median_percent": float(statistics.median(samples))}
+        )
 
     async def _monitoring_loop(self) -> None:
         """Run ``collect_device_state`` every ``interval_s`` (fixed rate) until cancelled."""
@@ -301,11 +336,17 @@ class GPUTelemetryCollector:
         self._listing_failed = False
         # Forget devices that are gone, including ones whose facts never went out (the emitter
         # refused them) and ones that were failing: a device that comes back starts afresh.
-        known_ids = self._reported_info.keys() | self._last_readings.keys() | self._failing_devices
+        known_ids = (
+            self._reported_info.keys()
+            | self._last_readings.keys()
+            | self._utilization_samples.keys()
+            | self._failing_devices
+        )
         for device_id in known_ids - {info.device_id for info in devices}:
             self._reported_info.pop(device_id, None)
             self._last_emitted.pop(device_id, None)
             self._last_readings.pop(device_id, None)
+            self._utilization_samples.pop(device_id, None)
             self._failing_devices.discard(device_id)
         for info in devices:
             if self._reported_info.get(info.device_id) == info:

@@ -26,6 +26,11 @@ Static facts, per device:
   published count for a known device name (``SM_COUNT_BY_NAME``).
   Unknown SM count or clocks give 0 (unknown) TFLOPS; unknown bus width gives 0 GB/s.
 
+Peer links (``GPUDeviceInfo.peer_links``), read once at ``initialize`` for every ordered pair
+of devices NVML lists, with ``nvmlDeviceGetP2PStatus(a, b, caps index)``: ``nvlink`` when the
+NVLINK capability is OK, else ``pcie_p2p`` when the READ capability is OK, else ``pcie_host``.
+A pair for which either query raises any ``NVMLError`` (or the function is missing) is left out.
+
 Device ids are ``cuda:<NVML index>``.
 """
 
@@ -34,7 +39,8 @@ from typing import Any
 
 import anyio.to_thread
 import pynvml
-from pydantic import BaseModel, ConfigDict
+from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field
 
 from exo.gpu.backend import GPUBackendError, GPUBackendUnavailableError, GPUDeviceNotFoundError
 from exo.gpu.backends.host import DEFAULT_THROTTLE_THRESHOLD_C, read_battery, utc_now
@@ -43,6 +49,7 @@ from exo.shared.types.gpu import (
     DeviceGPUState,
     GPUBackendName,
     GPUDeviceInfo,
+    PeerLinkKind,
 )
 from exo.shared.types.ids import DeviceId, NodeId
 
@@ -78,6 +85,17 @@ _NVML_TEMPERATURE_THRESHOLD_GPU_MAX = pynvml.NVML_TEMPERATURE_THRESHOLD_GPU_MAX
 _NVML_CLOCK_SM = pynvml.NVML_CLOCK_SM
 _NVML_CLOCK_MEM = pynvml.NVML_CLOCK_MEM
 _NVML_MEMORY_V2_VERSION = pynvml.nvmlMemory_v2
+
+
+def _plain_int(constant: int | tuple[int]) -> int:
+    """An NVML constant as an int: nvidia-ml-py defines ``NVML_P2P_CAPS_INDEX_READ = 0,`` (a
+    stray comma makes it the tuple ``(0,)``, which ctypes refuses as an argument)."""
+    return constant[0] if isinstance(constant, tuple) else constant
+
+
+_NVML_P2P_CAPS_INDEX_NVLINK = _plain_int(pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
+_NVML_P2P_CAPS_INDEX_READ = _plain_int(pynvml.NVML_P2P_CAPS_INDEX_READ)
+_NVML_P2P_STATUS_OK = _plain_int(pynvml.NVML_P2P_STATUS_OK)
 
 CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
     (pynvml.nvmlClocksEventReasonGpuIdle, "gpu_idle"),
@@ -190,6 +208,7 @@ class _CUDADevice(BaseModel):
     sm_clock_max_mhz: float | None
     slowdown_threshold_c: float | None
     shutdown_threshold_c: float | None
+    peer_links: dict[DeviceId, PeerLinkKind] = Field(default_factory=dict)
 
     @property
     def device_id(self) -> DeviceId:
@@ -242,6 +261,41 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
+def _p2p_ok(source: _CUDADevice, target: _CUDADevice, caps_index: int) -> bool:
+    status = _call("nvmlDeviceGetP2PStatus", source.handle, target.handle, caps_index)
+    return int(status) == _NVML_P2P_STATUS_OK
+
+
+def _peer_link(source: _CUDADevice, target: _CUDADevice) -> PeerLinkKind | None:
+    """How ``source`` reaches ``target``; None when NVML cannot say (any NVML error)."""
+    try:
+        if _p2p_ok(source, target, _NVML_P2P_CAPS_INDEX_NVLINK):
+            return "nvlink"
+        if _p2p_ok(source, target, _NVML_P2P_CAPS_INDEX_READ):
+            return "pcie_p2p"
+    except _Unanswered:
+        return None
+    except Exception as error:
+        if not _is_nvml_error(error):
+            raise
+        logger.debug(f"NVML P2P status {source.device_id} -> {target.device_id}: {error}")
+        return None
+    return "pcie_host"
+
+
+def _read_peer_links(
+    source: _CUDADevice, devices: list[_CUDADevice]
+) -> dict[DeviceId, PeerLinkKind]:
+    links: dict[DeviceId, PeerLinkKind] = {}
+    for target in devices:
+        if target.index == source.index:
+            continue
+        kind = _peer_link(source, target)
+        if kind is not None:
+            links[target.device_id] = kind
+    return links
+
+
 _QueryKey = tuple[DeviceId, str, tuple[int, ...]]
 """(device, NVML function, arguments after the handle): one query of one device."""
 
@@ -290,6 +344,7 @@ class CUDABackend:
                     else None
                 ),
                 sm_count=device.sm_count,
+                peer_links=device.peer_links,
             )
             for device in self._devices.values()
         ]
@@ -315,7 +370,11 @@ class CUDABackend:
             count = int(pynvml.nvmlDeviceGetCount())
             if count < 1:
                 raise GPUBackendUnavailableError("NVML sees no NVIDIA GPU")
-            return [self._read_static(index) for index in range(count)]
+            devices = [self._read_static(index) for index in range(count)]
+            return [
+                device.model_copy(update={"peer_links": _read_peer_links(device, devices)})
+                for device in devices
+            ]
         except BaseException:
             self._shutdown_blocking()
             raise

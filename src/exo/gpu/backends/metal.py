@@ -6,7 +6,8 @@ Sources:
 - static facts: ``mx.device_info()`` (``mx.metal.device_info()`` on older MLX): ``device_name``,
   ``architecture``, ``memory_size`` and ``max_recommended_working_set_size``. The device's
   memory total is the recommended working set (what Metal lets one process keep resident),
-  else the physical memory size;
+  else the physical memory size; ``max_working_set_bytes`` is the recommended working set
+  itself (None when MLX does not report it);
 - used memory: the GPU shares the machine's memory, so free = min(total - MLX's active memory
   in this process, memory the OS reports available) and used = total - free;
 - bandwidth and peak fp16 throughput come from ``APPLE_CHIPS`` (Apple's published figures,
@@ -88,6 +89,7 @@ class _MetalFacts(BaseModel):
     name: str
     architecture: str | None
     memory_total_bytes: int
+    max_working_set_bytes: int | None
     chip: AppleChip
 
 
@@ -122,6 +124,7 @@ class MetalBackend:
                 memory_bandwidth_gbps=facts.chip.memory_bandwidth_gbps,
                 peak_tflops_fp16=facts.chip.peak_tflops_fp16,
                 compute_capability=facts.architecture,
+                max_working_set_bytes=facts.max_working_set_bytes,
             )
         ]
 
@@ -155,14 +158,15 @@ class MetalBackend:
         info = _device_info()
         name = str(info.get("device_name") or "Apple GPU")
         architecture = info.get("architecture")
+        working_set = info.get("max_recommended_working_set_size")
+        max_working_set = int(working_set) if working_set else None
         memory_total = int(
-            info.get("max_recommended_working_set_size")
-            or info.get("memory_size")
-            or psutil.virtual_memory().total
+            max_working_set or info.get("memory_size") or psutil.virtual_memory().total
         )
         return _MetalFacts(
             name=name,
             architecture=str(architecture) if architecture else None,
             memory_total_bytes=memory_total,
+            max_working_set_bytes=max_working_set,
             chip=apple_chip_for(name),
         )

@@ -7,10 +7,14 @@ Schema (``SimulatedGPUFile``)::
                   "memory_bandwidth_gbps": 3350, "peak_tflops_fp16": 989,
                   "compute_utilization_percent": 0, "thermal_temperature_c": 40,
                   "thermal_throttle_threshold_c": 87, "is_thermal_throttling": false,
-                  "battery_percent": 100, "is_plugged_in": true}]}
+                  "battery_percent": 100, "is_plugged_in": true,
+                  "max_working_set_gb": 64.0, "peer_links": {"cuda:1": "nvlink"}}]}
 
 Only ``device_id`` and ``memory_total_bytes`` are required; unknown keys are rejected so a
-typo is an error rather than a silently ignored field. The file is re-read whenever its
+typo is an error rather than a silently ignored field. ``max_working_set_gb`` (GiB, > 0) becomes
+``GPUDeviceInfo.max_working_set_bytes``; ``peer_links`` maps other device ids *in the same file*
+to ``nvlink``, ``pcie_p2p`` or ``pcie_host`` (an id not in the file, or the device itself, is an
+error naming it). The file is re-read whenever its
 modification time, size or inode changes (so a test or demo can edit it live). A file that
 turns malformed later is logged once per change and the last good reading is kept; a missing
 or malformed file at ``initialize`` raises ``GPUBackendError`` with the reason.
@@ -33,8 +37,10 @@ from exo.shared.types.gpu import (
     DeviceGPUState,
     GPUBackendName,
     GPUDeviceInfo,
+    PeerLinkKind,
 )
 from exo.shared.types.ids import DeviceId, NodeId
+from exo.shared.types.memory import GIB
 
 
 class SimulatedDevice(BaseModel):
@@ -55,6 +61,8 @@ class SimulatedDevice(BaseModel):
     is_plugged_in: bool = True
     compute_capability: str | None = None
     sm_count: int | None = None
+    max_working_set_gb: float | None = Field(default=None, gt=0)
+    peer_links: dict[DeviceId, PeerLinkKind] = Field(default_factory=dict[DeviceId, PeerLinkKind])
 
     @model_validator(mode="after")
     def _used_fits(self) -> Self:
@@ -63,7 +71,15 @@ class SimulatedDevice(BaseModel):
                 f"{self.device_id}: memory_used_bytes ({self.memory_used_bytes}) exceeds "
                 f"memory_total_bytes ({self.memory_total_bytes})"
             )
+        if self.device_id in self.peer_links:
+            raise ValueError(f"{self.device_id}: peer_links names the device itself")
         return self
+
+    @property
+    def max_working_set_bytes(self) -> int | None:
+        if self.max_working_set_gb is None:
+            return None
+        return int(self.max_working_set_gb * GIB)
 
 
 class SimulatedGPUFile(BaseModel):
@@ -77,6 +93,14 @@ class SimulatedGPUFile(BaseModel):
         duplicates = sorted({device_id for device_id in ids if ids.count(device_id) > 1})
         if duplicates:
             raise ValueError(f"duplicate device_id: {', '.join(duplicates)}")
+        known = set(ids)
+        for device in self.devices:
+            unknown = sorted(set(device.peer_links) - known)
+            if unknown:
+                raise ValueError(
+                    f"{device.device_id}: peer_links names unknown device "
+                    f"{', '.join(unknown)} (devices in this file: {', '.join(ids)})"
+                )
         return self
 
 
@@ -150,6 +174,8 @@ class SimulatedBackend:
                 compute_capability=device.compute_capability,
                 sm_count=device.sm_count,
                 is_simulated=True,
+                max_working_set_bytes=device.max_working_set_bytes,
+                peer_links=device.peer_links,
             )
             for device in self._devices.values()
         ]

@@ -68,12 +68,30 @@ def _answer(value: T | None) -> T:
     return value
 
 
+P2PAnswer = dict[int, int] | int
+"""For one ordered pair of devices: P2P status by caps index, or an NVML error code that every
+P2P query of the pair raises."""
+
+NVLINK: int = real_pynvml.NVML_P2P_CAPS_INDEX_NVLINK
+READ = 0  # nvml.h; nvidia-ml-py spells it ``NVML_P2P_CAPS_INDEX_READ = 0,``, the tuple (0,)
+P2P_OK = real_pynvml.NVML_P2P_STATUS_OK
+P2P_CHIPSET_NOT_SUPPORTED = real_pynvml.NVML_P2P_STATUS_CHIPSET_NOT_SUPPORTED
+
+
+def p2p_both_ways(
+    pairs: dict[tuple[int, int], P2PAnswer],
+) -> dict[tuple[int, int], P2PAnswer]:
+    return {**pairs, **{(b, a): answer for (a, b), answer in pairs.items()}}
+
+
 @dataclass
 class FakeNVML:
     """Just the ``pynvml`` surface the backend uses, with the real ``NVMLError`` classes."""
 
     gpus: list[FakeGPU]
     init_error: int | None = None
+    p2p: dict[tuple[int, int], P2PAnswer] = field(default_factory=dict[tuple[int, int], P2PAnswer])
+    """(index, index) -> answer; a pair not listed is NOT_SUPPORTED."""
     calls: dict[str, int] = field(default_factory=dict)
     NVMLError: type[Exception] = real_pynvml.NVMLError
     nvmlMemory_v2: int = real_pynvml.nvmlMemory_v2
@@ -100,7 +118,7 @@ class FakeNVML:
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> Any:
         self._count("nvmlDeviceGetHandleByIndex")
-        return SimpleNamespace(gpu=self.gpus[index])
+        return SimpleNamespace(gpu=self.gpus[index], index=index)
 
     def nvmlDeviceGetName(self, handle: Any) -> bytes | str:
         return self._gpu(handle).name
@@ -188,11 +206,24 @@ class FakeNVML:
     def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: Any) -> int:
         return _answer(self._gpu(handle).clock_reasons)
 
+    def nvmlDeviceGetP2PStatus(self, device1: Any, device2: Any, p2p_index: Any) -> int:
+        self._count("nvmlDeviceGetP2PStatus")
+        if not isinstance(p2p_index, int):  # what ctypes does with the real library
+            raise TypeError(f"Don't know how to convert parameter 3 ({p2p_index!r})")
+        answer = self.p2p.get((device1.index, device2.index), NOT_SUPPORTED)
+        if isinstance(answer, int):
+            raise nvml_error(answer)
+        return answer.get(p2p_index, P2P_CHIPSET_NOT_SUPPORTED)
+
 
 @pytest.fixture
 def install_fake_nvml(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FakeNVML]:
-    def install(*gpus: FakeGPU, init_error: int | None = None) -> FakeNVML:
-        fake = FakeNVML(gpus=list(gpus), init_error=init_error)
+    def install(
+        *gpus: FakeGPU,
+        init_error: int | None = None,
+        p2p: dict[tuple[int, int], P2PAnswer] | None = None,
+    ) -> FakeNVML:
+        fake = FakeNVML(gpus=list(gpus), init_error=init_error, p2p=p2p or {})
         monkeypatch.setattr(cuda, "pynvml", fake)
         return fake
 
@@ -200,9 +231,11 @@ def install_fake_nvml(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FakeNVML
 
 
 async def _started(
-    *gpus: FakeGPU, install: Callable[..., FakeNVML]
+    *gpus: FakeGPU,
+    install: Callable[..., FakeNVML],
+    p2p: dict[tuple[int, int], P2PAnswer] | None = None,
 ) -> tuple[CUDABackend, FakeNVML]:
-    fake = install(*gpus)
+    fake = install(*gpus, p2p=p2p)
     backend = CUDABackend()
     await backend.initialize()
     return backend, fake
@@ -258,6 +291,68 @@ async def test_static_facts_from_nvml(install_fake_nvml: Callable[..., FakeNVML]
     assert h200.memory_bandwidth_gbps == pytest.approx(4917, rel=0.001)
     assert h100.peak_tflops_fp16 == pytest.approx(132 * 1980e6 * 4096 / 1e12)
     assert not h100.is_simulated
+
+
+@pytest.mark.anyio
+async def test_peer_links_nvlink_pcie_p2p_and_host(
+    install_fake_nvml: Callable[..., FakeNVML],
+) -> None:
+    # cuda:0 <-> cuda:1 over NVLink (P2P reads work too), cuda:2 <-> cuda:3 PCIe P2P only,
+    # the rest through host memory (NVML answers with a non-OK status).
+    nvlink: P2PAnswer = {NVLINK: P2P_OK, READ: P2P_OK}
+    pcie_p2p: P2PAnswer = {NVLINK: real_pynvml.NVML_P2P_STATUS_NOT_SUPPORTED, READ: P2P_OK}
+    host: P2PAnswer = {
+        NVLINK: real_pynvml.NVML_P2P_STATUS_NOT_SUPPORTED,
+        READ: P2P_CHIPSET_NOT_SUPPORTED,
+    }
+    pairs: dict[tuple[int, int], P2PAnswer] = {
+        (a, b): host for a in range(4) for b in range(4) if a != b
+    }
+    pairs.update(p2p_both_ways({(0, 1): nvlink, (2, 3): pcie_p2p}))
+    backend, fake = await _started(*[FakeGPU()] * 4, install=install_fake_nvml, p2p=pairs)
+    links = {info.device_id: info.peer_links for info in await backend.list_devices(NODE)}
+    assert links == {
+        "cuda:0": {"cuda:1": "nvlink", "cuda:2": "pcie_host", "cuda:3": "pcie_host"},
+        "cuda:1": {"cuda:0": "nvlink", "cuda:2": "pcie_host", "cuda:3": "pcie_host"},
+        "cuda:2": {"cuda:0": "pcie_host", "cuda:1": "pcie_host", "cuda:3": "pcie_p2p"},
+        "cuda:3": {"cuda:0": "pcie_host", "cuda:1": "pcie_host", "cuda:2": "pcie_p2p"},
+    }
+    # Topology is read once at initialise, not on every listing.
+    calls = fake.calls["nvmlDeviceGetP2PStatus"]
+    await backend.list_devices(NODE)
+    assert fake.calls["nvmlDeviceGetP2PStatus"] == calls
+
+
+@pytest.mark.anyio
+async def test_peer_links_left_out_where_nvml_errs(
+    install_fake_nvml: Callable[..., FakeNVML], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pairs = p2p_both_ways(
+        {
+            (0, 1): {NVLINK: P2P_OK},
+            (0, 2): NOT_SUPPORTED,
+            (1, 2): real_pynvml.NVML_ERROR_UNKNOWN,  # any NVML error: left out, no crash
+        }
+    )
+    pairs[(2, 0)] = {NVLINK: real_pynvml.NVML_P2P_STATUS_NOT_SUPPORTED, READ: P2P_OK}
+    backend, _ = await _started(*[FakeGPU()] * 3, install=install_fake_nvml, p2p=pairs)
+    links = {info.device_id: info.peer_links for info in await backend.list_devices(NODE)}
+    assert links == {
+        "cuda:0": {"cuda:1": "nvlink"},
+        "cuda:1": {"cuda:0": "nvlink"},
+        "cuda:2": {"cuda:0": "pcie_p2p"},
+    }
+
+    # One GPU, or a pynvml without the function at all: no links, and listing still works.
+    backend, fake = await _started(FakeGPU(), install=install_fake_nvml)
+    (single,) = await backend.list_devices(NODE)
+    assert single.peer_links == {}
+    assert "nvmlDeviceGetP2PStatus" not in fake.calls
+    fake = install_fake_nvml(FakeGPU(), FakeGPU())
+    monkeypatch.setattr(fake, "nvmlDeviceGetP2PStatus", None)  # an older pynvml
+    backend = CUDABackend()
+    await backend.initialize()
+    assert [info.peer_links for info in await backend.list_devices(NODE)] == [{}, {}]
 
 
 @pytest.mark.anyio
@@ -506,6 +601,10 @@ async def test_real_nvml_static_facts() -> None:
             assert info.sm_count is not None and info.sm_count > 0
             assert info.memory_bandwidth_gbps > 1000  # any datacenter GPU (H100: ~3350)
             assert info.peak_tflops_fp16 > 50
+        device_ids = {info.device_id for info in devices}
+        for info in devices:  # one GPU: empty; several: links to the others only
+            assert set(info.peer_links) <= device_ids - {info.device_id}
+            assert set(info.peer_links.values()) <= {"nvlink", "pcie_p2p", "pcie_host"}
     finally:
         await backend.shutdown()
 

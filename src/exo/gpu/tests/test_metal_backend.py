@@ -72,6 +72,8 @@ async def test_metal_device_facts_and_reading(
     assert info.backend == "metal"
     assert info.compute_capability == "applegpu_g14s"
     assert info.memory_total_bytes == 1024 * MIB  # the recommended working set
+    assert info.max_working_set_bytes == 1024 * MIB
+    assert info.peer_links == {}
     assert info.memory_bandwidth_gbps == 400
     assert info.peak_tflops_fp16 == pytest.approx(13.6)
 
@@ -87,6 +89,23 @@ async def test_metal_device_facts_and_reading(
         await backend.sample(NODE, DeviceId("metal:1"))
     await backend.shutdown()
     assert await backend.list_devices(NODE) == []
+
+
+@pytest.mark.anyio
+async def test_working_set_unknown_when_mlx_does_not_report_it(
+    install_fake_mx: Callable[..., None],
+) -> None:
+    info_without_working_set = {
+        key: value
+        for key, value in M2_MAX_INFO.items()
+        if key != "max_recommended_working_set_size"
+    }
+    install_fake_mx(available=True, info=info_without_working_set, active_bytes=0)
+    backend = MetalBackend()
+    await backend.initialize()
+    (info,) = await backend.list_devices(NODE)
+    assert info.max_working_set_bytes is None
+    assert info.memory_total_bytes == 4096 * MIB  # the physical memory size instead
 
 
 def test_chip_table_prefers_the_most_specific_name() -> None:

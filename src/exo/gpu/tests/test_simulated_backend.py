@@ -67,6 +67,28 @@ async def test_devices_come_from_the_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_working_set_and_peer_links_come_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "gpus.json"
+    write_devices(
+        path,
+        [
+            {**SIM_H100, "peer_links": {"cuda:1": "nvlink", "cuda:2": "pcie_host"}},
+            {**SIM_H100, "device_id": "cuda:1", "peer_links": {"cuda:0": "nvlink"}},
+            {"device_id": "cuda:2", "memory_total_bytes": 24 * GIB},
+            {"device_id": "metal:0", "memory_total_bytes": 64 * GIB, "max_working_set_gb": 48.5},
+        ],
+    )
+    backend = SimulatedBackend(path)
+    await backend.initialize()
+    h100_a, h100_b, plain, mac = await backend.list_devices(NODE)
+    assert h100_a.peer_links == {"cuda:1": "nvlink", "cuda:2": "pcie_host"}
+    assert h100_b.peer_links == {"cuda:0": "nvlink"}
+    assert plain.peer_links == {} and mac.peer_links == {}
+    assert mac.max_working_set_bytes == int(48.5 * GIB)
+    assert h100_a.max_working_set_bytes is None
+
+
+@pytest.mark.anyio
 async def test_changed_file_is_re_read(tmp_path: Path) -> None:
     path = tmp_path / "gpus.json"
     write_devices(path, [SIM_H100])
@@ -124,6 +146,26 @@ async def test_malformed_file_keeps_last_good_reading_and_logs_once(
         (json.dumps({"devices": [{"device_id": "cuda:0"}]}), "memory_total_bytes"),
         (json.dumps({"devices": [{**SIM_H100, "memroy_used_bytes": 1}]}), "memroy_used_bytes"),
         (json.dumps({"devices": [SIM_H100, SIM_H100]}), "duplicate device_id: cuda:0"),
+        (
+            json.dumps({"devices": [{**SIM_H100, "peer_links": {"cuda:7": "nvlink"}}]}),
+            "cuda:0: peer_links names unknown device cuda:7",
+        ),
+        (
+            json.dumps({"devices": [{**SIM_H100, "peer_links": {"cuda:0": "nvlink"}}]}),
+            "cuda:0: peer_links names the device itself",
+        ),
+        (
+            json.dumps(
+                {
+                    "devices": [
+                        {**SIM_H100, "peer_links": {"cuda:1": "infiniband"}},
+                        {**SIM_H100, "device_id": "cuda:1"},
+                    ]
+                }
+            ),
+            r"devices\.0\.peer_links\.cuda:1: Input should be 'nvlink', 'pcie_p2p' or 'pcie_host'",
+        ),
+        (json.dumps({"devices": [{**SIM_H100, "max_working_set_gb": 0}]}), "max_working_set_gb"),
     ],
 )
 async def test_bad_file_at_initialise_is_a_clear_error(

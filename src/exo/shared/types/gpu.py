@@ -1,13 +1,18 @@
 """GPU device facts (static, reported once) and live readings (DeviceGPUState)."""
 
 from datetime import datetime
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from exo.shared.types.ids import DeviceId, NodeId
 
 GPUBackendName = Literal["cuda", "metal", "cpu", "simulated"]
+
+PeerLinkKind = Literal["nvlink", "pcie_p2p", "pcie_host"]
+"""How one GPU reaches another GPU of the same node: ``nvlink`` (NVLink), ``pcie_p2p`` (PCIe
+peer-to-peer reads straight from the other GPU's memory) or ``pcie_host`` (PCIe, staged
+through host memory)."""
 
 UNKNOWN_TEMPERATURE_C = -1.0
 """``thermal_temperature_c`` when the platform does not expose a temperature."""
@@ -35,6 +40,19 @@ class GPUDeviceInfo(BaseModel):
     compute_capability: str | None = None
     sm_count: int | None = None
     is_simulated: bool = False
+    max_working_set_bytes: int | None = Field(default=None, ge=0)
+    """The most memory the device can wire for GPU work (Apple unified memory: MLX's
+    ``max_recommended_working_set_size``); None when unknown or unlimited."""
+    peer_links: dict[DeviceId, PeerLinkKind] = Field(default_factory=dict)
+    """How this device reaches each other GPU of the same node, by that GPU's device id.
+    Empty when unknown or when the node has one GPU; a pair the driver cannot answer for is
+    left out."""
+
+    @model_validator(mode="after")
+    def _not_its_own_peer(self) -> Self:
+        if self.device_id in self.peer_links:
+            raise ValueError(f"{self.device_id}: peer_links names the device itself")
+        return self
 
 
 class DeviceGPUState(BaseModel):
@@ -62,6 +80,10 @@ class DeviceGPUState(BaseModel):
     is_simulated: bool = False
     thermal_shutdown_threshold_c: float | None = None
     """The temperature at which the device shuts itself down (NVML), when known."""
+    utilization_median_percent: float | None = Field(default=None, ge=0, le=100)
+    """The median of this device's last few utilisation samples, the current one included
+    (``GPUTelemetryCollector`` fills it; see ``UTILIZATION_MEDIAN_WINDOW`` there). Steadier
+    than ``compute_utilization_percent`` against one-off spikes; None when not computed."""
 
     @property
     def memory_free_bytes(self) -> int:

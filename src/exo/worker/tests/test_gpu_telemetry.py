@@ -16,6 +16,7 @@ from exo.shared.types.events import DeviceGPUStateUpdated, Event, GPUDeviceInfoR
 from exo.shared.types.gpu import DeviceGPUState, GPUBackendName, GPUDeviceInfo
 from exo.shared.types.ids import DeviceId, NodeId
 from exo.worker.gpu_telemetry import (
+    UTILIZATION_MEDIAN_WINDOW,
     GPUTelemetryCollector,
     TelemetryConfig,
     emit_reason,
@@ -80,6 +81,25 @@ def test_threshold_decisions(changes: dict[str, Any], emitted: bool) -> None:
     previous = reading()
     current = reading(last_update=T0 + timedelta(seconds=2), **changes)
     assert should_emit(previous, current, T0 + timedelta(seconds=2), CONFIG) is emitted
+
+
+@pytest.mark.parametrize(
+    ("previous_median", "current_median", "reason"),
+    [
+        (50.0, 59.9, None),
+        (50.0, 60.0, "utilisation median changed"),
+        (50.0, 40.0, "utilisation median changed"),
+        (None, 90.0, None),  # only compared when both readings carry a median
+        (90.0, None, None),
+    ],
+)
+def test_a_moved_median_is_emitted(
+    previous_median: float | None, current_median: float | None, reason: str | None
+) -> None:
+    # The momentary reading is the same in both, so only the median can be news.
+    previous = reading(utilization_median_percent=previous_median)
+    current = reading(utilization_median_percent=current_median)
+    assert emit_reason(previous, current, T0, CONFIG) == reason
 
 
 def test_heartbeat() -> None:
@@ -240,6 +260,50 @@ async def test_collect_emits_changes_only() -> None:
     assert [state.memory_used_bytes for state in recorder.states("cuda:1")] == [10 * GIB, 40 * GIB]
     assert len(recorder.states("cuda:0")) == 1
     assert collector.last_readings[DeviceId("cuda:1")].memory_used_bytes == 40 * GIB
+
+
+@pytest.mark.anyio
+async def test_utilisation_median_ignores_a_spike_and_follows_a_sustained_change() -> None:
+    assert UTILIZATION_MEDIAN_WINDOW == 5
+    backend = ScriptedBackend(["cuda:0"])
+    recorder = Recorder()
+    collector = GPUTelemetryCollector(NODE, backend, recorder, FAST)
+
+    async def medians_for(*utilisations: float) -> list[float | None]:
+        medians: list[float | None] = []
+        for utilisation in utilisations:
+            backend.set("cuda:0", compute_utilization_percent=utilisation)
+            (state,) = await collector.collect_device_state()
+            assert state.compute_utilization_percent == utilisation  # the momentary reading
+            assert collector.last_readings[DeviceId("cuda:0")] == state
+            medians.append(state.utilization_median_percent)
+        return medians
+
+    # Steady at 40 %, one 100 % spike: the median never moves (the spike itself is still
+    # emitted, as any momentary change of >= 10 points is).
+    assert await medians_for(40, 40, 40, 40, 100, 40, 40, 40, 40, 40) == [40.0] * 10
+    assert [state.compute_utilization_percent for state in recorder.states()] == [40, 100, 40]
+    assert {state.utilization_median_percent for state in recorder.states()} == {40.0}
+
+    # Sustained 80 %: the median follows once it is most of the window (3 of 5 samples), and
+    # that move alone is emitted (the momentary 80 % went out on the first sample).
+    assert await medians_for(80, 80, 80, 80, 80) == [40.0, 40.0, 80.0, 80.0, 80.0]
+    sustained = recorder.states()[3:]
+    assert [(s.compute_utilization_percent, s.utilization_median_percent) for s in sustained] == [
+        (80.0, 40.0),
+        (80.0, 80.0),
+    ]
+
+    # Fewer samples than the window: the median of what there is.
+    fresh = GPUTelemetryCollector(NODE, ScriptedBackend(["cuda:0"]), Recorder(), FAST)
+    (first,) = await fresh.collect_device_state()
+    assert first.utilization_median_percent == 50.0
+
+    # A device that goes away and comes back starts a fresh window.
+    gone = backend.states.pop(DeviceId("cuda:0"))
+    assert await collector.collect_device_state() == []
+    backend.states[DeviceId("cuda:0")] = gone
+    assert await medians_for(0) == [0.0]
 
 
 @pytest.mark.anyio
