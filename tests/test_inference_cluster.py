@@ -178,6 +178,40 @@ def test_three_node_pipeline_matches_single_node(tmp_path: Path) -> None:
         response = ask(nodes[1], QUESTION)
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["message"]["content"] == reference
+        assert response.json()["usage"]["completion_tokens"] >= 5  # 4 decode tokens: reported
+
+        # Every rank, on its own node, reported its measured time per token; the cluster
+        # state keeps it beside the prediction.
+        instance_id = instance["instance_id"]
+
+        def measured() -> bool:
+            placed = nodes[0].state()["instances"][instance_id]
+            return (placed["measured_ms_per_token"] or 0) > 0 and all(
+                (shard["measured_stage_ms"] or 0) > 0 for shard in placed["shards"]
+            )
+
+        wait_until(measured, 15.0, "every rank's measured time per token in the state")
+        shown = nodes[2].get(f"/instance/{instance_id}")
+        assert shown["placement"]["predicted_ms_per_token"] is not None
+        assert shown["measured_ms_per_token"] > 0
+        assert shown["measured_time_to_first_token_ms"] > 0
+        assert shown["measured_at"] is not None
+        assert all("predicted_stage_ms" in shard for shard in shown["shards"])
+        assert all(shard["measured_stage_ms"] > 0 for shard in shown["shards"])
+        # End to end a token passes through every stage.
+        stages_ms = sum(shard["measured_stage_ms"] for shard in shown["shards"])
+        assert shown["measured_ms_per_token"] > 0.5 * stages_ms
+        # Where placement gave an uncalibrated prediction, the device is calibrated by it.
+        calibration = nodes[0].state()["device_calibration"]
+        for shard in shown["shards"]:
+            if (shard["base_stage_ms"] or 0) > 0:
+                device = calibration[shard["node_id"]][shard["device_id"]]
+                assert device["samples"] == 1
+                assert device["factor"] == pytest.approx(
+                    shard["measured_stage_ms"] / shard["base_stage_ms"]
+                )
+        missing = httpx.get(nodes[2].url + "/instance/no-such-instance", timeout=5.0)
+        assert missing.status_code == 404
 
         # Kill one runner process while a request streams: that request ends with an error
         # instead of hanging, the instance is marked failed, new requests get 503 fast.

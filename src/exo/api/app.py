@@ -16,6 +16,7 @@ from exo.master.commands import plan_instance
 from exo.shared.types.commands import CommandResult, DeleteInstance, PlaceInstance
 from exo.shared.types.events import InstanceCreated, ProbeEmitted
 from exo.shared.types.ids import InstanceId
+from exo.shared.types.instances import PlacementObjective
 
 MAX_EVENTS_PER_PAGE = 10_000
 
@@ -23,6 +24,7 @@ MAX_EVENTS_PER_PAGE = 10_000
 class PlaceInstanceRequest(ApiRequest):
     model_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     min_nodes: int = Field(default=1, ge=1, le=1024)
+    objective: PlacementObjective = "latency"
 
 
 def error_response(result: CommandResult) -> JSONResponse:
@@ -101,7 +103,9 @@ def create_app(context: ApiContext) -> FastAPI:
 
     @app.post("/instance", status_code=201)
     async def post_instance(request: PlaceInstanceRequest) -> JSONResponse:
-        command = PlaceInstance(model_id=request.model_id, min_nodes=request.min_nodes)
+        command = PlaceInstance(
+            model_id=request.model_id, min_nodes=request.min_nodes, objective=request.objective
+        )
         result = await context.send_command(command)
         if not result.ok:
             return error_response(result)
@@ -114,14 +118,26 @@ def create_app(context: ApiContext) -> FastAPI:
     async def get_placement(
         model_id: Annotated[str, Query(min_length=1, max_length=MAX_ID_LENGTH)],
         min_nodes: Annotated[int, Query(ge=1, le=1024)] = 1,
+        objective: PlacementObjective = "latency",
     ) -> JSONResponse:
         """Dry run: the placement this node would get now; nothing is created."""
         outcome = plan_instance(
-            PlaceInstance(model_id=model_id, min_nodes=min_nodes), context.store.state
+            PlaceInstance(model_id=model_id, min_nodes=min_nodes, objective=objective),
+            context.store.state,
         )
         if isinstance(outcome, CommandResult):
             return error_response(outcome)
         return JSONResponse(content=outcome.model_dump(mode="json"))
+
+    @app.get("/instance/{instance_id}")
+    async def get_instance(instance_id: str) -> JSONResponse:
+        """The instance as placed (``placement.predicted_ms_per_token``, each shard's
+        ``predicted_stage_ms``) beside what its runners measured (``measured_ms_per_token``,
+        ``measured_time_to_first_token_ms``, each shard's ``measured_stage_ms``)."""
+        instance = context.store.state.instances.get(InstanceId(instance_id))
+        if instance is None:
+            return JSONResponse(status_code=404, content={"detail": "no such instance"})
+        return JSONResponse(content=instance.model_dump(mode="json"))
 
     @app.delete("/instance/{instance_id}")
     async def delete_instance(instance_id: str) -> JSONResponse:

@@ -8,10 +8,12 @@ that is added to the union without a handler fails type checking.
 """
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import TypeVar, assert_never
 
 from loguru import logger
 
+from exo.shared.types.calibration import DeviceCalibration
 from exo.shared.types.events import (
     ChunkGenerated,
     DeviceGPUStateUpdated,
@@ -29,11 +31,12 @@ from exo.shared.types.events import (
     NodeTimedOut,
     ProbeEmitted,
     RunnerStatusUpdated,
+    StageTimeMeasured,
     TaskCreated,
     TaskStatusUpdated,
 )
 from exo.shared.types.gpu import GPULink
-from exo.shared.types.ids import NodeId
+from exo.shared.types.ids import DeviceId, NodeId
 from exo.shared.types.node import NodeInfo
 from exo.shared.types.runners import RunnerState
 from exo.shared.types.state import State
@@ -43,6 +46,8 @@ V = TypeVar("V")
 FINISHED_TASK_STATUSES = frozenset({"complete", "failed", "cancelled"})
 FINISHED_TASKS_KEPT = 1000
 """Finished tasks stay in the state for inspection; past this many, the oldest go."""
+CALIBRATION_NEW_SAMPLE_WEIGHT = 0.5
+"""A device's calibration factor moves this far towards each new measurement."""
 
 
 class EventOutOfOrderError(ValueError):
@@ -89,6 +94,8 @@ def apply_event(state: State, event: Event) -> State:
             )
         case TaskStatusUpdated():
             return apply_task_status_updated(state, event)
+        case StageTimeMeasured():
+            return apply_stage_time_measured(state, event)
         case ChunkGenerated() | ProbeEmitted() | EventElided():
             return state
         case _:
@@ -229,3 +236,80 @@ def apply_task_status_updated(state: State, event: TaskStatusUpdated) -> State:
     for task_id in finished[: max(0, len(finished) - FINISHED_TASKS_KEPT)]:
         del tasks[task_id]
     return state.model_copy(update={"tasks": tasks})
+
+
+def apply_stage_time_measured(state: State, event: StageTimeMeasured) -> State:
+    """The shard's measured stage time; on rank 0 the instance's end-to-end times; and the
+    device's calibration against the shard's uncalibrated prediction, when it has one."""
+    instance = state.instances.get(event.instance_id)
+    if instance is None:
+        return state
+    position = next(
+        (i for i, shard in enumerate(instance.shards) if shard.runner_id == event.runner_id),
+        None,
+    )
+    if position is None:
+        return state
+    shard = instance.shards[position]
+    shards = list(instance.shards)
+    shards[position] = shard.model_copy(update={"measured_stage_ms": event.stage_ms_per_token})
+    instance_update: dict[str, object] = {"shards": shards}
+    if shard.rank == 0:
+        instance_update["measured_at"] = event.measured_at
+        if event.ms_per_token is not None:
+            instance_update["measured_ms_per_token"] = event.ms_per_token
+        if event.time_to_first_token_ms is not None:
+            instance_update["measured_time_to_first_token_ms"] = event.time_to_first_token_ms
+    instances = {
+        **state.instances,
+        instance.instance_id: instance.model_copy(update=instance_update),
+    }
+    update: dict[str, object] = {"instances": instances}
+    if shard.base_stage_ms is not None and shard.base_stage_ms > 0:
+        # Keyed by the shard's placed device: that is what placement predicts for.
+        devices = state.device_calibration.get(shard.node_id, {})
+        calibration = calibrated(
+            devices.get(shard.device_id),
+            shard.node_id,
+            shard.device_id,
+            instance.model_id,
+            shard.n_layers,
+            event.stage_ms_per_token / shard.base_stage_ms,
+            event.measured_at,
+        )
+        update["device_calibration"] = {
+            **state.device_calibration,
+            shard.node_id: {**devices, shard.device_id: calibration},
+        }
+    return state.model_copy(update=update)
+
+
+def calibrated(
+    previous: DeviceCalibration | None,
+    node_id: NodeId,
+    device_id: DeviceId,
+    model_id: str,
+    n_layers: int,
+    factor: float,
+    measured_at: datetime,
+) -> DeviceCalibration:
+    """``previous`` with one more measured factor folded in; afresh when there is none or it
+    was measured on another model or layer count."""
+    if previous is None or previous.model_id != model_id or previous.n_layers != n_layers:
+        return DeviceCalibration(
+            node_id=node_id,
+            device_id=device_id,
+            model_id=model_id,
+            n_layers=n_layers,
+            factor=factor,
+            samples=1,
+            measured_at=measured_at,
+        )
+    weight = CALIBRATION_NEW_SAMPLE_WEIGHT
+    return previous.model_copy(
+        update={
+            "factor": (1 - weight) * previous.factor + weight * factor,
+            "samples": previous.samples + 1,
+            "measured_at": measured_at,
+        }
+    )

@@ -26,6 +26,7 @@ from exo.shared.types.events import (
     ChunkGenerated,
     Event,
     RunnerStatusUpdated,
+    StageTimeMeasured,
     TaskStatusUpdated,
 )
 from exo.shared.types.execution import CPU_COMPUTE_DEVICE_ID, ComputeDevice, backend_of_device
@@ -42,6 +43,7 @@ from exo.worker.runner.messages import (
     ChunkOutput,
     GenerateInput,
     RequestFailedOutput,
+    StageTimeOutput,
     StatusOutput,
     parse_output,
 )
@@ -128,6 +130,25 @@ def runner_arguments(
         device=compute_device or shard.device_id,
         model=Path(card.weights_path) if card.weights_path else None,
         weights_cache=weights_cache,
+    )
+
+
+def stage_time_measured(
+    node_id: NodeId, instance: Instance, shard: Shard, output: StageTimeOutput
+) -> StageTimeMeasured:
+    """The cluster event for a runner's measurement (named by the shard's placed device,
+    which is what placement predicts for, even where a simulated device computes on the
+    CPU)."""
+    return StageTimeMeasured(
+        instance_id=instance.instance_id,
+        runner_id=shard.runner_id,
+        node_id=node_id,
+        device_id=shard.device_id,
+        stage_ms_per_token=output.stage_ms_per_token,
+        ms_per_token=output.ms_per_token,
+        time_to_first_token_ms=output.time_to_first_token_ms,
+        tokens=output.tokens,
+        measured_at=output.measured_at,
     )
 
 
@@ -245,6 +266,10 @@ class RunnerSupervisor:
                 handle.open_tasks.discard(task_id)
                 await self._emit(
                     TaskStatusUpdated(task_id=task_id, status="failed", error=output.error)
+                )
+            case StageTimeOutput():
+                await self._emit(
+                    stage_time_measured(self._node_id, handle.instance, handle.shard, output)
                 )
 
     async def _on_chunk(self, handle: RunnerHandle, output: ChunkOutput) -> None:

@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from exo.shared.types.ids import CommandId, InstanceId, NodeId, TaskId, new_command_id
+from exo.shared.types.instances import PlacementObjective
 from exo.shared.types.tasks import ChatCompletionParams
 
 
@@ -18,6 +19,7 @@ class PlaceInstance(BaseCommand):
     kind: Literal["PlaceInstance"] = "PlaceInstance"
     model_id: str = Field(min_length=1)
     min_nodes: int = Field(default=1, ge=1)
+    objective: PlacementObjective = "latency"
 
 
 class DeleteInstance(BaseCommand):

@@ -10,7 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from exo.shared.types.execution import ComputeDevice
 from exo.shared.types.gpu import DeviceGPUState, GPUDeviceInfo
-from exo.shared.types.ids import EventId, InstanceId, NodeId, RunnerId, TaskId, new_event_id
+from exo.shared.types.ids import (
+    DeviceId,
+    EventId,
+    InstanceId,
+    NodeId,
+    RunnerId,
+    TaskId,
+    new_event_id,
+)
 from exo.shared.types.instances import Instance
 from exo.shared.types.node import NodeStaticInfo
 from exo.shared.types.runners import RunnerStatus
@@ -141,6 +149,29 @@ class ChunkGenerated(BaseEvent):
     completion_tokens: int = 0
 
 
+class StageTimeMeasured(BaseEvent):
+    """A runner's measured time per generated token over one request (reported at most
+    every few seconds per runner, for requests with enough decode tokens)."""
+
+    kind: Literal["StageTimeMeasured"] = "StageTimeMeasured"
+    instance_id: InstanceId
+    runner_id: RunnerId
+    node_id: NodeId
+    device_id: DeviceId
+    """The shard's placed device."""
+    stage_ms_per_token: float = Field(ge=0)
+    """Median over the request's decode tokens of this rank's own compute for its layers
+    (from having its input to having its output evaluated; waiting for other ranks is not
+    counted)."""
+    ms_per_token: float | None = Field(default=None, ge=0)
+    """Rank 0 only: end-to-end wall time per generated decode token (the first excluded)."""
+    time_to_first_token_ms: float | None = Field(default=None, ge=0)
+    """Rank 0 only: from starting the request to its first token."""
+    tokens: int = Field(ge=1)
+    """Decode tokens measured."""
+    measured_at: datetime = Field(default_factory=utc_now)
+
+
 class ProbeEmitted(BaseEvent):
     """A no-op marker a worker emits on request, to measure propagation latency."""
 
@@ -172,6 +203,7 @@ Event = Annotated[
     | TaskCreated
     | TaskStatusUpdated
     | ChunkGenerated
+    | StageTimeMeasured
     | ProbeEmitted
     | EventElided,
     Field(discriminator="kind"),

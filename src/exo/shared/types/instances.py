@@ -1,5 +1,6 @@
 """Instances (a model placed on devices), their shards and the placement decision."""
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
@@ -42,6 +43,11 @@ class GPUDeviceScore(BaseModel):
         )
 
 
+PlacementObjective = Literal["latency", "throughput"]
+"""``latency``: the fewest ms per token for one request; ``throughput``: the most tokens per
+second for several concurrent requests (the slowest stage is the pipeline's pace)."""
+
+
 class PlacementDecision(BaseModel):
     """Why the layers went where they went."""
 
@@ -51,9 +57,15 @@ class PlacementDecision(BaseModel):
     heterogeneous: bool
     reasons: list[str] = Field(default_factory=list)
     predicted_ms_per_token: float
+    """Latency: one request's time per generated token."""
     greedy_ms_per_token: float
     solve_ms: float
     device_scores: list[GPUDeviceScore] = Field(default_factory=list)
+    objective: PlacementObjective = "latency"
+    predicted_bottleneck_ms: float | None = None
+    """Throughput: with a request on every stage, a token leaves every this many ms."""
+    predicted_time_to_first_token_ms: float | None = None
+    """For a prompt of the cost model's typical length."""
 
 
 class Shard(BaseModel):
@@ -68,6 +80,13 @@ class Shard(BaseModel):
     world_size: int = Field(ge=1)
     start_layer: int = Field(ge=0)
     end_layer: int = Field(gt=0, description="Exclusive.")
+    predicted_stage_ms: float | None = None
+    """Placement's calibrated prediction of this stage's time per generated token."""
+    base_stage_ms: float | None = None
+    """The same prediction without calibration (what a device calibration factor scales)."""
+    measured_stage_ms: float | None = None
+    """This stage's measured compute time per decode token (median of the last reported
+    request), set by ``apply`` from ``StageTimeMeasured``."""
 
     @property
     def n_layers(self) -> int:
@@ -84,3 +103,10 @@ class Instance(BaseModel):
     ring_endpoints: list[str] = Field(
         default_factory=list, description="host:port per rank for the MLX ring backend."
     )
+    measured_ms_per_token: float | None = None
+    """Rank 0's measured end-to-end decode time per generated token (the first token
+    excluded), from the last reported request; compare ``placement.predicted_ms_per_token``."""
+    measured_time_to_first_token_ms: float | None = None
+    """Rank 0's measured time from starting the request to its first token."""
+    measured_at: datetime | None = None
+    """When rank 0 measured the values above."""

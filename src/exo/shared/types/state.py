@@ -2,6 +2,7 @@
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from exo.shared.types.calibration import DeviceCalibration
 from exo.shared.types.gpu import DeviceGPUState, GPUDeviceInfo, GPULink
 from exo.shared.types.ids import DeviceId, InstanceId, NodeId, RunnerId, TaskId
 from exo.shared.types.instances import Instance
@@ -28,3 +29,8 @@ class State(BaseModel):
     instances: dict[InstanceId, Instance] = Field(default_factory=dict)
     runners: dict[RunnerId, RunnerState] = Field(default_factory=dict)
     tasks: dict[TaskId, Task] = Field(default_factory=dict)
+    device_calibration: dict[NodeId, dict[DeviceId, DeviceCalibration]] = Field(
+        default_factory=dict
+    )
+    """Measured speed against placement's uncalibrated prediction, node id -> device id ->
+    calibration (kept when the node times out: it describes the hardware)."""

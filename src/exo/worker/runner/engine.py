@@ -8,10 +8,13 @@ while the current token is handed out), and the pipeline's rank 0 runs
 it turns tokens into whole-character text with the tokenizer's streaming detokenizer, holds
 back text that could still become a stop string, and stops on a stop token,
 ``max_tokens``, a stop string (which is not emitted), or a cancellation checked between
-tokens.
+tokens. It notes when each token arrives on a :class:`~exo.worker.runner.timing.TokenClock`
+(time to first token, end-to-end time per token); the steppers time their own compute per
+decode step on a :class:`~exo.worker.runner.timing.StageClock`.
 """
 
 import secrets
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
@@ -28,6 +31,7 @@ from exo.shared.types.generation import (
     GenerationRequest,
     SamplingParams,
 )
+from exo.worker.runner.timing import StageClock, TokenClock
 
 TokenSampler = Callable[[mx.array], mx.array]
 """Log-probabilities of the last position -> the sampled token id (mlx-lm's sampler)."""
@@ -64,13 +68,26 @@ class TokenStepper(Protocol):
 
 
 class LocalStepper:
-    """Every layer in this process, driven by mlx-lm's ``generate_step``."""
+    """Every layer in this process, driven by mlx-lm's ``generate_step``.
 
-    def __init__(self, stage: ModelStage, stream: mx.Stream | None = None) -> None:
+    Its decode step time (on ``stage_clock``) is the interval between two tokens coming out
+    of ``generate_step``: each token is evaluated (``.item()``) before it comes out, and the
+    next step is already computing while it is handed out, so with the whole model in one
+    process the interval is the compute time per token (unless the consumer of the tokens
+    is the slower one).
+    """
+
+    def __init__(
+        self,
+        stage: ModelStage,
+        stream: mx.Stream | None = None,
+        stage_clock: StageClock | None = None,
+    ) -> None:
         if not (stage.is_first and stage.is_last):
             raise ValueError("a local stepper needs the whole model (first and last stage)")
         self.stage = stage
         self.stream = stream if stream is not None else mx.new_stream(mx.default_device())
+        self.stage_clock = stage_clock if stage_clock is not None else StageClock()
 
     @property
     def context_length(self) -> int:
@@ -87,7 +104,14 @@ class LocalStepper:
             sampler=token_sampler(sampling),
             prompt_cache=self.stage.make_cache(),
         )
+        self.stage_clock.begin_request()
+        previous: float | None = None
         for token, _ in steps:
+            # Timer: from one evaluated token to the next (the first is the prompt's).
+            arrived = time.perf_counter()
+            if previous is not None:
+                self.stage_clock.record_decode_step(arrived - previous)
+            previous = arrived
             yield int(token)
 
 
@@ -120,12 +144,15 @@ class Engine:
         self,
         request: GenerationRequest,
         should_cancel: Callable[[], bool] | None = None,
+        token_clock: TokenClock | None = None,
     ) -> Iterator[GenerationChunk]:
         """Stream chunks for ``request``; the last one carries the finish reason and counts.
 
         ``should_cancel`` is called between tokens; when it returns True, generation ends
         with finish reason ``"cancelled"``. Bad requests (an empty or too long prompt, a
         chat template that refuses the messages) raise ``ValueError`` before any token.
+        ``token_clock`` (started by the caller) notes when each token arrives from the
+        stepper.
         """
         prompt = self.prompt_ids(request)
         if not prompt:
@@ -169,6 +196,8 @@ class Engine:
         tokens = self.stepper.generate(prompt, sampling, max_tokens)
         try:
             for token in tokens:
+                if token_clock is not None:
+                    token_clock.token(time.perf_counter())
                 completion_tokens += 1
                 pending_ids.append(token)
                 if token in self.tokenizer.stop_token_ids:

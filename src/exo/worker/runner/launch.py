@@ -27,6 +27,7 @@ from exo.worker.runner.messages import (
     ChunkOutput,
     GenerateInput,
     RequestFailedOutput,
+    StageTimeOutput,
     StatusOutput,
     parse_output,
 )
@@ -106,7 +107,8 @@ class LocalPipeline:
     reaches, else the CPU). Every rank's status lines are kept in ``statuses`` and its
     stderr in ``stderr``. With ``timeout_s`` a watchdog kills every rank that long after
     the start (a guard for one-shot runs); ``close`` waits that long (or 60 s) for the
-    ranks to exit before killing them.
+    ranks to exit before killing them. The ranks' measured stage times are kept in
+    ``stage_times``.
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class LocalPipeline:
         self.model_path = model_path
         self.timeout_s = timeout_s
         self.statuses: list[StatusOutput] = []
+        self.stage_times: list[StageTimeOutput] = []
         self.stderr = [""] * world_size
         self.return_codes: list[int | None] = []
         self.processes: list[subprocess.Popen[str]] = []
@@ -184,6 +187,9 @@ class LocalPipeline:
                 if isinstance(message, StatusOutput):
                     with self._lock:
                         self.statuses.append(message)
+                elif isinstance(message, StageTimeOutput):
+                    with self._lock:
+                        self.stage_times.append(message)
                 elif rank == 0:
                     self._rank_zero.put(message)
         if rank == 0:
@@ -258,6 +264,7 @@ class LocalPipelineRun:
 
     chunks: list[GenerationChunk] = field(default_factory=lambda: list[GenerationChunk]())
     statuses: list[StatusOutput] = field(default_factory=lambda: list[StatusOutput]())
+    stage_times: list[StageTimeOutput] = field(default_factory=lambda: list[StageTimeOutput]())
     failures: list[str] = field(default_factory=lambda: list[str]())
     return_codes: list[int | None] = field(default_factory=lambda: list[int | None]())
     stderr: list[str] = field(default_factory=lambda: list[str]())
@@ -304,6 +311,7 @@ def stream_local_pipeline(
                 record.failures.append(str(error))
     finally:
         record.statuses = list(pipeline.statuses)
+        record.stage_times = list(pipeline.stage_times)
         record.return_codes = pipeline.return_codes
         record.stderr = pipeline.stderr
 

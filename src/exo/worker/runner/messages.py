@@ -9,8 +9,12 @@ loading → connecting → ready → running → ready ... → shut_down (or fai
 rank 0 also writes ``{"type": "chunk", "chunk": {...}}`` for streamed text (the last chunk of a
 request has ``finish_reason``) and ``{"type": "request_failed", ...}`` for a request it
 rejected (e.g. a prompt longer than the context) while staying ready for the next.
+After a request with enough decode tokens, every rank may write
+``{"type": "stage_time", ...}``: its measured time per token (see
+:mod:`exo.worker.runner.timing`).
 """
 
+from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -67,21 +71,35 @@ class RequestFailedOutput(BaseModel):
     error: str
 
 
-RunnerOutput = Annotated[
-    StatusOutput | ChunkOutput | RequestFailedOutput, Field(discriminator="type")
-]
+class StageTimeOutput(BaseModel):
+    """One request's measured times per generated token on this rank."""
+
+    model_config = ConfigDict(frozen=True)
+    type: Literal["stage_time"] = "stage_time"
+    rank: int
+    stage_ms_per_token: float = Field(ge=0)
+    """Median over the request's decode tokens of this rank's own compute for its layers."""
+    ms_per_token: float | None = Field(default=None, ge=0)
+    """Rank 0 only: end-to-end wall time per decode token."""
+    time_to_first_token_ms: float | None = Field(default=None, ge=0)
+    """Rank 0 only."""
+    tokens: int = Field(ge=1)
+    """Decode tokens measured."""
+    measured_at: datetime
+
+
+RunnerOutputMessage = StatusOutput | ChunkOutput | RequestFailedOutput | StageTimeOutput
+RunnerOutput = Annotated[RunnerOutputMessage, Field(discriminator="type")]
 
 runner_input_adapter: TypeAdapter[GenerateInput | CancelInput | ShutdownInput] = TypeAdapter(
     RunnerInput
 )
-runner_output_adapter: TypeAdapter[StatusOutput | ChunkOutput | RequestFailedOutput] = TypeAdapter(
-    RunnerOutput
-)
+runner_output_adapter: TypeAdapter[RunnerOutputMessage] = TypeAdapter(RunnerOutput)
 
 
 def parse_input(line: str) -> GenerateInput | CancelInput | ShutdownInput:
     return runner_input_adapter.validate_json(line)
 
 
-def parse_output(line: str) -> StatusOutput | ChunkOutput | RequestFailedOutput:
+def parse_output(line: str) -> RunnerOutputMessage:
     return runner_output_adapter.validate_json(line)

@@ -19,16 +19,26 @@ PREFILL chunks of :data:`PREFILL_STEP` tokens, then one FORWARD per generated to
 step a header travels 0 -> 1 -> ... -> last on the control channel
 (:mod:`~exo.worker.runner.control_channel`) and the hidden state after it on the MLX ring;
 after a FORWARD the last rank samples the next token and sends it on the control channel
-to rank 0 (its ring neighbour), which feeds it in as the next step's input. A rank waits
+to rank 0 (its ring neighbour), which feeds it in as the next step's input. When rank 0
+is done with a request (a stop, ``max_tokens``, a cancellation), END goes round so that
+every rank knows the request is over and can report its stage time. A rank waits
 only on the control channel, never inside MLX's receive (which spins a core), so an idle
 pipeline, and a rank waiting for its turn, costs no CPU.
 
 Header (:data:`HEADER_BYTES`, ten little-endian uint32): command, length, activation dtype,
 hidden size, seed (u64), temperature (f64), top_p (f64).
+
+Every rank times its own compute per decode step (a FORWARD but the request's first, which
+computes the first token from the prompt's last) on a
+:class:`~exo.worker.runner.timing.StageClock`: from having its input (rank 0: the token;
+the others: the received hidden state) to having its output evaluated (the hidden state it
+sends on, or on the last rank the sampled token); sending, and waiting for other ranks,
+are outside the timer.
 """
 
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -41,11 +51,14 @@ from exo.shared.types.generation import SamplingParams
 from exo.worker.runner.control_channel import ControlChannel
 from exo.worker.runner.engine import TokenSampler, sample_last_position, token_sampler
 from exo.worker.runner.hostfile import HOSTFILE_ENV, RANK_ENV, read_hostfile
+from exo.worker.runner.timing import StageClock
 
 COMMAND_BEGIN = 1
 COMMAND_PREFILL = 2
 COMMAND_FORWARD = 3
 COMMAND_SHUTDOWN = 4
+COMMAND_END = 5
+"""Rank 0 is done with the request (every rank reports its stage time on it)."""
 HEADER_BYTES = 40
 TOKEN_BYTES = 4
 PREFILL_STEP = 2048
@@ -197,7 +210,11 @@ class PipelineStepper:
     """Rank 0's side of the pipeline: a :class:`~exo.worker.runner.engine.TokenStepper`."""
 
     def __init__(
-        self, stage: ModelStage, group: mx.distributed.Group, control: ControlChannel
+        self,
+        stage: ModelStage,
+        group: mx.distributed.Group,
+        control: ControlChannel,
+        stage_clock: StageClock | None = None,
     ) -> None:
         if group.rank() != 0 or not stage.is_first:
             raise PipelineError("the pipeline stepper runs on rank 0 with the first layers")
@@ -206,6 +223,7 @@ class PipelineStepper:
         self.stage = stage
         self.group = group
         self.control = control
+        self.stage_clock = stage_clock if stage_clock is not None else StageClock()
         self._interrupted = False
         """A step did not finish (an error, often a lost neighbour): the other ranks are
         mid-step, and the ring may be broken."""
@@ -215,31 +233,45 @@ class PipelineStepper:
     def context_length(self) -> int:
         return self.stage.context_length
 
-    def _forward(self, command: int, token_ids: Sequence[int], cache: list[object]) -> None:
+    def _forward(self, command: int, token_ids: Sequence[int], cache: list[object]) -> float:
+        """Run this stage on ``token_ids`` and send the hidden state on; returns the seconds
+        the stage took (input in hand to output evaluated)."""
+        started = time.perf_counter()
         hidden = self.stage(mx.array([list(token_ids)]), cache)
         mx.eval(hidden)
+        computed = time.perf_counter() - started
         self.control.send(Header(command, len(token_ids), hidden.dtype, hidden.shape[-1]).encode())
         _send(hidden, 1, self.group)
+        return computed
 
     def generate(
         self, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int
     ) -> Iterator[int]:
         self._interrupted = True
+        self.stage_clock.begin_request()
         self.control.send(Header(COMMAND_BEGIN, sampling=sampling).encode())
-        cache: list[object] = self.stage.make_cache()
-        remaining = list(prompt)
-        while len(remaining) > 1:
-            chunk = remaining[: min(PREFILL_STEP, len(remaining) - 1)]
-            self._forward(COMMAND_PREFILL, chunk, cache)
-            remaining = remaining[len(chunk) :]
-        self._interrupted = False
-        for _ in range(max_tokens):
-            self._interrupted = True
-            self._forward(COMMAND_FORWARD, remaining, cache)
-            token = int(np.frombuffer(self.control.receive(TOKEN_BYTES), dtype="<i4")[0])
+        try:
+            cache: list[object] = self.stage.make_cache()
+            remaining = list(prompt)
+            while len(remaining) > 1:
+                chunk = remaining[: min(PREFILL_STEP, len(remaining) - 1)]
+                self._forward(COMMAND_PREFILL, chunk, cache)
+                remaining = remaining[len(chunk) :]
             self._interrupted = False
-            yield token
-            remaining = [token]
+            for step in range(max_tokens):
+                self._interrupted = True
+                computed = self._forward(COMMAND_FORWARD, remaining, cache)
+                if step > 0:  # the first forward computes the first token: not decode
+                    self.stage_clock.record_decode_step(computed)
+                token = int(np.frombuffer(self.control.receive(TOKEN_BYTES), dtype="<i4")[0])
+                self._interrupted = False
+                yield token
+                remaining = [token]
+        finally:
+            # Also when the engine closes the stream early (between steps, so the other
+            # ranks wait for a header); never after an interrupted step.
+            if not self._interrupted:
+                self.control.send(Header(COMMAND_END).encode())
 
     def shutdown(self) -> None:
         """Tell the other ranks to stop. Skipped after an interrupted step: they are not
@@ -251,34 +283,53 @@ class PipelineStepper:
         self.control.send(Header(COMMAND_SHUTDOWN).encode())
 
 
-def serve_stage(stage: ModelStage, group: mx.distributed.Group, control: ControlChannel) -> None:
-    """Ranks 1..n-1: follow rank 0's headers until SHUTDOWN."""
+def serve_stage(
+    stage: ModelStage,
+    group: mx.distributed.Group,
+    control: ControlChannel,
+    stage_clock: StageClock | None = None,
+    on_request_end: Callable[[list[float]], None] | None = None,
+) -> None:
+    """Ranks 1..n-1: follow rank 0's headers until SHUTDOWN. At each END,
+    ``on_request_end`` gets the request's decode step times (seconds, as timed on
+    ``stage_clock``)."""
     rank, size = group.rank(), group.size()
     if rank == 0:
         raise PipelineError("rank 0 drives the pipeline; it does not serve a stage")
     _check_layer_chain(stage, group)
     is_last = rank == size - 1
+    clock = stage_clock if stage_clock is not None else StageClock()
     cache: list[object] = stage.make_cache()
     sampler: TokenSampler = token_sampler(SamplingParams())
+    forwards = 0
+    """FORWARD steps of the request under way (the first is not a decode step)."""
     while True:
         encoded = control.receive(HEADER_BYTES)  # sleeps until rank 0 has work
         header = Header.decode(encoded)
-        if header.command in (COMMAND_SHUTDOWN, COMMAND_BEGIN) and not is_last:
+        if header.command in (COMMAND_SHUTDOWN, COMMAND_BEGIN, COMMAND_END) and not is_last:
             control.send(encoded)
         if header.command == COMMAND_SHUTDOWN:
             logger.debug("rank {} shutting down", rank)
             return
         if header.command == COMMAND_BEGIN:
             cache = stage.make_cache()
+            clock.begin_request()
+            forwards = 0
             if is_last:
                 sampler = token_sampler(header.sampling)
+            continue
+        if header.command == COMMAND_END:
+            if on_request_end is not None:
+                on_request_end(clock.take())
             continue
         if header.command not in (COMMAND_PREFILL, COMMAND_FORWARD):
             raise PipelineError(f"rank {rank} got an unknown command {header.command}")
         hidden = _receive((1, header.length, header.hidden_size), header.dtype, rank - 1, group)
+        started = time.perf_counter()  # timer: the input hidden state is here (evaluated)
         output = stage(hidden, cache)
         if not is_last:
             mx.eval(output)
+            computed = time.perf_counter() - started
             control.send(
                 Header(
                     header.command, header.length, output.dtype, output.shape[-1], header.sampling
@@ -286,6 +337,14 @@ def serve_stage(stage: ModelStage, group: mx.distributed.Group, control: Control
             )
             _send(output, rank + 1, group)
         elif header.command == COMMAND_FORWARD:
-            control.send(_token_bytes(sample_last_position(output, sampler)))
+            token = sample_last_position(output, sampler)
+            mx.eval(token)
+            computed = time.perf_counter() - started
+            control.send(_token_bytes(token))
         else:
             mx.eval([layer_cache.state for layer_cache in cache])  # pyright: ignore[reportAttributeAccessIssue]
+            computed = 0.0
+        if header.command == COMMAND_FORWARD:
+            if forwards > 0:
+                clock.record_decode_step(computed)
+            forwards += 1

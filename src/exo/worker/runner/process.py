@@ -5,7 +5,8 @@ Start one per device; its command line is :class:`~exo.worker.runner.arguments.R
 With ``--world-size 1`` no hostfile is needed and the process holds the whole model. Rank 0
 serves requests read as JSON lines from stdin (or the single ``--request``, then shuts the
 pipeline down); every rank writes status lines to stdout (see
-:mod:`exo.worker.runner.messages`). Logs go to stderr.
+:mod:`exo.worker.runner.messages`), and after a request its measured time per token (see
+:mod:`exo.worker.runner.timing`). Logs go to stderr.
 
 The first thing a rank does is take its device (``--device``): it makes it MLX's default
 device, or fails with the reason, before anything else touches MLX. The model code is
@@ -35,16 +36,18 @@ from exo.worker.runner.messages import (
     ChunkOutput,
     GenerateInput,
     RequestFailedOutput,
+    RunnerOutputMessage,
     ShutdownInput,
     StatusOutput,
     parse_input,
 )
+from exo.worker.runner.timing import StageClock, StageTimeReporter, TokenClock
 
 if TYPE_CHECKING:
     from exo.models.stage import ModelStage
     from exo.worker.runner.engine import Engine, TokenStepper
 
-Emit = Callable[[StatusOutput | ChunkOutput | RequestFailedOutput], None]
+Emit = Callable[[RunnerOutputMessage], None]
 
 
 class RequestSource(Protocol):
@@ -107,7 +110,7 @@ class StdinRequests:
             return request_id in self._cancelled
 
 
-def print_output(message: StatusOutput | ChunkOutput | RequestFailedOutput) -> None:
+def print_output(message: RunnerOutputMessage) -> None:
     sys.stdout.write(message.model_dump_json() + "\n")
     sys.stdout.flush()
 
@@ -140,6 +143,14 @@ def run_rank(
         )
 
     stage: ModelStage | None = None
+    stage_clock = StageClock()
+    reporter = StageTimeReporter(config.rank)
+
+    def report_stage_time(decode_steps: list[float], tokens: TokenClock | None = None) -> None:
+        message = reporter.report(decode_steps, tokens)
+        if message is not None:
+            emit(message)
+
     try:
         status("loading")
         device = use_compute_device(config.device)
@@ -162,7 +173,7 @@ def run_rank(
         stepper: TokenStepper
         if config.world_size == 1:
             status("ready", stage)
-            stepper = LocalStepper(stage)
+            stepper = LocalStepper(stage, stage_clock=stage_clock)
         else:
             if config.hostfile is None:
                 raise ValueError("a pipeline with more than one rank needs a hostfile")
@@ -176,16 +187,22 @@ def run_rank(
             control = link_control_channel(group, config.hostfile)
             if config.rank != 0:
                 status("ready", stage)
-                serve_stage(stage, group, control)
+                serve_stage(stage, group, control, stage_clock, report_stage_time)
                 status("shut_down", stage)
                 return
-            stepper = PipelineStepper(stage, group, control)
+            stepper = PipelineStepper(stage, group, control, stage_clock)
             status("ready", stage)
         if tokenizer is None or requests is None:
             raise ValueError("rank 0 needs a tokenizer and a request source")
         engine = Engine(tokenizer, stepper)
         try:
-            _serve_requests(engine, requests, emit, lambda value: status(value, stage))
+            _serve_requests(
+                engine,
+                requests,
+                emit,
+                lambda value: status(value, stage),
+                lambda tokens: report_stage_time(stage_clock.take(), tokens),
+            )
         finally:
             if isinstance(stepper, PipelineStepper):
                 stepper.shutdown()
@@ -201,7 +218,10 @@ def _serve_requests(
     requests: RequestSource,
     emit: Emit,
     status: Callable[[RunnerStatus], None],
+    report_stage_time: Callable[[TokenClock], None],
 ) -> None:
+    """Run requests until there are no more; after each, ``report_stage_time`` gets its
+    token clock (the stepper's stage clock holds its decode steps)."""
     while (request := requests.next_request()) is not None:
         status("running")
         request_id = request.request_id
@@ -209,11 +229,13 @@ def _serve_requests(
         def should_cancel(request_id: str = request_id) -> bool:
             return requests.is_cancelled(request_id)
 
+        tokens = TokenClock(time.perf_counter())  # time to first token counts from here
         try:
-            for chunk in engine.generate(request, should_cancel):
+            for chunk in engine.generate(request, should_cancel, tokens):
                 emit(ChunkOutput(chunk=chunk))
         except ValueError as error:
             emit(RequestFailedOutput(request_id=request_id, error=str(error)))
+        report_stage_time(tokens)
         status("ready")
 
 

@@ -28,11 +28,12 @@ from exo.worker.runner.launch import (
 from exo.worker.runner.messages import (
     ChunkOutput,
     GenerateInput,
-    RequestFailedOutput,
+    RunnerOutputMessage,
     StatusOutput,
     parse_output,
 )
 from exo.worker.runner.pipeline import COMMAND_FORWARD, Header
+from exo.worker.runner.timing import MIN_DECODE_TOKENS
 
 GREEDY = GenerationRequest(
     request_id="greedy",
@@ -99,6 +100,19 @@ def test_two_ranks_match_one_process_greedy(
         "ready",
         "shut_down",
     }
+    # Each rank measured its own stage per decode token; rank 0 also end to end.
+    decode_tokens = expected.completion_tokens - 1
+    assert decode_tokens >= MIN_DECODE_TOKENS
+    by_rank = {report.rank: report for report in run.stage_times}
+    assert sorted(by_rank) == [0, 1] and len(run.stage_times) == 2, run.stage_times
+    assert all(report.stage_ms_per_token > 0 for report in run.stage_times)
+    assert all(report.tokens == decode_tokens for report in run.stage_times)
+    rank_zero = by_rank[0]
+    assert rank_zero.ms_per_token is not None and rank_zero.time_to_first_token_ms is not None
+    # End to end a token passes through both stages: longer than rank 0's stage alone.
+    assert rank_zero.ms_per_token > rank_zero.stage_ms_per_token
+    assert rank_zero.time_to_first_token_ms > 0
+    assert by_rank[1].ms_per_token is None and by_rank[1].time_to_first_token_ms is None
 
 
 def test_three_uneven_ranks_match_one_process_greedy(greedy_expected: GenerationChunk) -> None:
@@ -162,7 +176,7 @@ def test_rank_zero_fails_instead_of_hanging_when_its_neighbour_dies(tmp_path: Pa
         )
         rank_zero.stdin.write(GenerateInput(request=long_request).model_dump_json() + "\n")
         rank_zero.stdin.flush()
-        outputs: list[StatusOutput | ChunkOutput | RequestFailedOutput] = []
+        outputs: list[RunnerOutputMessage] = []
         for line in rank_zero.stdout:
             outputs.append(parse_output(line))
             if isinstance(outputs[-1], ChunkOutput):

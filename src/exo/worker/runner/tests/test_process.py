@@ -10,6 +10,7 @@ from exo.worker.runner.messages import (
     GenerateInput,
     RequestFailedOutput,
     ShutdownInput,
+    StageTimeOutput,
     StatusOutput,
     parse_output,
 )
@@ -19,6 +20,7 @@ def test_serves_requests_cancels_and_shuts_down() -> None:
     inputs = [
         GenerateInput(request=GenerationRequest(request_id="a", prompt="Hello", max_tokens=3)),
         GenerateInput(request=GenerationRequest(request_id="empty")),  # no prompt: rejected
+        GenerateInput(request=GenerationRequest(request_id="c", prompt="Hello", max_tokens=6)),
         GenerateInput(
             request=GenerationRequest(
                 request_id="b",
@@ -52,6 +54,24 @@ def test_serves_requests_cancels_and_shuts_down() -> None:
     failures = [o for o in outputs if isinstance(o, RequestFailedOutput)]
     assert [f.request_id for f in failures] == ["empty"]
     assert "messages or a prompt" in failures[0].error
+
+    # "a" has too few decode tokens to report; "c" is the first report; "b" is too short
+    # or too soon after it.
+    assert finals["c"].finish_reason == "length" and finals["c"].completion_tokens == 6
+    stage_times = [o for o in outputs if isinstance(o, StageTimeOutput)]
+    assert len(stage_times) == 1, stage_times
+    report = stage_times[0]
+    assert (report.rank, report.tokens) == (0, 5)
+    assert report.stage_ms_per_token > 0
+    assert report.ms_per_token is not None and report.ms_per_token > 0
+    assert report.time_to_first_token_ms is not None and report.time_to_first_token_ms > 0
+    # It follows the request's last chunk.
+    positions = [
+        i
+        for i, o in enumerate(outputs)
+        if o is report or (isinstance(o, ChunkOutput) and o.chunk is finals["c"])
+    ]
+    assert outputs[positions[1]] is report
 
 
 def test_a_runner_refuses_a_device_it_cannot_get_instead_of_using_another() -> None:
