@@ -11,6 +11,7 @@ Either way the decision records both predictions (same cost model), the solve ti
 reasons and the device scores. See docs/placement.md.
 """
 
+import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -18,19 +19,19 @@ from collections.abc import Mapping, Sequence
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from exo.master.placement_csp import (
-    ConstraintSatisfactionPlacement,
+from exo.master.cost_model import (
     CostModel,
     CostModelConfig,
-    DeviceKey,
     LinkCost,
     PlacementDevice,
     StagePlan,
+    device_condition,
     effective_bandwidth_gbps,
-    exclusion_reason,
-    greedy_stages,
+    link_ms,
+    node_link,
     usable_bytes,
 )
+from exo.master.placement_csp import ConstraintSatisfactionPlacement
 from exo.shared.types.commands import PlaceInstance
 from exo.shared.types.execution import CPU_COMPUTE_DEVICE_ID, backend_of_device
 from exo.shared.types.gpu import (
@@ -41,7 +42,13 @@ from exo.shared.types.gpu import (
     GPULink,
 )
 from exo.shared.types.ids import DeviceId, InstanceId, NodeId, RunnerId
-from exo.shared.types.instances import GPUDeviceScore, Instance, PlacementDecision, Shard
+from exo.shared.types.instances import (
+    GPUDeviceScore,
+    Instance,
+    PlacementDecision,
+    PlacementObjective,
+    Shard,
+)
 from exo.shared.types.memory import format_bytes
 from exo.shared.types.models import ModelCard
 from exo.shared.types.node import NodeInfo
@@ -80,7 +87,6 @@ CPU_TFLOPS_FP16 = DEFAULT_TFLOPS_FP16["cpu"]
 
 HETEROGENEITY_TOLERANCE = 0.10
 """Memory totals or bandwidths further apart than this (max/min − 1) make a cluster uneven."""
-BUSY_UTILIZATION_PERCENT = 50.0
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -157,13 +163,19 @@ def _gpu_device(state: DeviceGPUState, info: GPUDeviceInfo | None) -> PlacementD
         memory_free_bytes=max(0, total - state.memory_used_bytes),
         memory_bandwidth_gbps=bandwidth or DEFAULT_BANDWIDTH_GBPS.get(backend, CPU_BANDWIDTH_GBPS),
         peak_tflops_fp16=tflops or DEFAULT_TFLOPS_FP16.get(backend, CPU_TFLOPS_FP16),
-        utilization_percent=state.compute_utilization_percent,
+        utilization_percent=(
+            state.compute_utilization_percent
+            if state.utilization_median_percent is None
+            else state.utilization_median_percent
+        ),
         temperature_c=state.thermal_temperature_c,
         throttle_threshold_c=state.thermal_throttle_threshold_c,
         is_thermal_throttling=state.is_thermal_throttling,
         battery_percent=state.battery_percent,
         is_plugged_in=state.is_plugged_in,
         has_static_info=info is not None,
+        max_working_set_bytes=info.max_working_set_bytes if info is not None else None,
+        peer_links=dict(info.peer_links) if info is not None else {},
     )
 
 
@@ -262,7 +274,31 @@ def find_candidates(state: State) -> Candidates:
                 devices.append(_cpu_device(node))
             elif not per_node:
                 left_out.append(cpu_reason)
-    return Candidates(devices=devices, left_out=left_out)
+    return Candidates(
+        devices=[_with_history(device, state) for device in devices], left_out=left_out
+    )
+
+
+def _with_history(device: PlacementDevice, state: State) -> PlacementDevice:
+    """What the cluster knows about ``device`` beyond its reading: a CPU's cores (from its
+    node), its calibration from measured stage times, and that its load is ours when it
+    runs one of our shards (our runners' work is not foreign load; they share the device
+    only while both serve)."""
+    update: dict[str, object] = {}
+    node = state.nodes.get(device.node_id)
+    if device.backend == "cpu" and node is not None and node.cpu_count > 0:
+        update["cpu_cores"] = node.cpu_count
+    calibration = state.device_calibration.get(device.node_id, {}).get(device.device_id)
+    if calibration is not None and calibration.factor > 0:
+        update["calibration_factor"] = calibration.factor
+    runs_ours = any(
+        shard.node_id == device.node_id and shard.device_id == device.device_id
+        for instance in state.instances.values()
+        for shard in instance.shards
+    )
+    if runs_ours:
+        update["utilization_percent"] = 0.0
+    return device.model_copy(update=update) if update else device
 
 
 def candidate_devices(state: State) -> list[PlacementDevice]:
@@ -285,14 +321,6 @@ def links_from_state(
 
 
 # --- heterogeneity -----------------------------------------------------------------------
-def _live_condition(device: PlacementDevice) -> tuple[bool, bool, bool]:
-    return (
-        device.is_hot,
-        not device.is_plugged_in,
-        device.utilization_percent >= BUSY_UTILIZATION_PERCENT,
-    )
-
-
 def _spread(values: Sequence[float]) -> float:
     low, high = min(values), max(values)
     if high <= 0:
@@ -300,13 +328,15 @@ def _spread(values: Sequence[float]) -> float:
     return float("inf") if low <= 0 else high / low - 1.0
 
 
-def heterogeneity_reasons(devices: Sequence[PlacementDevice]) -> list[str]:
+def heterogeneity_reasons(
+    devices: Sequence[PlacementDevice], config: CostModelConfig | None = None
+) -> list[str]:
     """Why these devices count as unlike (empty when they are alike).
 
     The rule: two or more devices, and they differ in backend, vendor or model name (among
     devices whose static facts are known), or in total memory or memory bandwidth by more
-    than 10 % (max/min − 1), or in live condition — thermally throttling or past the
-    threshold, running on battery (unplugged), busy (utilisation ≥ 50 %).
+    than 10 % (max/min − 1), or in live condition as :func:`device_condition` judges it —
+    throttling or near the threshold, on (low) battery, busy (others use ≥ 50 %).
     """
     if len(devices) < 2:
         return []
@@ -333,13 +363,13 @@ def heterogeneity_reasons(devices: Sequence[PlacementDevice]) -> list[str]:
             f"memory bandwidth differs by more than {HETEROGENEITY_TOLERANCE:.0%} "
             f"({min(bandwidths):.0f} to {max(bandwidths):.0f} GB/s)"
         )
-    conditions = [_live_condition(device) for device in devices]
-    if len(set(conditions)) > 1:
-        labels = ("throttling", "on battery", "busy")
+    config = config or CostModelConfig()
+    notes = [tuple(device_condition(device, config).notes) for device in devices]
+    if len(set(notes)) > 1:
         odd = [
-            f"{device.label} is {' and '.join(label for label, flag in zip(labels, condition, strict=True) if flag)}"
-            for device, condition in zip(devices, conditions, strict=True)
-            if any(condition)
+            f"{device.label} is {' and '.join(note)}"
+            for device, note in zip(devices, notes, strict=True)
+            if note
         ]
         reasons.append("live condition differs: " + "; ".join(odd))
     return reasons
@@ -373,7 +403,7 @@ def score_devices(
     """Each part in [0, 1], relative to the best candidate where a part is relative:
 
     * compute: peak fp16 TFLOPS × (1 − utilisation), over the best such value;
-    * memory: free memory (less headroom) over the shard size, capped at 1;
+    * memory: usable memory (less the backend's reserve) over the shard size, capped at 1;
     * network: the cheapest mean link cost among the nodes over this node's mean link cost
       to the other candidate nodes (1 when there is a single node);
     * thermal: 0 when throttling or past the threshold, else the margin to the threshold
@@ -390,15 +420,14 @@ def score_devices(
     best_bandwidth = max(bandwidth)
     node_ids = sorted({d.node_id for d in devices})
 
-    def link_ms(source: NodeId, destination: NodeId) -> float:
-        link = links.get(source, {}).get(destination, config.default_link)
-        return link.latency_ms + NETWORK_SCORE_PROBE_BYTES * 8 / (link.bandwidth_mbps * 1e3)
+    def hop_ms(source: NodeId, destination: NodeId) -> float:
+        return link_ms(node_link(links, source, destination, config), NETWORK_SCORE_PROBE_BYTES)
 
     mean_link: dict[NodeId, float] = {}
     for node in node_ids:
         others = [other for other in node_ids if other != node]
         if others:
-            costs = [link_ms(node, other) + link_ms(other, node) for other in others]
+            costs = [hop_ms(node, other) + hop_ms(other, node) for other in others]
             mean_link[node] = sum(costs) / (2 * len(costs))
     best_link = min(mean_link.values()) if mean_link else 0.0
 
@@ -406,7 +435,8 @@ def score_devices(
     for index, d in enumerate(devices):
         usable = usable_bytes(d, config)
         memory = usable / shard_size_bytes if shard_size_bytes > 0 else float(usable > 0)
-        if d.is_hot:
+        condition = device_condition(d, config)
+        if condition.hot:
             thermal = 0.0
         elif d.temperature_known:
             thermal = (d.throttle_threshold_c - d.temperature_c) / 30.0
@@ -451,10 +481,83 @@ def _compute_device_scores(
 
 
 # --- greedy --------------------------------------------------------------------------------
-def _shards(stages: Sequence[StagePlan]) -> list[Shard]:
+def greedy_stages(
+    cost_model: CostModel, devices: Sequence[PlacementDevice], min_nodes: int = 1
+) -> list[StagePlan] | None:
+    """Today's split: the fewest devices, largest free memory first, whose memory holds the
+    model (and that span ``min_nodes`` nodes), with memory-proportional contiguous layer
+    ranges, at least one layer each. None when no such split exists."""
+    n_layers = cost_model.model_card.n_layers
+    ordered = sorted(
+        devices,
+        key=lambda device: (-cost_model.usable_bytes(device), device.node_id, device.device_id),
+    )
+    chosen: list[PlacementDevice] = []
+    nodes: set[NodeId] = set()
+    remaining = list(ordered)
+    caps: list[int] = []  # each chosen device's layer cap in its role (alone: first and last)
+    while remaining and (sum(caps) < n_layers or len(nodes) < min_nodes):
+        if sum(caps) >= n_layers:
+            # Memory suffices; take the largest device from a node not used yet.
+            pick = next((device for device in remaining if device.node_id not in nodes), None)
+            if pick is None:
+                return None
+        else:
+            pick = remaining[0]
+        remaining.remove(pick)
+        chosen.append(pick)
+        nodes.add(pick.node_id)
+        caps = [
+            cost_model.max_layers(device, index == 0, index == len(chosen) - 1)
+            for index, device in enumerate(chosen)
+        ]
+    if len(chosen) > n_layers or sum(caps) < n_layers or len(nodes) < min_nodes:
+        return None
+    weights = [max(1, cost_model.usable_bytes(device)) for device in chosen]
+    counts = _proportional_counts(n_layers, weights, caps)
+    if counts is None:
+        return None
+    return [
+        StagePlan(device=device, n_layers=count)
+        for device, count in zip(chosen, counts, strict=True)
+    ]
+
+
+def _proportional_counts(
+    total: int, weights: Sequence[int], caps: Sequence[int]
+) -> list[int] | None:
+    """Largest-remainder split of ``total`` proportional to ``weights``, each in [1, cap]."""
+    if any(cap < 1 for cap in caps) or sum(caps) < total or len(weights) > total:
+        return None
+    weight_sum = sum(weights)
+    ideal = [total * weight / weight_sum for weight in weights]
+    counts = [min(cap, max(1, math.floor(share))) for share, cap in zip(ideal, caps, strict=True)]
+    order = sorted(range(len(counts)), key=lambda index: (-(ideal[index] - counts[index]), index))
+    while sum(counts) < total:
+        progressed = False
+        for index in order:
+            if sum(counts) >= total:
+                break
+            if counts[index] < caps[index]:
+                counts[index] += 1
+                progressed = True
+        if not progressed:
+            return None
+    while sum(counts) > total:
+        index = max(
+            (index for index in range(len(counts)) if counts[index] > 1),
+            key=lambda index: (counts[index] - ideal[index], -index),
+        )
+        counts[index] -= 1
+    return counts
+
+
+def _shards(stages: Sequence[StagePlan], cost_model: CostModel) -> list[Shard]:
     shards: list[Shard] = []
     start = 0
+    last = len(stages) - 1
     for rank, stage in enumerate(stages):
+        is_first, is_last = rank == 0, rank == last
         shards.append(
             Shard(
                 runner_id=RunnerId(str(uuid.uuid4())),
@@ -464,6 +567,12 @@ def _shards(stages: Sequence[StagePlan]) -> list[Shard]:
                 world_size=len(stages),
                 start_layer=start,
                 end_layer=start + stage.n_layers,
+                predicted_stage_ms=cost_model.stage_ms(
+                    stage.device, stage.n_layers, is_first, is_last
+                ),
+                base_stage_ms=cost_model.base_stage_ms(
+                    stage.device, stage.n_layers, is_first, is_last
+                ),
             )
         )
         start += stage.n_layers
@@ -476,7 +585,6 @@ def _does_not_fit(
     card = cost_model.model_card
     needed = cost_model.memory_needed(card.n_layers, True, True)
     available = sum(cost_model.usable_bytes(device) for device in devices)
-    headroom = cost_model.config.memory_headroom_fraction
     if min_nodes > 1 and needed <= available:
         holders = {d.node_id for d in devices if cost_model.max_layers(d, False, False) >= 1}
         if len(holders) < min_nodes:
@@ -493,7 +601,7 @@ def _does_not_fit(
         available,
         f"{card.model_id} needs {format_bytes(needed)} (weights + KV cache for "
         f"{card.context_length} tokens) but the candidate devices have {format_bytes(available)} "
-        f"free after {headroom:.0%} headroom{detail}",
+        f"usable after each backend's reserve{detail}",
     )
 
 
@@ -511,7 +619,7 @@ def get_shard_assignments(
     stages = greedy_stages(cost_model, devices, min_nodes)
     if stages is None:
         raise _does_not_fit(cost_model, devices, min_nodes)
-    return _shards(stages)
+    return _shards(stages, cost_model)
 
 
 # --- the decision --------------------------------------------------------------------------
@@ -522,14 +630,84 @@ def _describe(stages: Sequence[StagePlan]) -> str:
 
 
 def _unused_summary(
-    devices: Sequence[PlacementDevice], stages: Sequence[StagePlan], skip: set[DeviceKey]
+    devices: Sequence[PlacementDevice], stages: Sequence[StagePlan], cost_model: CostModel
 ) -> str | None:
     used = {stage.device.key for stage in stages}
-    unused = [d.label for d in devices if d.key not in used and d.key not in skip]
+    unused = [d for d in devices if d.key not in used]
     if not unused:
         return None
-    shown = ", ".join(unused[:6]) + (f" and {len(unused) - 6} more" if len(unused) > 6 else "")
+    labels = [
+        d.label + (f" [{', '.join(notes)}]" if (notes := cost_model.condition(d).notes) else "")
+        for d in unused
+    ]
+    shown = ", ".join(labels[:6]) + (f" and {len(labels) - 6} more" if len(labels) > 6 else "")
     return f"not used: {shown} (the chosen devices hold the model with a lower predicted time)"
+
+
+CONDITION_EXPLANATIONS = 3
+"""Used devices in a poor condition whose use is explained by solving without them."""
+
+
+def _condition_reasons(
+    cost_model: CostModel,
+    devices: Sequence[PlacementDevice],
+    stages: Sequence[StagePlan],
+    objective: PlacementObjective,
+    min_nodes: int,
+    budget_ms: float,
+) -> list[str]:
+    """Why a throttling, unplugged or busy device is used: the best placement without it
+    (same solver, same objective) is slower by the stated factor, or does not exist."""
+    reasons: list[str] = []
+    chosen = _objective_ms(cost_model, stages, objective)
+    for stage in stages:
+        if len(reasons) == CONDITION_EXPLANATIONS:
+            break
+        notes = cost_model.condition(stage.device).notes
+        if not notes:
+            continue
+        others = [d for d in devices if d.key != stage.device.key]
+        alternative = ConstraintSatisfactionPlacement(
+            cost_model, others, min_nodes=min_nodes, budget_ms=budget_ms, objective=objective
+        ).solve()
+        label = f"{stage.device.label} used although {' and '.join(notes)}"
+        if not alternative.stages:
+            reasons.append(f"{label}: nothing fits without it")
+        else:
+            without = _objective_ms(cost_model, alternative.stages, objective)
+            reasons.append(
+                f"{label}: still {without / chosen:.2f}× faster than the best placement "
+                f"without it ({chosen:.2f} against {without:.2f} ms/token)"
+            )
+    return reasons
+
+
+def _objective_ms(
+    cost_model: CostModel, stages: Sequence[StagePlan], objective: PlacementObjective
+) -> float:
+    if objective == "throughput":
+        return cost_model.predict_bottleneck_ms(stages)
+    return cost_model.predict_ms_per_token(stages)
+
+
+def predict_instance(
+    instance: Instance, state: State, model_card: ModelCard, config: CostModelConfig | None = None
+) -> float | None:
+    """The instance's own layout predicted with what ``state`` knows now (calibration
+    included): ms per generated token, or None when one of its devices is gone."""
+    devices = {device.key: device for device in find_candidates(state).devices}
+    stages: list[StagePlan] = []
+    for shard in sorted(instance.shards, key=lambda shard: shard.rank):
+        device = devices.get((shard.node_id, shard.device_id))
+        if device is None:
+            return None
+        stages.append(StagePlan(device=device, n_layers=shard.n_layers))
+    cost_model = CostModel(
+        model_card=model_card,
+        config=config or CostModelConfig(),
+        links=links_from_state(state.gpu_links),
+    )
+    return cost_model.predict_ms_per_token(stages)
 
 
 def place_instance(
@@ -545,7 +723,8 @@ def place_instance(
 
     Raises NoCandidateDevicesError (no node offers a device), NotEnoughNodesError
     (``command.min_nodes`` cannot be met) or ModelDoesNotFitError (with needed and
-    available bytes). A solver timeout is not an error: the greedy split is used.
+    available bytes). The solver's limit is an amount of work, so the same state gives the
+    same placement however loaded the machine is; ``csp_budget_ms`` is only a safety cap.
     """
     started = time.perf_counter()
     config = config or CostModelConfig()
@@ -556,6 +735,7 @@ def place_instance(
         raise NoCandidateDevicesError(f"no node in the cluster offers a device to place on{why}")
     node_count = len({device.node_id for device in devices})
     min_nodes = command.min_nodes
+    objective = command.objective
     if node_count < min_nodes:
         raise NotEnoughNodesError(
             min_nodes,
@@ -574,14 +754,13 @@ def place_instance(
         else model_card.total_bytes // len(devices)
     )
     scores = score_devices(devices, shard_size, cost_model.links, config)
-    differences = heterogeneity_reasons(devices) if state.gpu_device_state else []
+    differences = heterogeneity_reasons(devices, config)
     reasons = [f"telemetry only: {reason}" for reason in candidates.left_out]
 
     if not differences:
         if greedy is None or greedy_ms is None:
             raise _does_not_fit(cost_model, devices, min_nodes)
         stages = greedy
-        predicted = greedy_ms
         strategy = "greedy"
         reasons.append(
             "no GPU telemetry yet: greedy memory-proportional split"
@@ -598,19 +777,22 @@ def place_instance(
             budget_ms=csp_budget_ms,
             scores={(score.node_id, score.device_id): score.weighted_score for score in scores},
             fallback=greedy,
+            objective=objective,
         )
         result = solver.solve()
         if not result.stages or result.predicted_ms_per_token is None:
             raise _does_not_fit(cost_model, devices, min_nodes)
         stages = result.stages
-        predicted = result.predicted_ms_per_token
         strategy = "greedy_fallback" if result.used_fallback else "csp"
         reasons.extend(result.reasons)
         solve_ms = result.solve_ms
-        excluded = {d.key for d in devices if exclusion_reason(d, config) is not None}
-        unused = _unused_summary(devices, stages, excluded)
+        reasons.extend(
+            _condition_reasons(cost_model, devices, stages, objective, min_nodes, csp_budget_ms)
+        )
+        unused = _unused_summary(devices, stages, cost_model)
         if unused is not None:
             reasons.append(unused)
+    predicted = cost_model.predict_ms_per_token(stages)
     if greedy_ms is None:
         reasons.append(
             "the greedy split finds no placement here; its prediction shows the chosen one"
@@ -623,16 +805,20 @@ def place_instance(
         greedy_ms_per_token=greedy_ms if greedy_ms is not None else predicted,
         solve_ms=solve_ms,
         device_scores=scores,
+        objective=objective,
+        predicted_bottleneck_ms=cost_model.predict_bottleneck_ms(stages),
+        predicted_time_to_first_token_ms=cost_model.predict_time_to_first_token_ms(stages),
     )
     instance = Instance(
         instance_id=instance_id or InstanceId(str(uuid.uuid4())),
         model_id=model_card.model_id,
-        shards=_shards(stages),
+        shards=_shards(stages, cost_model),
         placement=decision,
     )
     logger.info(
-        f"placed {model_card.model_id} ({strategy}) on {len(stages)} device(s) [{_describe(stages)}]: "
-        f"predicted {predicted:.2f} ms/token vs greedy {decision.greedy_ms_per_token:.2f}, "
-        f"solved in {solve_ms:.1f} ms"
+        f"placed {model_card.model_id} ({strategy}, {objective}) on {len(stages)} device(s) "
+        f"[{_describe(stages)}]: predicted {predicted:.2f} ms/token vs greedy "
+        f"{decision.greedy_ms_per_token:.2f}, first token "
+        f"{decision.predicted_time_to_first_token_ms:.0f} ms, solved in {solve_ms:.1f} ms"
     )
     return instance

@@ -90,6 +90,31 @@ def _layer_bytes(
     return per_layer, total - sum(per_layer) - extra
 
 
+def _module_bytes(tensors: dict[str, TensorInfo], module: str) -> int:
+    """Bytes of the tensors of one top-level module (``embed_tokens``, ``lm_head``): its
+    weight and, when quantised, its scales and biases."""
+    return sum(
+        info.nbytes
+        for name, info in tensors.items()
+        if name == module or name.startswith(f"{module}.") or f".{module}." in name
+    )
+
+
+def _parameters(tensors: dict[str, TensorInfo], names: list[str], bits: int | None) -> int:
+    """Weights in ``names``: a packed quantised weight (uint32) holds 32/bits of them; scales
+    and biases are bookkeeping, not weights."""
+    count = 0
+    for name in names:
+        info = tensors[name]
+        if name.endswith(_QUANTISATION_PARTS):
+            continue
+        elements = 1
+        for size in info.shape:
+            elements *= size
+        count += elements * (32 // bits) if info.dtype == "U32" and bits else elements
+    return count
+
+
 def activation_bytes(tensors: dict[str, TensorInfo]) -> int:
     """Bytes per activation element: the widest float dtype among the weights that are not
     quantisation scales or biases (2 when there is none)."""
@@ -99,6 +124,15 @@ def activation_bytes(tensors: dict[str, TensorInfo]) -> int:
         if info.dtype in _FLOAT_DTYPES and not name.endswith(_QUANTISATION_PARTS)
     ]
     return max(widths, default=DTYPE_BYTES["F16"])
+
+
+def _quantisation_bits(raw_config: dict[str, Any]) -> int | None:
+    quantisation = raw_config.get("quantization") or raw_config.get("quantization_config")
+    if isinstance(quantisation, dict):
+        bits = cast(dict[str, Any], quantisation).get("bits")
+        if isinstance(bits, int) and bits > 0:
+            return bits
+    return None
 
 
 def card_from_directory(
@@ -123,6 +157,9 @@ def card_from_directory(
     if not _has_chat_template(directory):
         raise ModelDirectoryError(directory, "no chat template (tokenizer_config.json or .jinja)")
     element_bytes = activation_bytes(tensors)
+    layer_zero = [name for name in tensors if _LAYER.match(name) and ".layers.0." in f".{name}"]
+    embedding = _module_bytes(tensors, "embed_tokens")
+    head = _module_bytes(tensors, "lm_head")
     return ModelCard(
         model_id=model_id,
         family=family,
@@ -135,6 +172,11 @@ def card_from_directory(
         ),
         context_length=config.context_length,
         activation_bytes_per_token=config.hidden_size * element_bytes,
+        vocab_size=config.vocab_size or 0,
+        embedding_bytes=embedding,
+        lm_head_bytes=head,
+        tied_embeddings=head == 0,
+        parameters_per_layer=_parameters(tensors, layer_zero, _quantisation_bits(raw_config)),
         source=source,
         weights_path=str(weights_path or directory),
     )

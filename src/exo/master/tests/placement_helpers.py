@@ -1,22 +1,35 @@
 """Builders and a brute-force reference for the placement tests and the benchmark."""
 
 import itertools
+import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
-from exo.master.placement_csp import (
+from exo.master.cost_model import (
+    BACKEND_PROFILES,
     CostModel,
+    CostModelConfig,
     PlacementDevice,
     StagePlan,
-    exclusion_reason,
 )
 from exo.shared.types.gpu import DeviceGPUState, GPUBackendName, GPUDeviceInfo
 from exo.shared.types.ids import DeviceId, NodeId
-from exo.shared.types.memory import GIB
+from exo.shared.types.instances import PlacementObjective
+from exo.shared.types.memory import GIB, MIB
 from exo.shared.types.models import ModelCard
 from exo.shared.types.node import NodeInfo
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
+
+SMALL_RESERVE_BYTES = 32 * MIB
+SMALL_RESERVES = CostModelConfig(
+    backends={
+        name: profile.model_copy(update={"memory_reserve_bytes": SMALL_RESERVE_BYTES})
+        for name, profile in BACKEND_PROFILES.items()
+    }
+)
+"""The default cost model with a 32 MiB reserve per backend: the tests' devices hold a few
+hundred MB, which the real reserves (a GiB or more) would leave empty."""
 
 
 def device(
@@ -141,21 +154,18 @@ def _compositions(total: int, caps: Sequence[int]) -> Iterator[list[int]]:
 
 
 def brute_force(
-    cost_model: CostModel, devices: Sequence[PlacementDevice], min_nodes: int = 1
+    cost_model: CostModel,
+    devices: Sequence[PlacementDevice],
+    min_nodes: int = 1,
+    objective: PlacementObjective = "latency",
 ) -> tuple[float, list[StagePlan]] | None:
-    """The optimum over every ordered subset and every contiguous split, honouring the
-    exclusion rule (healthy devices only while that is feasible)."""
-    healthy = [d for d in devices if exclusion_reason(d, cost_model.config) is None]
-    for pool in (healthy, list(devices)):
-        best = _brute_force_pool(cost_model, pool, min_nodes)
-        if best is not None:
-            return best
-    return None
-
-
-def _brute_force_pool(
-    cost_model: CostModel, devices: Sequence[PlacementDevice], min_nodes: int
-) -> tuple[float, list[StagePlan]] | None:
+    """The optimum over every ordered subset and every contiguous split: the least
+    ``predict_ms_per_token`` (latency) or ``predict_bottleneck_ms`` (throughput)."""
+    predict = (
+        cost_model.predict_bottleneck_ms
+        if objective == "throughput"
+        else cost_model.predict_ms_per_token
+    )
     n_layers = cost_model.model_card.n_layers
     best: tuple[float, list[StagePlan]] | None = None
     for size in range(1, min(len(devices), n_layers) + 1):
@@ -170,7 +180,19 @@ def _brute_force_pool(
                 stages = [
                     StagePlan(device=d, n_layers=c) for d, c in zip(ordered, counts, strict=True)
                 ]
-                cost = cost_model.predict_ms_per_token(stages)
+                cost = predict(stages)
                 if best is None or cost < best[0]:
                     best = (cost, stages)
     return best
+
+
+class SlowClock:
+    """A clock on a machine ``factor`` times slower: every interval it measures is
+    ``factor`` times longer. Patched over ``placement_csp._clock``."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.origin = time.perf_counter()
+
+    def __call__(self) -> float:
+        return self.origin + (time.perf_counter() - self.origin) * self.factor

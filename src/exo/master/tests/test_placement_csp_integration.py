@@ -5,6 +5,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from exo.master.cost_model import CostModel
 from exo.master.placement import (
     ModelDoesNotFitError,
     NoCandidateDevicesError,
@@ -12,10 +13,10 @@ from exo.master.placement import (
     _compute_device_scores,
     _has_heterogeneous_gpus,
     candidate_devices,
+    find_candidates,
     get_shard_assignments,
     place_instance,
 )
-from exo.master.placement_csp import CostModel
 from exo.master.tests.placement_helpers import NOW, gpu_info, gpu_state, node_info
 from exo.models.cards import get_model_card
 from exo.shared.types.commands import PlaceInstance
@@ -158,7 +159,7 @@ def test_homogeneous_cluster_takes_the_greedy_path_unchanged() -> None:
 
 
 def test_without_gpu_telemetry_the_cpus_get_the_greedy_split() -> None:
-    state = build_state(["a", "b"], ram_available_gb=4.0)
+    state = build_state(["a", "b"], ram_available_gb=5.0)
     instance = place(state, LLAMA_8B)
     assert instance.placement.strategy == "greedy"
     assert {shard.device_id for shard in instance.shards} == {"cpu:0"}
@@ -227,30 +228,47 @@ def test_equal_memory_twice_the_bandwidth_gets_more_layers() -> None:
     assert_well_formed(instance, 80)
 
 
-def test_a_throttling_device_is_excluded_while_others_fit() -> None:
+def test_a_throttling_device_is_left_out_when_the_optimum_does_without_it() -> None:
     state = build_state(
         ["a", "b", "c"],
         [gpu("a"), gpu("b", throttling=True, temperature_c=93.0), gpu("c")],
     )
     instance = place(state, LLAMA_8B)
     assert "b" not in {shard.node_id for shard in instance.shards}
-    assert any("excluded" in r and "throttling" in r for r in instance.placement.reasons)
+    assert any("not used" in r and "[throttling]" in r for r in instance.placement.reasons)
     scores = {score.node_id: score for score in instance.placement.device_scores}
     assert scores[NodeId("b")].thermal_score == 0.0
+
+
+def test_a_throttling_fast_device_is_still_used_when_it_wins() -> None:
+    """An H100 at half speed (1675 GB/s) still beats a cool RTX 3060 (360 GB/s)."""
+    state = build_state(
+        ["dc", "pc"],
+        [
+            gpu("dc", name="NVIDIA H100", memory_gb=80, bandwidth_gbps=3350, throttling=True),
+            gpu("pc", name="NVIDIA RTX 3060", memory_gb=12, bandwidth_gbps=360),
+        ],
+    )
+    instance = place(state, LLAMA_8B)
+    assert layers_by_device(instance) == {("dc", "cuda:0"): 32}
+    reason = next(r for r in instance.placement.reasons if "used although throttling" in r)
+    assert "still" in reason and "faster than the best placement without it" in reason
 
 
 def test_a_throttling_device_is_used_when_nothing_else_fits() -> None:
     state = build_state(
         ["a", "b"],
-        [gpu("a", memory_gb=3.5), gpu("b", memory_gb=3.5, throttling=True)],
+        [gpu("a", memory_gb=4.5), gpu("b", memory_gb=4.5, throttling=True)],
     )
     instance = place(state, LLAMA_8B)
     assert {shard.node_id for shard in instance.shards} == {"a", "b"}
-    assert any("used although" in r for r in instance.placement.reasons)
+    assert any(
+        "used although throttling: nothing fits without it" in r for r in instance.placement.reasons
+    )
     assert_well_formed(instance, 32)
 
 
-def test_an_unplugged_laptop_on_low_battery_is_excluded_while_others_fit() -> None:
+def test_an_unplugged_laptop_on_low_battery_is_left_out_while_others_fit() -> None:
     state = build_state(
         ["desk", "laptop"],
         [
@@ -260,7 +278,46 @@ def test_an_unplugged_laptop_on_low_battery_is_excluded_while_others_fit() -> No
     )
     instance = place(state, LLAMA_8B)
     assert {shard.node_id for shard in instance.shards} == {"desk"}
-    assert any("on battery" in r for r in instance.placement.reasons)
+    assert any("on low battery" in r for r in instance.placement.reasons)
+
+
+def test_noisy_utilisation_does_not_unbalance_equal_devices() -> None:
+    """Three equal CPU-class GPUs whose momentary readings differ (busy 55 % on one makes
+    the cluster uneven, so the solver runs): the two quiet ones still share evenly."""
+    slow = {"name": "Slow GPU", "memory_gb": 4.0, "bandwidth_gbps": 60.0, "tflops": 2.0}
+    state = build_state(
+        ["a", "b", "c"],
+        [
+            gpu("a", utilization=4.0, **slow),  # type: ignore[arg-type]
+            gpu("b", utilization=55.0, **slow),  # type: ignore[arg-type]
+            gpu("c", utilization=9.0, **slow),  # type: ignore[arg-type]
+        ],
+    )
+    instance = place(state, LLAMA_8B)
+    layers = layers_by_device(instance)
+    quiet = [layers.get(("a", "cuda:0"), 0), layers.get(("c", "cuda:0"), 0)]
+    assert abs(quiet[0] - quiet[1]) <= 1, layers
+
+
+def test_the_devices_running_our_shards_do_not_count_our_load() -> None:
+    state = build_state(["a", "b"], [gpu("a", utilization=90.0), gpu("b", utilization=90.0)])
+    first = place(state, LLAMA_8B)
+    assert first.placement.heterogeneous is False
+    busy_other = build_state(["a", "b"], [gpu("a", utilization=90.0), gpu("b", utilization=5.0)])
+    placed = place(busy_other, LLAMA_8B)
+    assert {shard.node_id for shard in placed.shards} == {"b"}
+    # Now node a runs our instance: its 90 % is ours, not a stranger's.
+    ours = busy_other.model_copy(update={"instances": {first.instance_id: first_on("a", first)}})
+    candidates = {d.node_id: d for d in find_candidates(ours).devices}
+    assert candidates[NodeId("a")].utilization_percent == 0.0
+    assert candidates[NodeId("b")].utilization_percent == 5.0
+
+
+def first_on(node: str, instance: Instance) -> Instance:
+    shard = instance.shards[0].model_copy(
+        update={"node_id": NodeId(node), "device_id": DeviceId("cuda:0")}
+    )
+    return instance.model_copy(update={"shards": [shard]})
 
 
 def test_a_node_with_two_unlike_gpus_is_placed_per_device() -> None:

@@ -26,6 +26,21 @@ class ModelCard(BaseModel):
     activation_bytes_per_token: int = Field(
         default=0, ge=0, description="Bytes of the hidden state sent between pipeline stages."
     )
+    vocab_size: int = Field(default=0, ge=0, description="Tokens in the vocabulary; 0 unknown.")
+    embedding_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Bytes of the token embedding (within non_layer_bytes); 0 unknown.",
+    )
+    lm_head_bytes: int = Field(
+        default=0, ge=0, description="Bytes of a separate LM head; 0 when tied or unknown."
+    )
+    tied_embeddings: bool = Field(
+        default=False, description="The LM head is the embedding matrix (read as a linear)."
+    )
+    parameters_per_layer: int = Field(
+        default=0, ge=0, description="Weights in one layer (for prompt FLOPs); 0 unknown."
+    )
     source: WeightsSource = "planning_only"
     weights_path: str | None = None
 

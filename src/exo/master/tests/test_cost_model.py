@@ -1,0 +1,316 @@
+"""The cost model against numbers worked out by hand from datasheets and published model
+configurations, so an error in the model shows here (the solver's tests use the model as
+their reference and cannot see one)."""
+
+import math
+
+import pytest
+
+from exo.master.cost_model import (
+    BACKEND_PROFILES,
+    PEER_LINKS,
+    CostModel,
+    CostModelConfig,
+    LinkCost,
+    PlacementDevice,
+    StagePlan,
+    device_condition,
+    usable_bytes,
+)
+from exo.master.placement import heterogeneity_reasons
+from exo.models.cards import get_model_card
+from exo.shared.types.ids import DeviceId, NodeId
+from exo.shared.types.memory import GIB
+from exo.shared.types.models import ModelCard
+
+# Llama 3.1 8B (config.json): 32 layers, hidden 4096, MLP 14336, 32 heads, 8 KV heads,
+# vocabulary 128256, untied head. 4-bit MLX quantisation: 4.5 bits per weight.
+LAYER_PARAMETERS = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096
+LAYER_BYTES = LAYER_PARAMETERS * 9 // 16  # 122,688,000
+EMBEDDING_BYTES = 128256 * 4096 * 9 // 16  # 295,501,824 (the head is the same size)
+KV_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # layers × (K, V) × KV heads × head dim × fp16 = 131,072
+
+
+def llama_8b() -> ModelCard:
+    card = get_model_card("Llama-3.1-8B-Instruct-4bit")
+    assert card is not None
+    return card
+
+
+def rtx_4090(node: str = "pc", device_id: str = "cuda:0", **live: object) -> PlacementDevice:
+    # NVIDIA's datasheet: 24 GB GDDR6X at 1008 GB/s, 165 fp16 TFLOPS (tensor, dense).
+    return PlacementDevice.model_validate(
+        {
+            "node_id": node,
+            "device_id": device_id,
+            "name": "NVIDIA GeForce RTX 4090",
+            "vendor": "NVIDIA",
+            "backend": "cuda",
+            "memory_total_bytes": 24 * GIB,
+            "memory_free_bytes": 24 * GIB,
+            "memory_bandwidth_gbps": 1008.0,
+            "peak_tflops_fp16": 165.0,
+            **live,
+        }
+    )
+
+
+def test_the_card_matches_the_published_configuration() -> None:
+    card = llama_8b()
+    assert card.layer_bytes == LAYER_BYTES == 122_688_000
+    assert card.embedding_bytes == card.lm_head_bytes == EMBEDDING_BYTES
+    assert not card.tied_embeddings
+    assert card.kv_cache_bytes_per_token == KV_PER_TOKEN
+    assert card.parameters_per_layer == LAYER_PARAMETERS
+
+
+def test_memory_need_of_llama_8b_includes_its_kv_cache() -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    final_norm = 4096 * 9 // 16  # 2,304 bytes
+    weights = 32 * LAYER_BYTES + 2 * EMBEDDING_BYTES + final_norm
+    kv_cache = 4096 * KV_PER_TOKEN  # the whole 4k context: 512 MiB
+    assert cost_model.memory_needed(32, True, True) == weights + kv_cache == 5_053_892_864
+    # Split in two: the first stage holds the embedding, the last the head and the norm.
+    assert cost_model.memory_needed(16, True, False) == 16 * LAYER_BYTES + EMBEDDING_BYTES + (
+        kv_cache // 2
+    )
+    assert cost_model.memory_needed(16, False, True) == (
+        16 * LAYER_BYTES + EMBEDDING_BYTES + final_norm + kv_cache // 2
+    )
+
+
+def test_a_tied_embedding_is_held_once_by_a_lone_stage_and_by_both_ends_of_a_pipeline() -> None:
+    card = llama_8b().model_copy(update={"tied_embeddings": True, "lm_head_bytes": 0})
+    cost_model = CostModel(model_card=card.model_copy(update={"non_layer_bytes": EMBEDDING_BYTES}))
+    alone = cost_model.stage_bytes(32, True, True)
+    assert alone == 32 * LAYER_BYTES + EMBEDDING_BYTES
+    assert cost_model.stage_bytes(16, True, False) + cost_model.stage_bytes(16, False, True) == (
+        32 * LAYER_BYTES + 2 * EMBEDDING_BYTES
+    )
+
+
+def test_ms_per_token_of_llama_8b_on_an_rtx_4090() -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    # Per token at a 2k context each layer reads its weights and KV cache, streamed at
+    # 1008 GB/s = 1.008e9 bytes per ms: 0.130 ms, under CUDA's 0.25 ms of kernel launches
+    # per layer, which the reads hide only up to their own length: max(0.25, 0.130).
+    layer_read = (LAYER_BYTES + 2048 * KV_PER_TOKEN / 32) / 1.008e9
+    assert layer_read == pytest.approx(0.13004, abs=1e-5)
+    # Then one embedding row and the whole LM head, and 0.6 ms per stage.
+    ends = (EMBEDDING_BYTES / 128256 + EMBEDDING_BYTES) / 1.008e9
+    expected = 0.6 + 32 * max(0.25, layer_read) + ends  # 0.6 + 8 + 0.293 = 8.893 ms
+    stage = [StagePlan(device=rtx_4090(), n_layers=32)]
+    assert cost_model.predict_ms_per_token(stage) == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(8.893, abs=1e-3)
+
+
+def test_on_a_slow_gpu_the_reads_hide_the_host_time() -> None:
+    # A 3060 at 360 GB/s: 0.364 ms of reads per layer, longer than the launches.
+    cost_model = CostModel(model_card=llama_8b())
+    gpu = rtx_4090(memory_bandwidth_gbps=360.0)
+    layer_read = (LAYER_BYTES + 2048 * KV_PER_TOKEN / 32) / 3.6e8
+    assert cost_model.layer_ms(gpu) == pytest.approx(layer_read)
+    assert cost_model.visible_host_ms_per_layer(gpu) == 0.0
+
+
+def test_a_hop_over_gigabit_ethernet_and_the_ring_closure() -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    a, b = rtx_4090("a"), rtx_4090("b")
+    # An fp16 hidden state of 4096 = 8192 bytes over 1 Gbit/s with 1 ms latency.
+    hop = 1.0 + 8192 * 8 / 1e6
+    assert cost_model.hop_ms(a, b) == pytest.approx(hop) == pytest.approx(1.065536)
+    stages = [StagePlan(device=a, n_layers=16), StagePlan(device=b, n_layers=16)]
+    stage_times = sum(cost_model.stage_times_ms(stages))
+    assert cost_model.predict_ms_per_token(stages) == pytest.approx(stage_times + 2 * hop)
+    # A measured 10 GbE link at 0.2 ms replaces the default both ways it was measured.
+    measured = {NodeId("a"): {NodeId("b"): LinkCost(latency_ms=0.2, bandwidth_mbps=10_000)}}
+    faster = CostModel(model_card=llama_8b(), links=measured)
+    assert faster.hop_ms(a, b) == pytest.approx(0.2 + 8192 * 8 / 1e7)
+    assert faster.hop_ms(b, a) == pytest.approx(hop)
+
+
+def test_same_node_hops_follow_the_reported_topology() -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    nvlinked = rtx_4090("n", "cuda:0", peer_links={"cuda:1": "nvlink"})
+    other = rtx_4090("n", "cuda:1")
+    nvlink = PEER_LINKS["nvlink"]
+    assert cost_model.hop_ms(nvlinked, other) == pytest.approx(
+        nvlink.latency_ms + 8192 * 8 / (nvlink.bandwidth_mbps * 1e3)
+    )
+    # The other direction reported nothing: through host memory.
+    host = PEER_LINKS["pcie_host"]
+    assert cost_model.hop_ms(other, nvlinked) == pytest.approx(
+        host.latency_ms + 8192 * 8 / (host.bandwidth_mbps * 1e3)
+    )
+
+
+def test_usable_memory_is_free_memory_less_a_fixed_reserve_per_backend() -> None:
+    config = CostModelConfig()
+    gpu = rtx_4090(memory_free_bytes=20 * GIB)
+    assert usable_bytes(gpu, config) == 20 * GIB - BACKEND_PROFILES["cuda"].memory_reserve_bytes
+    # The same reserve on an 80 GB card: not 5 % of it.
+    big = rtx_4090(memory_total_bytes=80 * GIB, memory_free_bytes=80 * GIB)
+    assert usable_bytes(big, config) == 79 * GIB
+
+
+def test_apple_memory_is_capped_by_its_wired_limit() -> None:
+    config = CostModelConfig()
+    mac = rtx_4090(backend="metal", memory_free_bytes=60 * GIB, max_working_set_bytes=48 * GIB)
+    assert usable_bytes(mac, config) == 48 * GIB - BACKEND_PROFILES["metal"].memory_reserve_bytes
+
+
+def test_conditions_are_speed_factors() -> None:
+    config = CostModelConfig()
+    assert device_condition(rtx_4090(), config).speed_factor == 1.0
+    assert device_condition(rtx_4090(is_thermal_throttling=True), config).speed_factor == 0.5
+    near = rtx_4090(temperature_c=86.0, throttle_threshold_c=90.0)
+    assert device_condition(near, config).speed_factor == 0.8
+    busy = device_condition(rtx_4090(utilization_percent=60.0), config)
+    assert busy.speed_factor == pytest.approx(0.4)
+    assert busy.busy
+    unplugged = rtx_4090(is_plugged_in=False, battery_percent=80.0)
+    assert device_condition(unplugged, config).speed_factor == 0.8
+    low = rtx_4090(is_plugged_in=False, battery_percent=10.0)
+    assert device_condition(low, config).speed_factor == 0.25
+    # A device fully used by others still counts for its minimum share, never zero.
+    assert device_condition(rtx_4090(utilization_percent=100.0), config).speed_factor == 0.05
+
+
+def test_throttling_halves_the_gpus_reads_but_not_the_host() -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    cool, hot = rtx_4090(), rtx_4090(is_thermal_throttling=True)
+    assert cost_model.ms_for_bytes(hot, 1e9) == pytest.approx(
+        2 * cost_model.ms_for_bytes(cool, 1e9)
+    )
+    assert cost_model.stage_fixed_ms(hot) == cost_model.stage_fixed_ms(cool)
+    assert cost_model.layer_ms(hot) == pytest.approx(
+        max(0.25, 2 * (LAYER_BYTES + 2048 * KV_PER_TOKEN / 32) / 1.008e9)
+    )
+
+
+def test_calibration_compares_with_the_stage_in_ideal_condition() -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    ideal = cost_model.stage_ms(rtx_4090(), 32, True, True)
+    worn = rtx_4090(calibration_factor=2.0, utilization_percent=50.0, is_thermal_throttling=True)
+    assert cost_model.base_stage_ms(worn, 32, True, True) == pytest.approx(ideal)
+    assert cost_model.stage_ms(worn, 32, True, True) > 2 * ideal
+
+
+def test_calibration_scales_the_stage() -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    plain = cost_model.stage_time(rtx_4090(), 32, True, True)
+    slow = cost_model.stage_time(rtx_4090(calibration_factor=3.0), 32, True, True)
+    assert slow.uncalibrated_ms == pytest.approx(plain.uncalibrated_ms)
+    assert slow.total_ms == pytest.approx(3.0 * plain.total_ms)
+
+
+def test_the_programme_terms_add_up_to_the_stage_time() -> None:
+    """The solver adds layer, first, last and fixed terms; they must equal stage_ms."""
+    cost_model = CostModel(model_card=llama_8b())
+    device = rtx_4090(utilization_percent=30.0, calibration_factor=1.7)
+    for is_first in (False, True):
+        for is_last in (False, True):
+            parts = (
+                7 * cost_model.layer_ms(device)
+                + cost_model.stage_fixed_ms(device)
+                + (cost_model.first_extra_ms(device) if is_first else 0.0)
+                + (cost_model.last_extra_ms(device) if is_last else 0.0)
+            )
+            assert parts == pytest.approx(cost_model.stage_ms(device, 7, is_first, is_last))
+
+
+def test_time_to_first_token_adds_the_prompts_compute() -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    stage = [StagePlan(device=rtx_4090(), n_layers=32)]
+    flops = 2.0 * 512 * 32 * LAYER_PARAMETERS + 2.0 * 128256 * 4096
+    compute_ms = flops / (165.0 * 0.5 * 1e9)  # half of peak fp16
+    expected = cost_model.predict_ms_per_token(stage) + compute_ms
+    assert cost_model.predict_time_to_first_token_ms(stage) == pytest.approx(expected)
+    assert compute_ms == pytest.approx(86.6, abs=0.1)
+
+
+def test_throughput_is_paced_by_the_slowest_stage_and_its_hop() -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    a, b = rtx_4090("a"), rtx_4090("b", is_thermal_throttling=True)
+    stages = [StagePlan(device=a, n_layers=16), StagePlan(device=b, n_layers=16)]
+    times = cost_model.stage_times_ms(stages)
+    hops = cost_model.hop_times_ms(stages)
+    assert cost_model.predict_bottleneck_ms(stages) == pytest.approx(times[1] + hops[1])
+    assert times[1] > times[0]
+
+
+@pytest.mark.parametrize(
+    ("larger_gb", "unlike"),
+    [(26.4, False), (26.5, True), (30.0, True)],
+)
+def test_heterogeneity_tolerance_is_ten_percent(larger_gb: float, unlike: bool) -> None:
+    """24 GB against 26.4 GB is 10 % apart: alike; 26.5 GB (10.4 %) and 30 GB are not."""
+    small = rtx_4090("a", memory_total_bytes=24 * GIB)
+    large = rtx_4090("b", memory_total_bytes=int(larger_gb * GIB))
+    reasons = heterogeneity_reasons([small, large])
+    assert bool(reasons) == unlike
+    if unlike:
+        assert "total memory differs by more than 10%" in reasons[0]
+
+
+@pytest.mark.parametrize(("faster", "unlike"), [(1108.0, False), (1110.0, True)])
+def test_heterogeneity_tolerance_applies_to_bandwidth(faster: float, unlike: bool) -> None:
+    reasons = heterogeneity_reasons([rtx_4090("a"), rtx_4090("b", memory_bandwidth_gbps=faster)])
+    assert bool(reasons) == unlike
+
+
+def test_small_utilisation_differences_do_not_make_devices_unlike() -> None:
+    quiet = rtx_4090("a", utilization_percent=3.0)
+    blip = rtx_4090("b", utilization_percent=41.0)
+    assert heterogeneity_reasons([quiet, blip]) == []
+    busy = rtx_4090("b", utilization_percent=55.0)
+    assert heterogeneity_reasons([quiet, busy]) != []
+
+
+def test_bandwidth_alone_does_not_decide_a_cpu_node() -> None:
+    """One CPU stage of the bundled-size model costs its measured host time, far more than
+    its bytes at 50 GB/s (the single-threaded MLX CPU backend)."""
+    card = ModelCard(
+        model_id="smol",
+        n_layers=30,
+        layer_bytes=2_216_448,
+        non_layer_bytes=31_852_800,
+        hidden_size=576,
+        kv_cache_bytes_per_token=46_080,
+        context_length=8192,
+        vocab_size=49152,
+        embedding_bytes=31_850_496,
+        tied_embeddings=True,
+    )
+    cpu = PlacementDevice(
+        node_id=NodeId("laptop"),
+        device_id=DeviceId("cpu:0"),
+        name="CPU",
+        vendor="cpu",
+        backend="cpu",
+        memory_total_bytes=16 * GIB,
+        memory_free_bytes=12 * GIB,
+        memory_bandwidth_gbps=50.0,
+        peak_tflops_fp16=0.5,
+        is_cpu_fallback=True,
+    )
+    cost_model = CostModel(model_card=card)
+    time = cost_model.stage_time(cpu, 30, True, True)
+    assert time.host_ms == pytest.approx(2.0 + 30 * 4.5)
+    assert time.host_ms > 30 * (time.weights_ms + time.kv_cache_ms)
+    assert math.isclose(time.total_ms, time.uncalibrated_ms)
+
+
+@pytest.mark.parametrize(
+    ("cores", "utilisation", "share"),
+    [(16, 50.0, 1.0), (2, 100.0, 2 / 3), (2, 50.0, 1.0), (1, 100.0, 0.5), (4, 100.0, 0.8)],
+)
+def test_a_cpus_share_for_one_thread_beside_others_load(
+    cores: int, utilisation: float, share: float
+) -> None:
+    cpu = rtx_4090(backend="cpu", cpu_cores=cores, utilization_percent=utilisation)
+    assert device_condition(cpu, CostModelConfig()).speed_factor == pytest.approx(share)
+    gpu = rtx_4090(utilization_percent=utilisation)
+    assert device_condition(gpu, CostModelConfig()).speed_factor == pytest.approx(
+        max(0.05, 1 - utilisation / 100)
+    )
