@@ -22,7 +22,8 @@
    ``CostModel.predict_ms_per_token`` and the independent :func:`first_principles` model.
    Ratios are baseline / ours (> 1: ours faster); geometric means are over the scenarios
    where the placements differ, the worst case over every scenario where the baseline fits.
-3. **Solve time**: p50 / p99 of the solver alone at 16, 64, 128 and 256 devices (seeded
+3. **Solve time**: p50 / p99 of the whole decision (greedy split, scores, solver) at 16,
+   64, 128 and 256 devices (seeded
    random mixes, the 405B card: the most layers), with and without measured links, and
    how many solves fell back to greedy or hit the solver's work limit.
 
@@ -31,7 +32,7 @@ against the goals.
 """
 
 import argparse
-import inspect
+import gc
 import math
 import os
 import sys
@@ -59,8 +60,7 @@ from exo.master.cost_model import (
     PlacementDevice,
     StagePlan,
 )
-from exo.master.placement import greedy_stages, heterogeneity_reasons, score_devices
-from exo.master.placement_csp import ConstraintSatisfactionPlacement, SolveResult
+from exo.master.placement import StageChoice, choose_stages, greedy_stages
 from exo.models.cards import get_model_card
 from exo.shared.types.instances import PlacementObjective
 from exo.shared.types.models import ModelCard
@@ -75,67 +75,14 @@ TIMING_SIZES = (16, 64, 128, 256)
 TARGET_P99_MS: dict[int, float] = {16: 10.0, 64: 50.0, 256: 200.0}
 
 
-# --- our decision ----------------------------------------------------------------------------
-@dataclass
-class Decision:
-    stages: list[StagePlan]
-    strategy: str
-    """``greedy`` (devices alike, or no GPU telemetry), ``csp`` or ``greedy_fallback``."""
-    result: SolveResult | None = None
-
-
-SOLVER_ACCEPTS_OBJECTIVE = (
-    "objective" in inspect.signature(ConstraintSatisfactionPlacement).parameters
-)
-
-
-def _solver(
-    cost_model: CostModel,
-    devices: Sequence[PlacementDevice],
-    min_nodes: int,
-    greedy: Sequence[StagePlan] | None,
-    objective: PlacementObjective = "latency",
-) -> ConstraintSatisfactionPlacement:
-    """The solver as ``place_instance`` builds it (device scores order ties, greedy is the
-    fallback). The one place to follow the solver's interface when it moves."""
-    shard_size = (
-        max(cost_model.memory_needed(stage.n_layers, False, False) for stage in greedy)
-        if greedy
-        else cost_model.model_card.total_bytes // max(1, len(devices))
-    )
-    scores = {
-        (score.node_id, score.device_id): score.weighted_score
-        for score in score_devices(devices, shard_size, cost_model.links, cost_model.config)
-    }
-    if objective == "latency":
-        return ConstraintSatisfactionPlacement(
-            cost_model, devices, min_nodes=min_nodes, scores=scores, fallback=greedy
-        )
-    return ConstraintSatisfactionPlacement(
-        cost_model,
-        devices,
-        min_nodes=min_nodes,
-        scores=scores,
-        fallback=greedy,
-        objective=objective,
-    )
-
-
 def decide(
     cost_model: CostModel,
     devices: Sequence[PlacementDevice],
     min_nodes: int = 1,
     objective: PlacementObjective = "latency",
-) -> Decision:
-    """``place_instance``'s choice: greedy when there is no GPU telemetry (only CPU nodes)
-    or the devices are alike, else the solver with greedy as its fallback."""
-    greedy = greedy_stages(cost_model, devices, min_nodes)
-    telemetry = any(not device.is_cpu_fallback for device in devices)
-    if not telemetry or not heterogeneity_reasons(devices, cost_model.config):
-        return Decision(greedy or [], "greedy")
-    result = _solver(cost_model, devices, min_nodes, greedy, objective).solve()
-    strategy = "greedy_fallback" if result.used_fallback else "csp"
-    return Decision(list(result.stages), strategy, result)
+) -> StageChoice:
+    """``place_instance``'s choice, from the function it uses."""
+    return choose_stages(cost_model, devices, min_nodes=min_nodes, objective=objective)
 
 
 def our_decision(
@@ -371,7 +318,7 @@ def first_principles(stages: Sequence[StagePlan], card: ModelCard, links: Links)
 class Row:
     scenario: Scenario
     cost_model: CostModel
-    decision: Decision
+    decision: StageChoice
     placements: dict[str, list[StagePlan] | None]
     """"ours" and each baseline; None: the baseline does not fit."""
     ms: dict[str, dict[str, float | None]] = field(
@@ -697,9 +644,6 @@ def print_losses(rows: Sequence[Row]) -> int:
 
 def print_throughput(rows: Sequence[Row]) -> None:
     print("\nthroughput objective (bottleneck = slowest stage + its outgoing hop, ms):")
-    if not SOLVER_ACCEPTS_OBJECTIVE:
-        print("  the solver takes no objective= parameter: skipped")
-        return
     gains_cm: list[float] = []
     gains_fp: list[float] = []
     worse: list[str] = []
@@ -760,10 +704,7 @@ def print_timing(repeats: int, card: ModelCard) -> bool:
     print(header)
     print("-" * len(header))
     all_pass = True
-    warm = random_mix(16, 0)
-    _solver(
-        CostModel(model_card=card), warm, 1, greedy_stages(CostModel(model_card=card), warm)
-    ).solve()
+    decide(CostModel(model_card=card), random_mix(16, 0))  # warm-up
     for size in TIMING_SIZES:
         for measured in (False, True):
             timings: list[float] = []
@@ -774,16 +715,16 @@ def print_timing(repeats: int, card: ModelCard) -> bool:
                 devices = random_mix(size, seed)
                 links = random_links(devices, seed) if measured else {}
                 cost_model = CostModel(model_card=card, links=links)
-                greedy = greedy_stages(cost_model, devices)
-                solver = _solver(cost_model, devices, 1, greedy)
+                gc.collect()  # the bench's own garbage is not the solver's time
                 started, cpu_started = time.perf_counter(), time.thread_time()
-                result = solver.solve()
+                choice = decide(cost_model, devices)
                 timings.append((time.perf_counter() - started) * 1000.0)
                 cpu_timings.append((time.thread_time() - cpu_started) * 1000.0)
-                fallback += int(result.used_fallback)
-                work_limited += int(bool(getattr(result, "work_limited", False)))
-                timed_out += int(bool(getattr(result, "timed_out", False)))
-                no_fit += int(not result.stages)
+                result = choice.solver_result
+                fallback += int(choice.strategy == "greedy_fallback")
+                work_limited += int(result is not None and result.work_limited)
+                timed_out += int(result is not None and result.timed_out)
+                no_fit += int(not choice.stages)
             p50, p99 = percentile(timings, 0.5), percentile(timings, 0.99)
             target = TARGET_P99_MS.get(size)
             verdict = ""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from exo.master.cost_model import LinkCost, PlacementDevice
 from exo.shared.types.gpu import PeerLinkKind
-from exo.shared.types.ids import DeviceId, NodeId
+from exo.shared.types.ids import NodeId
 from exo.shared.types.memory import GIB
 from exo.shared.types.models import ModelCard
 
@@ -79,6 +79,47 @@ APPLE_WORKING_SET_FRACTION = 0.75
 
 
 # --- devices -------------------------------------------------------------------------------
+def _device(
+    node: str,
+    device_id: str,
+    key: str,
+    memory_gib: float | None,
+    used_gib: float,
+    **facts: object,
+) -> PlacementDevice:
+    """A catalogue device with ``used_gib`` of its memory taken; ``facts`` add live
+    readings and anything else ``PlacementDevice`` takes."""
+    spec = CATALOG[key]
+    total = int((spec.memory_gib if memory_gib is None else memory_gib) * GIB)
+    return PlacementDevice.model_validate(
+        {
+            "node_id": node,
+            "device_id": device_id,
+            "name": spec.name,
+            "vendor": spec.vendor,
+            "backend": spec.backend,
+            "memory_total_bytes": total,
+            "memory_free_bytes": max(0, total - int(used_gib * GIB)),
+            "memory_bandwidth_gbps": spec.bandwidth_gbps,
+            "peak_tflops_fp16": spec.tflops_fp16,
+            **facts,
+        }
+    )
+
+
+def _live(
+    util: float, temp_c: float, throttle_c: float, throttling: bool, battery: float | None
+) -> dict[str, object]:
+    return {
+        "utilization_percent": util,
+        "temperature_c": temp_c,
+        "throttle_threshold_c": throttle_c,
+        "is_thermal_throttling": throttling,
+        "battery_percent": 100.0 if battery is None else battery,
+        "is_plugged_in": battery is None,
+    }
+
+
 def gpu(
     node: str,
     key: str,
@@ -92,25 +133,8 @@ def gpu(
     battery: float | None = None,
 ) -> PlacementDevice:
     """A discrete NVIDIA GPU; ``battery`` set: the laptop is unplugged at that charge."""
-    spec = CATALOG[key]
-    total = int(spec.memory_gib * GIB)
-    return PlacementDevice(
-        node_id=NodeId(node),
-        device_id=DeviceId(f"cuda:{index}"),
-        name=spec.name,
-        vendor=spec.vendor,
-        backend=spec.backend,
-        memory_total_bytes=total,
-        memory_free_bytes=max(0, total - int(used_gib * GIB)),
-        memory_bandwidth_gbps=spec.bandwidth_gbps,
-        peak_tflops_fp16=spec.tflops_fp16,
-        utilization_percent=util,
-        temperature_c=temp_c,
-        throttle_threshold_c=throttle_c,
-        is_thermal_throttling=throttling,
-        battery_percent=100.0 if battery is None else battery,
-        is_plugged_in=battery is None,
-    )
+    live = _live(util, temp_c, throttle_c, throttling, battery)
+    return _device(node, f"cuda:{index}", key, None, used_gib, **live)
 
 
 def mac(
@@ -126,26 +150,11 @@ def mac(
     battery: float | None = None,
 ) -> PlacementDevice:
     """An Apple-silicon Mac: unified memory, the GPU's working set capped at 75 % of it."""
-    spec = CATALOG[key]
-    memory = spec.memory_gib if memory_gib is None else memory_gib
-    total = int(memory * GIB)
-    return PlacementDevice(
-        node_id=NodeId(node),
-        device_id=DeviceId("metal:0"),
-        name=spec.name,
-        vendor=spec.vendor,
-        backend=spec.backend,
-        memory_total_bytes=total,
-        memory_free_bytes=max(0, total - int(used_gib * GIB)),
-        memory_bandwidth_gbps=spec.bandwidth_gbps,
-        peak_tflops_fp16=spec.tflops_fp16,
-        utilization_percent=util,
-        temperature_c=temp_c,
-        throttle_threshold_c=throttle_c,
-        is_thermal_throttling=throttling,
-        battery_percent=100.0 if battery is None else battery,
-        is_plugged_in=battery is None,
-        max_working_set_bytes=int(total * APPLE_WORKING_SET_FRACTION),
+    total = int((CATALOG[key].memory_gib if memory_gib is None else memory_gib) * GIB)
+    live = _live(util, temp_c, throttle_c, throttling, battery)
+    working_set = int(total * APPLE_WORKING_SET_FRACTION)
+    return _device(
+        node, "metal:0", key, memory_gib, used_gib, max_working_set_bytes=working_set, **live
     )
 
 
@@ -153,21 +162,7 @@ def cpu(
     node: str, key: str, memory_gib: float | None = None, *, used_gib: float = 6.0
 ) -> PlacementDevice:
     """A node without a usable GPU that offers its CPU and RAM (datasheet bandwidth)."""
-    spec = CATALOG[key]
-    memory = spec.memory_gib if memory_gib is None else memory_gib
-    total = int(memory * GIB)
-    return PlacementDevice(
-        node_id=NodeId(node),
-        device_id=DeviceId("cpu:0"),
-        name=spec.name,
-        vendor=spec.vendor,
-        backend=spec.backend,
-        memory_total_bytes=total,
-        memory_free_bytes=max(0, total - int(used_gib * GIB)),
-        memory_bandwidth_gbps=spec.bandwidth_gbps,
-        peak_tflops_fp16=spec.tflops_fp16,
-        is_cpu_fallback=True,
-    )
+    return _device(node, "cpu:0", key, memory_gib, used_gib, is_cpu_fallback=True)
 
 
 def peered(devices: list[PlacementDevice], kind: PeerLinkKind) -> list[PlacementDevice]:

@@ -26,6 +26,7 @@ fixed reserve for its backend.
 """
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -124,10 +125,10 @@ BACKEND_PROFILES: dict[str, BackendProfile] = {
     "cuda": BackendProfile(
         memory_reserve_bytes=1 * GIB, host_ms_per_layer=0.25, host_ms_per_stage=0.6
     ),
-    # Not measured here: mlx-lm on Apple silicon runs small models at a few hundred
-    # tokens/s, about a tenth of a millisecond per layer.
+    # Not measured yet (no Apple machine here): CUDA's measured figures, so that neither
+    # GPU backend wins on an assumption; calibration replaces them on the first request.
     "metal": BackendProfile(
-        memory_reserve_bytes=1 * GIB, host_ms_per_layer=0.1, host_ms_per_stage=0.5
+        memory_reserve_bytes=1 * GIB, host_ms_per_layer=0.25, host_ms_per_stage=0.6
     ),
     # MLX's CPU backend on this project's 2-core CI machine: about 140 ms/token for the
     # bundled model's 30 layers on one stage (single-threaded; bench/calibration.py).
@@ -200,10 +201,10 @@ class StagePlan(BaseModel):
 
 
 # --- conditions ------------------------------------------------------------------------------
-class DeviceCondition(BaseModel):
-    """A device's live condition as the cost model sees it, with the speed it leaves."""
-
-    model_config = ConfigDict(frozen=True)
+@dataclass(frozen=True, slots=True)
+class DeviceCondition:
+    """A device's live condition as the cost model sees it, with the speed it leaves (a
+    plain value: the solver asks for it thousands of times per decision)."""
 
     hot: bool
     """Thermally throttling, or at or past its throttle threshold."""
@@ -450,7 +451,7 @@ class CostModel(BaseModel):
         return device_condition(device, self.config)
 
     def effective_bandwidth_gbps(self, device: PlacementDevice) -> float:
-        return effective_bandwidth_gbps(device, self.config)
+        return device.memory_bandwidth_gbps * self.condition(device).speed_factor
 
     def ms_for_bytes(self, device: PlacementDevice, n_bytes: float) -> float:
         """Time to stream ``n_bytes`` from device memory: bytes / (GB/s) in ms."""

@@ -28,10 +28,9 @@ from exo.master.cost_model import (
     device_condition,
     effective_bandwidth_gbps,
     link_ms,
-    node_link,
     usable_bytes,
 )
-from exo.master.placement_csp import ConstraintSatisfactionPlacement
+from exo.master.placement_csp import ConstraintSatisfactionPlacement, SolveResult
 from exo.shared.types.commands import PlaceInstance
 from exo.shared.types.execution import CPU_COMPUTE_DEVICE_ID, backend_of_device
 from exo.shared.types.gpu import (
@@ -47,6 +46,7 @@ from exo.shared.types.instances import (
     Instance,
     PlacementDecision,
     PlacementObjective,
+    PlacementStrategy,
     Shard,
 )
 from exo.shared.types.memory import format_bytes
@@ -420,15 +420,7 @@ def score_devices(
     best_bandwidth = max(bandwidth)
     node_ids = sorted({d.node_id for d in devices})
 
-    def hop_ms(source: NodeId, destination: NodeId) -> float:
-        return link_ms(node_link(links, source, destination, config), NETWORK_SCORE_PROBE_BYTES)
-
-    mean_link: dict[NodeId, float] = {}
-    for node in node_ids:
-        others = [other for other in node_ids if other != node]
-        if others:
-            costs = [hop_ms(node, other) + hop_ms(other, node) for other in others]
-            mean_link[node] = sum(costs) / (2 * len(costs))
+    mean_link = _mean_link_ms(node_ids, links, config)
     best_link = min(mean_link.values()) if mean_link else 0.0
 
     scores: list[GPUDeviceScore] = []
@@ -463,6 +455,30 @@ def score_devices(
             )
         )
     return scores
+
+
+def _mean_link_ms(
+    node_ids: Sequence[NodeId],
+    links: Mapping[NodeId, Mapping[NodeId, LinkCost]],
+    config: CostModelConfig,
+) -> dict[NodeId, float]:
+    """Each node's mean cost of a probe hop to and from the other nodes: every pair costs
+    the default link but the measured ones, so the sum is linear in the measured links."""
+    count = len(node_ids)
+    if count < 2:
+        return {}
+    wanted = set(node_ids)
+    default = link_ms(config.default_link, NETWORK_SCORE_PROBE_BYTES)
+    totals = dict.fromkeys(node_ids, 2 * default * (count - 1))
+    for source, destinations in links.items():
+        if source not in wanted:
+            continue
+        for destination, link in destinations.items():
+            if destination in wanted and destination != source:
+                extra = link_ms(link, NETWORK_SCORE_PROBE_BYTES) - default
+                totals[source] += extra
+                totals[destination] += extra
+    return {node: total / (2 * (count - 1)) for node, total in totals.items()}
 
 
 def _compute_device_scores(
@@ -710,6 +726,62 @@ def predict_instance(
     return cost_model.predict_ms_per_token(stages)
 
 
+class StageChoice(BaseModel):
+    """Which stages a placement takes and how it came to them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stages: list[StagePlan]
+    """Empty when nothing fits."""
+    strategy: PlacementStrategy
+    differences: list[str]
+    """Why the devices count as unlike (empty: the greedy split was taken)."""
+    greedy: list[StagePlan] | None
+    scores: list[GPUDeviceScore]
+    solver_result: SolveResult | None = None
+
+
+def choose_stages(
+    cost_model: CostModel,
+    devices: Sequence[PlacementDevice],
+    *,
+    min_nodes: int = 1,
+    objective: PlacementObjective = "latency",
+    budget_ms: float = 100.0,
+) -> StageChoice:
+    """The decision on values alone: the greedy split when the devices are alike, else the
+    solver (ranked by the devices' scores, the greedy split as its floor)."""
+    greedy = greedy_stages(cost_model, devices, min_nodes)
+    shard_size = (
+        max(cost_model.memory_needed(stage.n_layers, False, False) for stage in greedy)
+        if greedy is not None
+        else cost_model.model_card.total_bytes // max(1, len(devices))
+    )
+    scores = score_devices(devices, shard_size, cost_model.links, cost_model.config)
+    differences = heterogeneity_reasons(devices, cost_model.config)
+    if not differences:
+        return StageChoice(
+            stages=greedy or [], strategy="greedy", differences=[], greedy=greedy, scores=scores
+        )
+    result = ConstraintSatisfactionPlacement(
+        cost_model,
+        devices,
+        min_nodes=min_nodes,
+        budget_ms=budget_ms,
+        scores={(score.node_id, score.device_id): score.weighted_score for score in scores},
+        fallback=greedy,
+        objective=objective,
+    ).solve()
+    return StageChoice(
+        stages=result.stages,
+        strategy="greedy_fallback" if result.used_fallback else "csp",
+        differences=differences,
+        greedy=greedy,
+        scores=scores,
+        solver_result=result,
+    )
+
+
 def place_instance(
     command: PlaceInstance,
     state: State,
@@ -746,22 +818,20 @@ def place_instance(
     cost_model = CostModel(
         model_card=model_card, config=config, links=links_from_state(state.gpu_links)
     )
-    greedy = greedy_stages(cost_model, devices, min_nodes)
-    greedy_ms = cost_model.predict_ms_per_token(greedy) if greedy is not None else None
-    shard_size = (
-        max(cost_model.memory_needed(stage.n_layers, False, False) for stage in greedy)
-        if greedy is not None
-        else model_card.total_bytes // len(devices)
+    choice = choose_stages(
+        cost_model, devices, min_nodes=min_nodes, objective=objective, budget_ms=csp_budget_ms
     )
-    scores = score_devices(devices, shard_size, cost_model.links, config)
-    differences = heterogeneity_reasons(devices, config)
+    greedy = choice.greedy
+    greedy_ms = cost_model.predict_ms_per_token(greedy) if greedy is not None else None
+    scores = choice.scores
+    differences = choice.differences
     reasons = [f"telemetry only: {reason}" for reason in candidates.left_out]
-
-    if not differences:
-        if greedy is None or greedy_ms is None:
-            raise _does_not_fit(cost_model, devices, min_nodes)
-        stages = greedy
-        strategy = "greedy"
+    if not choice.stages:
+        raise _does_not_fit(cost_model, devices, min_nodes)
+    stages = choice.stages
+    strategy = choice.strategy
+    result = choice.solver_result
+    if result is None:
         reasons.append(
             "no GPU telemetry yet: greedy memory-proportional split"
             if not state.gpu_device_state
@@ -770,20 +840,6 @@ def place_instance(
         solve_ms = (time.perf_counter() - started) * 1000.0
     else:
         reasons.append("devices differ: " + "; ".join(differences) + " → constraint solver")
-        solver = ConstraintSatisfactionPlacement(
-            cost_model,
-            devices,
-            min_nodes=min_nodes,
-            budget_ms=csp_budget_ms,
-            scores={(score.node_id, score.device_id): score.weighted_score for score in scores},
-            fallback=greedy,
-            objective=objective,
-        )
-        result = solver.solve()
-        if not result.stages or result.predicted_ms_per_token is None:
-            raise _does_not_fit(cost_model, devices, min_nodes)
-        stages = result.stages
-        strategy = "greedy_fallback" if result.used_fallback else "csp"
         reasons.extend(result.reasons)
         solve_ms = result.solve_ms
         reasons.extend(

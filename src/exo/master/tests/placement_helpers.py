@@ -1,14 +1,18 @@
-"""Builders and a brute-force reference for the placement tests and the benchmark."""
+"""Builders, hypothesis strategies and a brute-force reference for the placement tests."""
 
 import itertools
 import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
 from exo.master.cost_model import (
     BACKEND_PROFILES,
     CostModel,
     CostModelConfig,
+    LinkCost,
     PlacementDevice,
     StagePlan,
 )
@@ -196,3 +200,69 @@ class SlowClock:
 
     def __call__(self) -> float:
         return self.origin + (time.perf_counter() - self.origin) * self.factor
+
+
+# --- hypothesis strategies shared by the solver's property tests --------------------------
+NODES = ["n0", "n1", "n2"]
+
+
+@st.composite
+def devices_strategy(
+    draw: st.DrawFn, min_devices: int = 1, max_devices: int = 5, roomy: bool = False
+) -> list[PlacementDevice]:
+    count = draw(st.integers(min_devices, max_devices))
+    sizes = [0.25, 0.5, 1.0, 2.0] if roomy else [0.15, 0.25, 0.5, 1.0]
+    devices: list[PlacementDevice] = []
+    for index in range(count):
+        memory_gb = draw(st.sampled_from(sizes))
+        devices.append(
+            device(
+                draw(st.sampled_from(NODES)),
+                f"cuda:{index}",
+                memory_gb=memory_gb,
+                free_gb=memory_gb * draw(st.sampled_from([0.5, 1.0])),
+                bandwidth_gbps=draw(st.sampled_from([40.0, 100.0, 400.0, 1000.0])),
+                utilization=draw(st.sampled_from([0.0, 0.0, 60.0])),
+                temperature_c=draw(st.sampled_from([50.0, 87.0, 95.0])),
+                throttling=draw(st.booleans()) and draw(st.booleans()),
+                battery_percent=draw(st.sampled_from([10.0, 100.0])),
+                plugged_in=draw(st.booleans()) or draw(st.booleans()),
+            )
+        )
+    return devices
+
+
+@st.composite
+def cost_model_strategy(
+    draw: st.DrawFn, links: str, min_layers: int = 2, max_layers: int = 12
+) -> CostModel:
+    n_layers = draw(st.integers(min_layers, max_layers))
+    card = small_model(
+        n_layers,
+        layer_mb=draw(st.sampled_from([50.0, 100.0])),
+        non_layer_mb=draw(st.sampled_from([0.0, 40.0, 400.0])),
+    )
+    measured: dict[NodeId, dict[NodeId, LinkCost]] = {}
+    if links == "uniform" and draw(st.booleans()):
+        shared = LinkCost(
+            latency_ms=draw(st.sampled_from([0.1, 2.0])),
+            bandwidth_mbps=draw(st.sampled_from([100.0, 10_000.0])),
+        )
+        measured = {NodeId(a): {NodeId(b): shared for b in NODES if b != a} for a in NODES}
+    elif links == "uneven":
+        for a in NODES:
+            for b in NODES:
+                if a != b:
+                    measured.setdefault(NodeId(a), {})[NodeId(b)] = LinkCost(
+                        latency_ms=draw(st.sampled_from([0.2, 1.0, 3.0])),
+                        bandwidth_mbps=draw(st.sampled_from([100.0, 1000.0, 10_000.0])),
+                    )
+    return CostModel(model_card=card, links=measured, config=SMALL_RESERVES)
+
+
+FAST = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)

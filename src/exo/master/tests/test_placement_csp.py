@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exo.master import placement_csp
@@ -13,73 +13,16 @@ from exo.master.cost_model import CostModel, DeviceKey, LinkCost, PlacementDevic
 from exo.master.placement import greedy_stages
 from exo.master.placement_csp import ConstraintSatisfactionPlacement, _window_mins
 from exo.master.tests.placement_helpers import (
+    FAST,
     SMALL_RESERVES,
     SlowClock,
     brute_force,
+    cost_model_strategy,
     device,
+    devices_strategy,
     small_model,
 )
 from exo.shared.types.ids import NodeId
-
-NODES = ["n0", "n1", "n2"]
-
-
-@st.composite
-def devices_strategy(draw: st.DrawFn, max_devices: int = 5) -> list[PlacementDevice]:
-    count = draw(st.integers(1, max_devices))
-    devices: list[PlacementDevice] = []
-    for index in range(count):
-        memory_gb = draw(st.sampled_from([0.15, 0.25, 0.5, 1.0]))
-        devices.append(
-            device(
-                draw(st.sampled_from(NODES)),
-                f"cuda:{index}",
-                memory_gb=memory_gb,
-                free_gb=memory_gb * draw(st.sampled_from([0.5, 1.0])),
-                bandwidth_gbps=draw(st.sampled_from([40.0, 100.0, 400.0, 1000.0])),
-                utilization=draw(st.sampled_from([0.0, 0.0, 60.0])),
-                temperature_c=draw(st.sampled_from([50.0, 87.0, 95.0])),
-                throttling=draw(st.booleans()) and draw(st.booleans()),
-                battery_percent=draw(st.sampled_from([10.0, 100.0])),
-                plugged_in=draw(st.booleans()) or draw(st.booleans()),
-            )
-        )
-    return devices
-
-
-@st.composite
-def cost_model_strategy(draw: st.DrawFn, uniform_links: bool) -> CostModel:
-    n_layers = draw(st.integers(2, 12))
-    card = small_model(
-        n_layers,
-        layer_mb=draw(st.sampled_from([50.0, 100.0])),
-        non_layer_mb=draw(st.sampled_from([0.0, 40.0, 400.0])),
-    )
-    links: dict[NodeId, dict[NodeId, LinkCost]] = {}
-    if uniform_links:
-        if draw(st.booleans()):
-            shared = LinkCost(
-                latency_ms=draw(st.sampled_from([0.1, 2.0])),
-                bandwidth_mbps=draw(st.sampled_from([100.0, 10_000.0])),
-            )
-            links = {NodeId(a): {NodeId(b): shared for b in NODES if b != a} for a in NODES}
-    else:
-        for a in NODES:
-            for b in NODES:
-                if a != b:
-                    links.setdefault(NodeId(a), {})[NodeId(b)] = LinkCost(
-                        latency_ms=draw(st.sampled_from([0.2, 1.0, 3.0])),
-                        bandwidth_mbps=draw(st.sampled_from([100.0, 1000.0, 10_000.0])),
-                    )
-    return CostModel(model_card=card, links=links, config=SMALL_RESERVES)
-
-
-FAST = settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
 
 
 def exact(
@@ -128,7 +71,7 @@ def test_the_solver_relies_on_stage_time_being_linear_in_layers() -> None:
 @FAST
 @given(
     devices=devices_strategy(),
-    cost_model=cost_model_strategy(uniform_links=True),
+    cost_model=cost_model_strategy("uniform"),
     min_nodes=st.sampled_from([1, 1, 2]),
     with_fallback=st.booleans(),
 )
@@ -158,7 +101,7 @@ def test_solver_matches_brute_force_with_uniform_links(
 @FAST
 @given(
     devices=devices_strategy(max_devices=4),
-    cost_model=cost_model_strategy(uniform_links=False),
+    cost_model=cost_model_strategy("uneven"),
 )
 def test_solver_bound_brackets_brute_force_with_uneven_links(
     devices: list[PlacementDevice], cost_model: CostModel
@@ -193,7 +136,7 @@ def _processing_order(
 @settings(max_examples=80, deadline=None, derandomize=True)
 @given(
     devices=devices_strategy(),
-    cost_model=cost_model_strategy(uniform_links=True),
+    cost_model=cost_model_strategy("uniform"),
     limit=st.integers(0, 2_000),
     seed=st.integers(0, 1_000),
 )
@@ -232,7 +175,7 @@ def test_a_work_limited_answer_is_the_optimum_over_the_candidates_seen(
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(
     devices=devices_strategy(),
-    cost_model=cost_model_strategy(uniform_links=True),
+    cost_model=cost_model_strategy("uniform"),
 )
 def test_more_work_never_gives_a_worse_answer_nor_worse_than_the_fallback(
     devices: list[PlacementDevice], cost_model: CostModel
@@ -264,7 +207,7 @@ def test_more_work_never_gives_a_worse_answer_nor_worse_than_the_fallback(
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(
     devices=devices_strategy(),
-    cost_model=cost_model_strategy(uniform_links=True),
+    cost_model=cost_model_strategy("uniform"),
 )
 def test_exhausted_budget_returns_the_valid_fallback(
     devices: list[PlacementDevice], cost_model: CostModel
@@ -286,7 +229,7 @@ def test_exhausted_budget_returns_the_valid_fallback(
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(
     devices=devices_strategy(),
-    cost_model=cost_model_strategy(uniform_links=True),
+    cost_model=cost_model_strategy("uniform"),
 )
 def test_a_zero_work_limit_returns_the_fallback_deterministically(
     devices: list[PlacementDevice], cost_model: CostModel
@@ -386,7 +329,7 @@ def test_a_slow_clock_past_the_wall_cap_still_answers_validly(
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(
     devices=devices_strategy(),
-    cost_model=cost_model_strategy(uniform_links=False),
+    cost_model=cost_model_strategy("uneven"),
 )
 def test_solver_is_deterministic(devices: list[PlacementDevice], cost_model: CostModel) -> None:
     first = ConstraintSatisfactionPlacement(cost_model, devices, budget_ms=60_000).solve()

@@ -4,85 +4,25 @@ and how the two objectives relate."""
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exo.master import placement_csp
-from exo.master.cost_model import CostModel, LinkCost, PlacementDevice, StagePlan
+from exo.master.cost_model import CostModel, PlacementDevice, StagePlan
 from exo.master.placement import greedy_stages
 from exo.master.placement_csp import ConstraintSatisfactionPlacement, SolveResult
 from exo.master.tests.placement_helpers import (
+    FAST,
+    NODES,
     SMALL_RESERVES,
     SlowClock,
     brute_force,
+    cost_model_strategy,
     device,
+    devices_strategy,
     small_model,
 )
 from exo.shared.types.ids import DeviceId, NodeId
-
-NODES = ["n0", "n1", "n2"]
-
-
-@st.composite
-def devices_strategy(
-    draw: st.DrawFn, min_devices: int = 1, max_devices: int = 5, roomy: bool = False
-) -> list[PlacementDevice]:
-    count = draw(st.integers(min_devices, max_devices))
-    sizes = [0.25, 0.5, 1.0, 2.0] if roomy else [0.15, 0.25, 0.5, 1.0]
-    devices: list[PlacementDevice] = []
-    for index in range(count):
-        memory_gb = draw(st.sampled_from(sizes))
-        devices.append(
-            device(
-                draw(st.sampled_from(NODES)),
-                f"cuda:{index}",
-                memory_gb=memory_gb,
-                free_gb=memory_gb * draw(st.sampled_from([0.5, 1.0])),
-                bandwidth_gbps=draw(st.sampled_from([40.0, 100.0, 400.0, 1000.0])),
-                utilization=draw(st.sampled_from([0.0, 0.0, 60.0])),
-                temperature_c=draw(st.sampled_from([50.0, 87.0, 95.0])),
-                throttling=draw(st.booleans()) and draw(st.booleans()),
-                battery_percent=draw(st.sampled_from([10.0, 100.0])),
-                plugged_in=draw(st.booleans()) or draw(st.booleans()),
-            )
-        )
-    return devices
-
-
-@st.composite
-def cost_model_strategy(
-    draw: st.DrawFn, links: str, min_layers: int = 2, max_layers: int = 12
-) -> CostModel:
-    n_layers = draw(st.integers(min_layers, max_layers))
-    card = small_model(
-        n_layers,
-        layer_mb=draw(st.sampled_from([50.0, 100.0])),
-        non_layer_mb=draw(st.sampled_from([0.0, 40.0, 400.0])),
-    )
-    measured: dict[NodeId, dict[NodeId, LinkCost]] = {}
-    if links == "uniform" and draw(st.booleans()):
-        shared = LinkCost(
-            latency_ms=draw(st.sampled_from([0.1, 2.0])),
-            bandwidth_mbps=draw(st.sampled_from([100.0, 10_000.0])),
-        )
-        measured = {NodeId(a): {NodeId(b): shared for b in NODES if b != a} for a in NODES}
-    elif links == "uneven":
-        for a in NODES:
-            for b in NODES:
-                if a != b:
-                    measured.setdefault(NodeId(a), {})[NodeId(b)] = LinkCost(
-                        latency_ms=draw(st.sampled_from([0.2, 1.0, 3.0])),
-                        bandwidth_mbps=draw(st.sampled_from([100.0, 1000.0, 10_000.0])),
-                    )
-    return CostModel(model_card=card, links=measured, config=SMALL_RESERVES)
-
-
-FAST = settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
 
 
 def throughput(

@@ -290,9 +290,12 @@ def stream_local_pipeline(
     devices: list[str | None] | None = None,
     timeout_s: float = 120.0,
     run: LocalPipelineRun | None = None,
+    warm_up: bool = False,
 ) -> Iterator[GenerationChunk]:
     """Start ``world_size`` ranks, yield rank 0's chunks for ``request`` as they stream,
-    then shut the ranks down. Statuses, failures, return codes and stderr go into ``run``."""
+    then shut the ranks down. Statuses, failures, return codes and stderr go into ``run``.
+    ``warm_up``: serve the request once first, unrecorded (the runners report timings only
+    from their second request on)."""
     record = run if run is not None else LocalPipelineRun()
     pipeline = LocalPipeline(
         world_size,
@@ -304,6 +307,12 @@ def stream_local_pipeline(
     try:
         with pipeline:
             try:
+                if warm_up:
+                    warm = request.model_copy(
+                        update={"request_id": f"{request.request_id}-warm-up"}
+                    )
+                    for _ in pipeline.generate(warm):
+                        pass
                 for chunk in pipeline.generate(request):
                     record.chunks.append(chunk)
                     yield chunk
@@ -323,11 +332,19 @@ def run_local_pipeline(
     model_path: Path | None = None,
     devices: list[str | None] | None = None,
     timeout_s: float = 120.0,
+    warm_up: bool = False,
 ) -> LocalPipelineRun:
     """Run ``request`` on a local ``world_size``-rank pipeline and collect everything."""
     run = LocalPipelineRun()
     for _ in stream_local_pipeline(
-        world_size, request, layer_ranges, model_path, devices, timeout_s=timeout_s, run=run
+        world_size,
+        request,
+        layer_ranges,
+        model_path,
+        devices,
+        timeout_s=timeout_s,
+        run=run,
+        warm_up=warm_up,
     ):
         pass
     return run

@@ -4,8 +4,9 @@ Every rank times its own compute per decode step (:class:`StageClock`, fed by th
 and :func:`~exo.worker.runner.pipeline.serve_stage`); rank 0 also times the tokens as the
 engine receives them (:class:`TokenClock`). After a request, :class:`StageTimeReporter`
 turns them into one :class:`~exo.worker.runner.messages.StageTimeOutput` for the worker:
-only for a request with at least :data:`MIN_DECODE_TOKENS` decode tokens, and at most one
-per :data:`REPORT_INTERVAL_S` (the first always).
+only for a request with at least :data:`MIN_DECODE_TOKENS` decode tokens, not for the first
+such request after loading (:data:`WARM_UP_REQUESTS`), and at most one per
+:data:`REPORT_INTERVAL_S` (the first report always).
 
 A decode token is every generated token but the first: the first comes out of the forward
 of the prompt's last token and belongs to the time to first token.
@@ -22,6 +23,10 @@ MIN_DECODE_TOKENS = 4
 """Fewer decode tokens than this say too little about a device to be reported."""
 REPORT_INTERVAL_S = 5.0
 """A runner reports at most one measurement this often."""
+WARM_UP_REQUESTS = 1
+"""Requests after loading whose timings are not reported: MLX allocates its buffers and
+caches its kernels during the first, which ran 10–15 % slower than the next ones here
+(bench/calibration.py)."""
 
 
 def median_ms(seconds: Sequence[float]) -> float:
@@ -96,17 +101,20 @@ class ReportThrottle:
 
 class StageTimeReporter:
     """Turns one request's timings into the message for the worker, or None when the
-    request was too short or the last report too recent."""
+    request was too short, warmed MLX up (the first long enough after loading) or the last
+    report is too recent."""
 
     def __init__(
         self,
         rank: int,
         throttle: ReportThrottle | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        warm_up_requests: int = WARM_UP_REQUESTS,
     ) -> None:
         self.rank = rank
         self.throttle = throttle if throttle is not None else ReportThrottle()
         self._monotonic = monotonic
+        self._warm_up_left = warm_up_requests
 
     def report(
         self, decode_steps: Sequence[float], tokens: TokenClock | None = None
@@ -116,6 +124,9 @@ class StageTimeReporter:
         if len(decode_steps) < MIN_DECODE_TOKENS:
             return None
         if tokens is not None and tokens.decode_tokens < MIN_DECODE_TOKENS:
+            return None
+        if self._warm_up_left > 0:
+            self._warm_up_left -= 1
             return None
         if not self.throttle.allow(self._monotonic()):
             return None

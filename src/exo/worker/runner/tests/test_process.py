@@ -21,6 +21,7 @@ def test_serves_requests_cancels_and_shuts_down() -> None:
         GenerateInput(request=GenerationRequest(request_id="a", prompt="Hello", max_tokens=3)),
         GenerateInput(request=GenerationRequest(request_id="empty")),  # no prompt: rejected
         GenerateInput(request=GenerationRequest(request_id="c", prompt="Hello", max_tokens=6)),
+        GenerateInput(request=GenerationRequest(request_id="d", prompt="Hello", max_tokens=6)),
         GenerateInput(
             request=GenerationRequest(
                 request_id="b",
@@ -55,9 +56,10 @@ def test_serves_requests_cancels_and_shuts_down() -> None:
     assert [f.request_id for f in failures] == ["empty"]
     assert "messages or a prompt" in failures[0].error
 
-    # "a" has too few decode tokens to report; "c" is the first report; "b" is too short
-    # or too soon after it.
+    # "a" has too few decode tokens to report; "c" warms MLX up and is not reported; "d"
+    # is the first report; "b" is too short or too soon after it.
     assert finals["c"].finish_reason == "length" and finals["c"].completion_tokens == 6
+    assert finals["d"].finish_reason == "length" and finals["d"].completion_tokens == 6
     stage_times = [o for o in outputs if isinstance(o, StageTimeOutput)]
     assert len(stage_times) == 1, stage_times
     report = stage_times[0]
@@ -69,7 +71,7 @@ def test_serves_requests_cancels_and_shuts_down() -> None:
     positions = [
         i
         for i, o in enumerate(outputs)
-        if o is report or (isinstance(o, ChunkOutput) and o.chunk is finals["c"])
+        if o is report or (isinstance(o, ChunkOutput) and o.chunk is finals["d"])
     ]
     assert outputs[positions[1]] is report
 

@@ -78,17 +78,17 @@ def _rank_zero_tokens(count: int) -> TokenClock:
 
 
 def test_reporter_needs_enough_decode_tokens() -> None:
-    reporter = StageTimeReporter(rank=1, monotonic=FakeMonotonic())
+    reporter = StageTimeReporter(rank=1, monotonic=FakeMonotonic(), warm_up_requests=0)
     assert reporter.report([0.01] * (MIN_DECODE_TOKENS - 1)) is None
     # A short request does not use up the first report.
     report = reporter.report([0.01] * MIN_DECODE_TOKENS)
     assert report is not None and report.tokens == MIN_DECODE_TOKENS
-    rank_zero = StageTimeReporter(rank=0, monotonic=FakeMonotonic())
+    rank_zero = StageTimeReporter(rank=0, monotonic=FakeMonotonic(), warm_up_requests=0)
     assert rank_zero.report([0.01] * 10, _rank_zero_tokens(MIN_DECODE_TOKENS)) is None
 
 
 def test_reporter_reports_rank_zero_end_to_end_and_others_stage_only() -> None:
-    rank_zero = StageTimeReporter(rank=0, monotonic=FakeMonotonic())
+    rank_zero = StageTimeReporter(rank=0, monotonic=FakeMonotonic(), warm_up_requests=0)
     report = rank_zero.report([0.02, 0.01, 0.03, 0.02, 0.9], _rank_zero_tokens(6))
     assert report is not None
     assert report.rank == 0
@@ -96,7 +96,9 @@ def test_reporter_reports_rank_zero_end_to_end_and_others_stage_only() -> None:
     assert report.ms_per_token == pytest.approx(50.0)
     assert report.time_to_first_token_ms == pytest.approx(200.0)
     assert report.tokens == 5
-    other = StageTimeReporter(rank=2, monotonic=FakeMonotonic()).report([0.004] * 7)
+    other = StageTimeReporter(rank=2, monotonic=FakeMonotonic(), warm_up_requests=0).report(
+        [0.004] * 7
+    )
     assert other is not None
     assert (other.rank, other.tokens, other.ms_per_token, other.time_to_first_token_ms) == (
         2,
@@ -109,10 +111,19 @@ def test_reporter_reports_rank_zero_end_to_end_and_others_stage_only() -> None:
 
 def test_reporter_reports_at_most_once_per_interval() -> None:
     time = FakeMonotonic()
-    reporter = StageTimeReporter(rank=1, monotonic=time)
+    reporter = StageTimeReporter(rank=1, monotonic=time, warm_up_requests=0)
     steps = [0.01] * 8
     assert reporter.report(steps) is not None
     time.now += REPORT_INTERVAL_S / 2
     assert reporter.report(steps) is None
     time.now += REPORT_INTERVAL_S / 2
     assert reporter.report(steps) is not None
+
+
+def test_the_first_long_enough_request_after_loading_warms_up_unreported() -> None:
+    reporter = StageTimeReporter(rank=1, monotonic=FakeMonotonic())
+    assert reporter.report([0.01] * 2) is None  # too short: not the warm-up either
+    assert reporter.report([0.02] * 8) is None  # the warm-up
+    report = reporter.report([0.01] * 8)
+    assert report is not None
+    assert report.stage_ms_per_token == pytest.approx(10.0)
