@@ -275,11 +275,11 @@ def find_candidates(state: State) -> Candidates:
             elif not per_node:
                 left_out.append(cpu_reason)
     return Candidates(
-        devices=[_with_history(device, state) for device in devices], left_out=left_out
+        devices=[_with_cluster_knowledge(device, state) for device in devices], left_out=left_out
     )
 
 
-def _with_history(device: PlacementDevice, state: State) -> PlacementDevice:
+def _with_cluster_knowledge(device: PlacementDevice, state: State) -> PlacementDevice:
     """What the cluster knows about ``device`` beyond its reading: a CPU's cores (from its
     node), its calibration from measured stage times, and that its load is ours when it
     runs one of our shards (our runners' work is not foreign load; they share the device
@@ -336,7 +336,7 @@ def heterogeneity_reasons(
     The rule: two or more devices, and they differ in backend, vendor or model name (among
     devices whose static facts are known), or in total memory or memory bandwidth by more
     than 10 % (max/min − 1), or in live condition as :func:`device_condition` judges it —
-    throttling or near the threshold, on (low) battery, busy (others use ≥ 50 %).
+    throttling or near the threshold, on (low) battery, busy (others leave at most half).
     """
     if len(devices) < 2:
         return []
