@@ -204,21 +204,6 @@ def test_calibration_scales_the_stage() -> None:
     assert slow.total_ms == pytest.approx(3.0 * plain.total_ms)
 
 
-def test_the_programme_terms_add_up_to_the_stage_time() -> None:
-    """The solver adds layer, first, last and fixed terms; they must equal stage_ms."""
-    cost_model = CostModel(model_card=llama_8b())
-    device = rtx_4090(utilization_percent=30.0, calibration_factor=1.7)
-    for is_first in (False, True):
-        for is_last in (False, True):
-            parts = (
-                7 * cost_model.layer_ms(device)
-                + cost_model.stage_fixed_ms(device)
-                + (cost_model.first_extra_ms(device) if is_first else 0.0)
-                + (cost_model.last_extra_ms(device) if is_last else 0.0)
-            )
-            assert parts == pytest.approx(cost_model.stage_ms(device, 7, is_first, is_last))
-
-
 def test_time_to_first_token_adds_the_prompts_compute() -> None:
     cost_model = CostModel(model_card=llama_8b())
     stage = [StagePlan(device=rtx_4090(), n_layers=32)]
