@@ -376,23 +376,25 @@ class CostModel(BaseModel):
 
     @property
     def last_extra_bytes(self) -> int:
-        """Held by the last stage: the final norm and the LM head (with a tied head, the
-        embedding again unless the last stage is also the first)."""
+        """Held by the last stage: every non-layer byte but the embedding (the final norm and
+        the LM head), and with a tied head the embedding again (unless the last stage is
+        also the first)."""
         card = self.model_card
-        rest = max(0, card.non_layer_bytes - self.embedding_bytes - self._own_head_bytes)
-        return self.head_bytes + rest
-
-    @property
-    def _own_head_bytes(self) -> int:
-        card = self.model_card
-        return card.lm_head_bytes if card.embedding_bytes and not card.tied_embeddings else 0
+        rest = max(0, card.non_layer_bytes - self.embedding_bytes)
+        tied = card.tied_embeddings and card.embedding_bytes > 0
+        return rest + (self.embedding_bytes if tied else 0)
 
     def stage_bytes(self, n_layers: int, is_first: bool, is_last: bool) -> int:
         """Weights a stage holds."""
         extras = (self.first_extra_bytes if is_first else 0) + (
             self.last_extra_bytes if is_last else 0
         )
-        if is_first and is_last and self.model_card.tied_embeddings:
+        if (
+            is_first
+            and is_last
+            and self.model_card.tied_embeddings
+            and self.model_card.embedding_bytes
+        ):
             extras -= self.embedding_bytes  # one copy serves both ends
         return n_layers * self.model_card.layer_bytes + extras
 

@@ -89,6 +89,17 @@ def test_a_tied_embedding_is_held_once_by_a_lone_stage_and_by_both_ends_of_a_pip
     )
 
 
+def test_a_card_without_embedding_facts_holds_its_non_layer_bytes_once() -> None:
+    """Half at each end, as before cards said where their embedding is."""
+    card = llama_8b().model_copy(
+        update={"embedding_bytes": 0, "lm_head_bytes": 0, "non_layer_bytes": 1_000_001}
+    )
+    cost_model = CostModel(model_card=card)
+    assert cost_model.stage_bytes(0, True, False) == 500_000
+    assert cost_model.stage_bytes(0, False, True) == 500_001
+    assert cost_model.stage_bytes(0, True, True) == 1_000_001
+
+
 def test_ms_per_token_of_llama_8b_on_an_rtx_4090() -> None:
     cost_model = CostModel(model_card=llama_8b())
     # Per token at a 2k context each layer reads its weights and KV cache, streamed at
