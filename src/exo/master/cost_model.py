@@ -453,7 +453,7 @@ class CostModel(BaseModel):
         return device_condition(device, self.config)
 
     def effective_bandwidth_gbps(self, device: PlacementDevice) -> float:
-        return device.memory_bandwidth_gbps * self.condition(device).speed_factor
+        return effective_bandwidth_gbps(device, self.config)
 
     def ms_for_bytes(self, device: PlacementDevice, n_bytes: float) -> float:
         """Time to stream ``n_bytes`` from device memory: bytes / (GB/s) in ms."""
@@ -490,10 +490,14 @@ class CostModel(BaseModel):
     def last_extra_ms(self, device: PlacementDevice) -> float:
         return self.ms_for_bytes(device, self.head_bytes) * device.calibration_factor
 
+    def _stage_host_ms(self, device: PlacementDevice) -> float:
+        """A stage's own host time per token, whatever its layers (uncalibrated)."""
+        profile = self.config.profile(device.backend)
+        return profile.host_ms_per_stage / self._host_speed(device)
+
     def stage_fixed_ms(self, device: PlacementDevice) -> float:
         """A stage's own host time per token, whatever its layers (calibrated)."""
-        profile = self.config.profile(device.backend)
-        return profile.host_ms_per_stage / self._host_speed(device) * device.calibration_factor
+        return self._stage_host_ms(device) * device.calibration_factor
 
     def stage_time(
         self, device: PlacementDevice, n_layers: int, is_first: bool, is_last: bool
@@ -505,8 +509,7 @@ class CostModel(BaseModel):
         return StageTime(
             weights_ms=self.ms_for_bytes(device, weights),
             kv_cache_ms=self.ms_for_bytes(device, n_layers * self.kv_read_bytes_per_layer),
-            host_ms=self.stage_fixed_ms(device) / device.calibration_factor
-            + n_layers * self.visible_host_ms_per_layer(device),
+            host_ms=self._stage_host_ms(device) + n_layers * self.visible_host_ms_per_layer(device),
             calibration_factor=device.calibration_factor,
         )
 
