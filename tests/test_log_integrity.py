@@ -210,6 +210,34 @@ def test_a_lone_node_with_a_damaged_log_refuses_to_start(tmp_path: Path) -> None
     assert sorted(log_file(node).parent.iterdir()) == files_before, "a file was set aside"
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"garbage, not a snapshot\n", b'0badc0de {"idx": 3, "term": 1, "state": {}}\n'],
+    ids=["garbage", "bad-checksum"],
+)
+def test_a_lone_node_with_a_damaged_snapshot_refuses_to_start(
+    tmp_path: Path, content: bytes
+) -> None:
+    node = ExoNode(tmp_path / "home", [])
+    snapshot = node.home / "events" / "snapshot.json"
+    snapshot.parent.mkdir(parents=True)
+    snapshot.write_bytes(content)
+    try:
+        node.start()
+        wait_until(node.process_exited, 20.0, "the node to refuse to start")
+    finally:
+        node.kill()
+    assert node.process is not None
+    output = node.log_text()
+    assert node.process.returncode == 2, output
+    assert "Traceback" not in output, output
+    last_line = output.rstrip("\n").splitlines()[-1]
+    assert str(snapshot) in last_line and "damaged" in last_line, last_line
+    assert "move" in last_line and str(snapshot.parent) in last_line, last_line
+    assert not re.search(r"[.!?]\s+[A-Z]", last_line), f"more than one sentence: {last_line}"
+    assert snapshot.read_bytes() == content, "the damaged snapshot was changed"
+
+
 @contextlib.contextmanager
 def small_tmpfs(directory: Path, size: str) -> Generator[Path]:
     """Mount a tmpfs of the given size on directory (skips the test where that is not

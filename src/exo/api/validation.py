@@ -9,7 +9,10 @@ Every JSON body the API takes is an :class:`ApiRequest`:
 * unknown fields are refused, except where an OpenAI-compatible endpoint must ignore them.
 
 Validation errors name the field and the problem but never echo the value, so a large
-body never comes back in the answer.
+body never comes back in the answer. The field names themselves come from the body too
+(an unknown key is its own location), so each part of a location is cut to
+:data:`MAX_LOCATION_PART` characters and only the first :data:`MAX_ERRORS_DESCRIBED` errors
+are described: the reason stays under about 2 KB whatever the body.
 """
 
 from collections.abc import Sequence
@@ -19,6 +22,12 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 MAX_ID_LENGTH = 256
 """Longest model id or other identifier a request may carry."""
+MAX_LOCATION_PART = 64
+"""Longest part of an error's location (a field name, possibly the client's) described."""
+MAX_MESSAGE_LENGTH = 200
+"""Longest error message described (pydantic's own; a custom one may quote a location)."""
+MAX_ERRORS_DESCRIBED = 5
+"""Errors described one by one; the rest are counted."""
 
 
 def has_lone_surrogate(text: str) -> bool:
@@ -59,11 +68,22 @@ class ApiRequest(BaseModel):
         return self
 
 
+def _shortened(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
 def describe_errors(errors: Sequence[Any]) -> str:
-    """``field: problem`` for each validation error, without the offending input."""
+    """``field: problem`` for the first few validation errors, without the offending input
+    and with long field names cut, then how many more there are: a bounded text."""
     problems: list[str] = []
-    for error in errors:
-        location = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-        message = str(error.get("msg", "invalid"))
+    for error in errors[:MAX_ERRORS_DESCRIBED]:
+        parts = [str(part) for part in error.get("loc", ()) if part != "body"]
+        location = _shortened(
+            ".".join(_shortened(part, MAX_LOCATION_PART) for part in parts),
+            4 * MAX_LOCATION_PART,
+        )
+        message = _shortened(str(error.get("msg", "invalid")), MAX_MESSAGE_LENGTH)
         problems.append(f"{location}: {message}" if location else message)
+    if len(errors) > MAX_ERRORS_DESCRIBED:
+        problems.append(f"and {len(errors) - MAX_ERRORS_DESCRIBED} more")
     return "; ".join(problems)

@@ -17,9 +17,13 @@
   few seconds without a master it stands anyway. A node that cannot see a majority of the
   members alive does not stand at all (it could not win), so a cut-off node does not
   inflate its term.
+- **A disk that refuses the term file** (full, failing): the node neither votes nor stands
+  until it can write it again (a vote must be on disk before it is given); it still
+  follows a newer term and notes commits, in memory until the file can be written.
 - **Heartbeats.** Every node announces its term, the master it follows and where its log
-  ends every 0.5 s, and at once when it stores events (the announcement doubles as its
-  acknowledgement to the master). The master's announcement carries its commit index.
+  ends every 0.5 s, and as soon as it has stored and fsynced events (the announcement
+  doubles as its acknowledgement to the master). The master's announcement carries its
+  commit index.
 
 The master's side (indexing, commit index, quorum for writes) is in :mod:`exo.master.main`;
 keeping a follower's log equal to the master's is :mod:`exo.routing.event_sync`.
@@ -48,6 +52,8 @@ STAND_ANYWAY_AFTER_S = 3.0
 HEARD_RECENTLY_S = 2.0
 """A master heard from within this long still counts as present to a voter."""
 VOTE_TIMEOUT_S = 1.0
+TERM_WRITE_RETRY_S = 1.0
+"""A node that could not store the term it would stand in tries again after this long."""
 
 
 def log_position(store: EventStore) -> tuple[int, int]:
@@ -138,7 +144,8 @@ class Election:
             record = self._terms.record
             membership_idx = self._store.membership_idx
             if record.membership_committed_idx < membership_idx <= commit_idx:
-                self._terms.save(
+                # In memory at once; on disk now or, if the disk refuses, at the next flush.
+                self._terms.remember(
                     record.model_copy(update={"membership_committed_idx": membership_idx})
                 )
             self._store.compact_if_due(commit_idx)
@@ -209,6 +216,7 @@ class Election:
 
     async def _announce_loop(self) -> None:
         while True:
+            self._terms.flush()  # retries a term kept only in memory (the disk refused it)
             self.announce()
             await anyio.sleep(ANNOUNCE_INTERVAL_S)
 
@@ -230,8 +238,8 @@ class Election:
     async def _stand_loop(self) -> None:
         while True:
             await anyio.sleep(TICK_S)
-            if self._master is None and self._should_stand():
-                await self._stand()
+            if self._master is None and self._should_stand() and not await self._stand():
+                await anyio.sleep(TERM_WRITE_RETRY_S)
 
     def _should_stand(self) -> bool:
         if self._store.last_idx < self.stand_from_idx:
@@ -260,11 +268,14 @@ class Election:
         """Smaller stands first: the most up-to-date log, then the earliest start."""
         return (-position[0], -position[1], started_at_us, node)
 
-    async def _stand(self) -> None:
+    async def _stand(self) -> bool:
+        """Stand for master in the next term; False (nothing changed) when this node cannot
+        store that term and its vote for itself (the term store logged why)."""
         term = self.term + 1
-        self._terms.save(
+        if not self._terms.save(
             self._terms.record.model_copy(update={"term": term, "voted_for": self.node_id})
-        )
+        ):
+            return False
         last_term, last_idx = log_position(self._store)
         request = VoteRequest(
             candidate_id=self.node_id, term=term, last_event_idx=last_idx, last_log_term=last_term
@@ -289,7 +300,7 @@ class Election:
             elif reply.node_id != self.node_id:
                 refusals.append(f"{reply.node_id}: {reply.reason}")
         if self.term != term or self._master is not None:
-            return  # a newer term, or another master of this term, arrived meanwhile
+            return True  # a newer term, or another master of this term, arrived meanwhile
         if self.is_majority(granted):
             logger.info(f"elected master in term {term} with the votes of {sorted(granted)}")
             self._set_master(self.node_id)
@@ -300,6 +311,7 @@ class Election:
                 f"{'; ' + '; '.join(refusals) if refusals else ''}); trying again"
             )
             await anyio.sleep(random.uniform(0.2, 0.8))
+        return True
 
     # ---- what arrives -----------------------------------------------------------------
 
@@ -317,7 +329,11 @@ class Election:
 
     def _adopt_term(self, term: int, master: NodeId | None) -> None:
         logger.info(f"term {self.term} -> {term}" + (f", master {master}" if master else ""))
-        self._terms.save(self._terms.record.model_copy(update={"term": term, "voted_for": None}))
+        # Follow the newer term even when the disk refuses it (kept in memory, written by the
+        # next flush): no vote is given in it until it is on disk, so none is given twice.
+        self._terms.remember(
+            self._terms.record.model_copy(update={"term": term, "voted_for": None})
+        )
         self._set_master(master if master != self.node_id else None)
 
     def _on_announcement(self, key: str, payload: bytes) -> None:
@@ -364,7 +380,8 @@ class Election:
             return reply(False, f"already voted for {voted_for} in term {self.term}")
         if (request.last_log_term, request.last_event_idx) < log_position(self._store):
             return reply(False, "its log is behind this node's")
-        self._terms.save(self._terms.record.model_copy(update={"voted_for": candidate}))
+        if not self._terms.save(self._terms.record.model_copy(update={"voted_for": candidate})):
+            return reply(False, f"this node cannot store its vote ({self._terms.write_error})")
         return reply(True)
 
     def _master_present(self, master: NodeId) -> bool:

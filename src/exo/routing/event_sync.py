@@ -7,8 +7,11 @@
 - Divergence: before following a (new) master, the node makes its log a prefix of the
   master's, cutting a tail that differs or runs past the master's end. Such a tail was
   never committed (the vote rules give the master every committed event).
-- Acknowledgement: once aligned, every stored event moves this node's match index, which
-  its next announcement (sent at once) reports to the master for the commit count.
+- Acknowledgement: once aligned, stored events move this node's match index, which its
+  next announcement (sent at once) reports to the master for the commit count. Only events
+  on stable storage count (Raft): the log is fsynced first, once for all the events stored
+  since the last acknowledgement (a burst of them shares one fsync), and a failed fsync
+  acknowledges only what an earlier one covered.
 - Compaction: a node serves ranges of its own log and, for the part it has compacted
   away, its state snapshot; a node that needs events its source no longer holds installs
   that snapshot and goes on from there.
@@ -30,6 +33,7 @@ from exo.shared.types.ids import NodeId
 MAX_EVENTS_PER_REPLY = 1000
 MAX_BUFFERED_EVENTS = 20_000
 VERIFY_WINDOW = 256
+ACKNOWLEDGE_RETRY_S = 1.0
 
 
 class LogSourceUnavailableError(Exception):
@@ -46,6 +50,7 @@ class EventSync:
         self._buffer: dict[int, IndexedEvent] = {}
         self._verified_master: NodeId | None = None
         self._wakeup = anyio.Event()
+        self._acknowledge_due = anyio.Event()
         self._dropped_count = 0
 
     def start(self) -> None:
@@ -123,11 +128,18 @@ class EventSync:
         return True
 
     def _acknowledge(self) -> None:
-        """Tell the master how far this log now matches its own (if it is aligned)."""
+        """Acknowledge soon: the acknowledgement task fsyncs once for every event stored
+        before it runs, then announces the match index."""
+        self._acknowledge_due.set()
+
+    def acknowledge_now(self) -> None:
+        """Tell the master how far this log now matches its own (if it is aligned) and is
+        on stable storage: fsync first (one fsync for all events not yet synced)."""
         if self._verified_master is None or self._verified_master != self._election.master_node_id:
             return
-        if self._election.match_idx != self._store.last_idx:
-            self._election.match_idx = self._store.last_idx
+        durable = self._store.make_durable()
+        if self._election.match_idx != durable:
+            self._election.match_idx = durable
             self._election.announce()
 
     def _buffer_event(self, indexed: IndexedEvent) -> None:
@@ -263,7 +275,17 @@ class EventSync:
     # ---- loops -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        await self._follow_loop()
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._acknowledge_loop)
+            await self._follow_loop()
+
+    async def _acknowledge_loop(self) -> None:
+        while True:
+            # Also on a timer: after a failed fsync, a later one acknowledges the rest.
+            with anyio.move_on_after(ACKNOWLEDGE_RETRY_S):
+                await self._acknowledge_due.wait()
+            self._acknowledge_due = anyio.Event()
+            self.acknowledge_now()
 
     async def _follow_loop(self) -> None:
         while True:

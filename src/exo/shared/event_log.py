@@ -26,13 +26,16 @@ index is the next one.
   last line, cut like any bad last line).
 
 Writing: ``append`` writes a record with ``os.pwrite`` on an unbuffered descriptor (no
-buffered bytes can reach the file later) and does not fsync; ``sync`` fsyncs, on a timer and
-on close. When a write fails (disk full, I/O error, quota) the partial record is cut off
-again so the file holds only whole records (if even that fails, the cut is retried before
-the next write), the record counts as not stored, and ``LogWriteError`` is raised. When an
-fsync fails, the records written since the last good one stay in the file and the next
-``sync`` writes them again before it fsyncs, because the kernel may have dropped them while
-reporting the error only once.
+buffered bytes can reach the file later) and does not fsync; ``sync`` fsyncs, on a timer, on
+close, and before a node acknowledges records to its master (``durable_idx`` is the last
+record the last good fsync covered; records read at ``open`` count only after the first
+``sync``, as they may sit in the page cache of a process that crashed). When a write fails
+(disk full, I/O error, quota) the partial record is cut off again so the file holds only
+whole records (if even that fails, the cut is retried before the next write), the record
+counts as not stored, and ``LogWriteError`` is raised. When an fsync fails, the records
+written since the last good one stay in the file and the next ``sync`` writes them again
+before it fsyncs, because the kernel may have dropped them while reporting the error only
+once.
 """
 
 import errno
@@ -231,6 +234,8 @@ class DiskEventLog:
         self._sync_failed = False
         self._tail_dirty = False
         """The file may hold bytes past _end (a failed write that could not be cut off)."""
+        self._durable_idx = -1
+        """The last record a good fsync covered (base - 1: none)."""
 
     @property
     def path(self) -> Path:
@@ -240,6 +245,11 @@ class DiskEventLog:
     def base(self) -> int:
         """Index of the file's first record."""
         return self._base
+
+    @property
+    def durable_idx(self) -> int:
+        """The last index on stable storage: covered by a good fsync (base - 1: none)."""
+        return self._durable_idx
 
     @property
     def sync_failed(self) -> bool:
@@ -300,7 +310,11 @@ class DiskEventLog:
         self._offsets = offsets
         self._end = self._synced_end = end
         self._unsynced.clear()
-        self._dirty = self._sync_failed = self._tail_dirty = False
+        self._sync_failed = self._tail_dirty = False
+        # What was read may be in the page cache only (the last process crashed before its
+        # fsync): the first sync covers it before it counts as durable.
+        self._dirty = bool(offsets)
+        self._durable_idx = base - 1
         return scan.events
 
     def _warn_cut(self, scan: _Scan) -> None:
@@ -411,6 +425,7 @@ class DiskEventLog:
             raise LogWriteError(self._path, error) from error
         del self._offsets[keep:]
         self._end = cut_at
+        self._durable_idx = min(self._durable_idx, last_kept_idx)
         self._tail_dirty = False
         if cut_at < self._synced_end:
             self._synced_end = cut_at
@@ -440,6 +455,7 @@ class DiskEventLog:
         self._dirty = self._sync_failed = False
         self._synced_end = self._end
         self._unsynced.clear()
+        self._durable_idx = self._base + len(self._offsets) - 1
 
     def compact(self, first_kept_idx: int) -> None:
         """Drop the records before first_kept_idx (a snapshot holds their effect now): the
@@ -474,6 +490,7 @@ class DiskEventLog:
         self._end = self._synced_end = os.fstat(self._descriptor).st_size
         self._unsynced.clear()
         self._dirty = self._sync_failed = self._tail_dirty = False
+        self._durable_idx = base + len(offsets) - 1  # _replace_file fsynced it
 
     def _file_range(self, start: int, end: int) -> Iterator[bytes]:
         with self._path.open("rb") as handle:

@@ -10,6 +10,10 @@ snapshot and all of them are committed, the store writes a snapshot of the state
 (:mod:`exo.shared.snapshot`) and the disk log drops the records it covers. Indices go on
 from there; ``base`` is the first index still held as an event.
 
+Appends are not fsynced one by one: the disk log is fsynced on a timer and by
+:meth:`EventStore.make_durable`, which a node calls before it counts or acknowledges events
+as stored (Raft's stable storage); :attr:`EventStore.durable_idx` is how far that holds.
+
 Single-threaded by design: it is only touched from the event loop thread.
 """
 
@@ -271,6 +275,22 @@ class EventStore:
                 await self._changed.wait()
             return True
         return False
+
+    @property
+    def durable_idx(self) -> int:
+        """The last index on stable storage (fsynced, or in the snapshot); every held index
+        without a disk."""
+        if self._disk is None:
+            return self.last_idx
+        return max(min(self._disk.durable_idx, self.last_idx), self._base - 1)
+
+    def make_durable(self) -> int:
+        """fsync the events not on stable storage yet (one fsync for all of them; nothing
+        when there are none) and return :attr:`durable_idx`: ``last_idx``, or less when the
+        fsync failed (logged once and kept in write_error, as for :meth:`sync`). Call it
+        before counting or acknowledging events as stored."""
+        self.sync()
+        return self.durable_idx
 
     def sync(self) -> None:
         """fsync the disk log. A failure is logged and kept in write_error, not raised: the

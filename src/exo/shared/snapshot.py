@@ -44,7 +44,7 @@ def decode_snapshot(data: bytes, where: str) -> Snapshot:
     prefix, _, body = line.partition(b" ")
     try:
         if int(prefix, 16) != zlib.crc32(body):
-            raise SnapshotDamagedError(f"the state snapshot {where} fails its checksum")
+            raise SnapshotDamagedError(f"the state snapshot {where} is damaged (bad checksum)")
         return Snapshot.model_validate_json(body)
     except (ValueError, ValidationError) as error:
         if isinstance(error, SnapshotDamagedError):

@@ -1,5 +1,7 @@
 """Gap filling and divergence repair between two real zenoh sessions on loopback."""
 
+import errno
+import os
 import socket
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
@@ -18,6 +20,7 @@ from exo.routing.messages import GlobalEventMessage
 from exo.routing.router import Router, RouterConfig
 from exo.routing.term_store import TermStore
 from exo.routing.topics import Topics
+from exo.shared.event_log import LOG_FILE_NAME
 from exo.shared.event_store import EventStore
 from exo.shared.types.events import IndexedEvent, ProbeEmitted
 from exo.shared.types.ids import NodeId
@@ -178,3 +181,68 @@ async def test_a_follower_behind_a_compacted_log_installs_the_snapshot(tmp_path:
             ours, theirs = follower.store.event_at(idx), leader.store.event_at(idx)
             assert ours is not None and theirs is not None
             assert ours.event.event_id == theirs.event.event_id
+
+
+class LogFsyncs:
+    """os.fsync, watched for one node's event log file: counts the calls, and fails them
+    with EIO while ``failing`` (the disk boundary; nothing of the sync logic is replaced)."""
+
+    def __init__(self, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.log_path = str(home / LOG_FILE_NAME)
+        self.calls = 0
+        self.failing = False
+        real_fsync = os.fsync
+
+        def fsync(descriptor: int) -> None:
+            if os.readlink(f"/proc/self/fd/{descriptor}") == self.log_path:
+                self.calls += 1
+                if self.failing:
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real_fsync(descriptor)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+
+def acknowledged_by(leader: Stack, follower: Stack) -> int:
+    return leader.election.acknowledged().get(follower.node_id, -1)
+
+
+async def test_a_follower_fsyncs_a_batch_once_before_it_acknowledges_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with leader_and_follower(tmp_path) as (leader, follower):
+        await wait_for(lambda: acknowledged_by(leader, follower) == leader.store.last_idx)
+        fsyncs = LogFsyncs(tmp_path / "f", monkeypatch)
+        # 50 events the follower misses, then one broadcast: it fetches them as one batch.
+        for _ in range(50):
+            leader.store.append(
+                IndexedEvent(
+                    idx=leader.store.last_idx + 1, term=leader.election.term, event=probe()
+                )
+            )
+        leader.master.index(probe())
+        await wait_for(lambda: acknowledged_by(leader, follower) == leader.store.last_idx)
+        assert follower.store.durable_idx == leader.store.last_idx
+        assert 1 <= fsyncs.calls <= 3, fsyncs.calls  # per batch, not per event (51)
+
+
+async def test_a_follower_does_not_acknowledge_what_it_could_not_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with leader_and_follower(tmp_path) as (leader, follower):
+        await wait_for(lambda: acknowledged_by(leader, follower) == leader.store.last_idx)
+        acknowledged = acknowledged_by(leader, follower)
+        fsyncs = LogFsyncs(tmp_path / "f", monkeypatch)
+        fsyncs.failing = True
+        for _ in range(3):
+            leader.master.index(probe())
+        await wait_for(lambda: follower.store.last_idx == leader.store.last_idx)
+        assert follower.election.match_idx == acknowledged  # stored, but not fsynced
+        await wait_for(lambda: fsyncs.calls >= 2)  # it tried, and tried again
+        assert follower.store.write_error is not None
+        assert follower.election.match_idx == acknowledged
+        assert acknowledged_by(leader, follower) == acknowledged
+        # The disk works again: the retried fsync acknowledges the rest.
+        fsyncs.failing = False
+        await wait_for(lambda: acknowledged_by(leader, follower) == leader.store.last_idx)
+        assert follower.store.write_error is None

@@ -223,3 +223,40 @@ def test_load_raises_on_damage_and_salvages_when_asked(tmp_path: Path) -> None:
     salvaged.append(probe(3))
     salvaged.close()
     assert len(reloaded(tmp_path)) == 4
+
+
+def test_make_durable_fsyncs_once_for_all_and_reports_how_far_the_disk_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fsync = os.fsync
+    calls: list[int] = []
+    failing = [False]
+
+    def counting_fsync(descriptor: int) -> None:
+        calls.append(descriptor)
+        if failing[0]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(descriptor)
+
+    store = started_store(tmp_path)
+    for index in range(1, 5):
+        store.append(probe(index))
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    assert store.durable_idx == -1  # written, not fsynced
+    assert store.make_durable() == 4 and len(calls) == 1  # one fsync for all five
+    assert store.make_durable() == 4 and len(calls) == 1  # nothing new: no fsync
+    failing[0] = True
+    store.append(probe(5))
+    assert store.make_durable() == 4 and store.write_error is not None
+    failing[0] = False
+    assert store.make_durable() == 5 and store.write_error is None
+    store.truncate_after(3)
+    assert store.durable_idx == 3
+    store.close()
+    # What a restart reads may sit only in the page cache: durable after the first sync.
+    again = EventStore(tmp_path)
+    again.load()
+    assert again.durable_idx == -1
+    calls.clear()
+    assert again.make_durable() == 3 and len(calls) == 1
+    again.close()
