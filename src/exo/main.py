@@ -8,10 +8,12 @@ from pathlib import Path
 
 import anyio
 from loguru import logger
+from pydantic import ValidationError
 
 from exo.api.guard import ApiExposureError, check_api_exposure
 from exo.gpu.backend import GPUBackendError
 from exo.gpu.backends.simulated import load_simulated_file
+from exo.master.replacement import ReplacementConfig
 from exo.node import NodeConfig, StartupError, run_node
 from exo.routing.router import TlsFiles, TransportError, check_tls, validate_endpoint
 
@@ -140,6 +142,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory of MLX model directories to serve, one per subdirectory "
         "(default $EXO_MODELS_DIR)",
     )
+    defaults = ReplacementConfig()
+    parser.add_argument(
+        "--move-margin",
+        type=float,
+        default=defaults.move_margin,
+        metavar="SHARE",
+        help="move an instance when a fresh placement is predicted to save this share of its "
+        f"time per token (default {defaults.move_margin})",
+    )
+    parser.add_argument(
+        "--move-sustain",
+        type=float,
+        default=defaults.move_sustain_s,
+        metavar="SECONDS",
+        help=f"...for this long without a break (default {defaults.move_sustain_s:g})",
+    )
+    parser.add_argument(
+        "--max-moves-per-hour",
+        type=int,
+        default=defaults.max_moves_per_hour,
+        metavar="N",
+        help=f"moves per instance in any hour (default {defaults.max_moves_per_hour}; 0: never move)",
+    )
+    parser.add_argument(
+        "--move-settle",
+        type=float,
+        default=defaults.settle_s,
+        metavar="SECONDS",
+        help="no move is considered this long after a heal or move ends "
+        f"(default {defaults.settle_s:g})",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logs (-vv: trace)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     return parser
@@ -164,6 +197,18 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     tls_problem = check_tls(listen, connect, tls)
     if tls_problem is not None:
         raise StartupError(tls_problem)
+    try:
+        replacement = ReplacementConfig(
+            move_margin=args.move_margin,
+            move_sustain_s=args.move_sustain,
+            max_moves_per_hour=args.max_moves_per_hour,
+            settle_s=args.move_settle,
+        )
+    except ValidationError as error:
+        raise StartupError(
+            "--move-margin must be between 0 and 1 (exclusive), and --move-sustain, "
+            "--move-settle and --max-moves-per-hour must not be negative"
+        ) from error
     if not 0 < args.api_port < 65536:
         raise StartupError(f"--api-port {args.api_port} is not a port number (1-65535)")
     if args.link_probe_interval <= 0 or args.election_settle < 0:
@@ -214,6 +259,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         simulate_gpus_file=args.simulate_gpus,
         telemetry_interval_s=args.telemetry_interval,
         models_dir=models_dir,
+        replacement=replacement,
     )
 
 

@@ -20,6 +20,7 @@ from exo.api.context import ApiContext
 from exo.api.guard import guarded
 from exo.master.commands import handle_command
 from exo.master.main import Master
+from exo.master.replacement import ReplacementConfig
 from exo.models.cards import known_model_cards, register_model_card, use_weights_cache
 from exo.models.directory import scan_models_dir
 from exo.models.weights_cache import weights_cache_in
@@ -39,6 +40,7 @@ from exo.routing.term_store import TermStore, TermStoreError
 from exo.routing.topics import Topics
 from exo.shared.event_log import LogDamagedError
 from exo.shared.event_store import EventStore
+from exo.shared.snapshot import SnapshotDamagedError
 from exo.shared.types.ids import NodeId
 from exo.shared.types.models import ModelCard
 from exo.worker.link_probe import LinkProbeConfig, LinkProber
@@ -78,6 +80,8 @@ class NodeConfig:
     telemetry_interval_s: float = 2.0
     models_dir: Path | None = None
     """MLX model directories to offer (one model per subdirectory, id = its name)."""
+    replacement: ReplacementConfig = field(default_factory=ReplacementConfig)
+    """When this node, as master, heals and moves instances."""
 
 
 def lock_home(home: Path) -> IO[bytes]:
@@ -202,6 +206,14 @@ async def run_node(config: NodeConfig) -> None:
         api_socket.close()
         store.close()
         raise StartupError(f"cannot read the event log in {config.home}: {error}") from error
+    except SnapshotDamagedError as error:
+        api_socket.close()
+        store.close()
+        raise StartupError(
+            f"{error}, and the log after it cannot be replayed without it; restore the file "
+            f"from a backup, or move {config.home / 'events'} aside to start with an empty log "
+            "that the node refills from a cluster member (give --connect; alone it starts empty)"
+        ) from error
     except StartupError:
         api_socket.close()
         raise
@@ -229,7 +241,7 @@ async def run_node(config: NodeConfig) -> None:
     cluster = ClusterContext(node_id, router, topics, election, store)
     sync = EventSync(cluster)
     sender = LocalEventSender(cluster)
-    master = Master(cluster, handle_command)
+    master = Master(cluster, handle_command, config.replacement)
     link_prober = LinkProber(cluster, sender, LinkProbeConfig(config.link_probe_interval_s))
     sync.start()
     master.start()

@@ -12,11 +12,16 @@ from pydantic import Field
 from exo.api.chat import chat_routes, openai_error
 from exo.api.context import ApiContext
 from exo.api.validation import MAX_ID_LENGTH, ApiRequest, describe_errors
-from exo.master.commands import plan_instance
-from exo.shared.types.commands import CommandResult, DeleteInstance, PlaceInstance
-from exo.shared.types.events import InstanceCreated, ProbeEmitted
+from exo.master.planning import plan_instance
+from exo.shared.types.commands import (
+    CommandResult,
+    DeleteInstance,
+    PlaceInstance,
+    ReplaceInstance,
+)
+from exo.shared.types.events import InstanceCreated, InstanceReplacementStarted, ProbeEmitted
 from exo.shared.types.ids import InstanceId
-from exo.shared.types.instances import PlacementObjective
+from exo.shared.types.instances import PlacementObjective, RebalancePolicy
 
 MAX_EVENTS_PER_PAGE = 10_000
 
@@ -25,6 +30,7 @@ class PlaceInstanceRequest(ApiRequest):
     model_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     min_nodes: int = Field(default=1, ge=1, le=1024)
     objective: PlacementObjective = "latency"
+    rebalance: RebalancePolicy = "auto"
 
 
 def error_response(result: CommandResult) -> JSONResponse:
@@ -104,7 +110,10 @@ def create_app(context: ApiContext) -> FastAPI:
     @app.post("/instance", status_code=201)
     async def post_instance(request: PlaceInstanceRequest) -> JSONResponse:
         command = PlaceInstance(
-            model_id=request.model_id, min_nodes=request.min_nodes, objective=request.objective
+            model_id=request.model_id,
+            min_nodes=request.min_nodes,
+            objective=request.objective,
+            rebalance=request.rebalance,
         )
         result = await context.send_command(command)
         if not result.ok:
@@ -138,6 +147,31 @@ def create_app(context: ApiContext) -> FastAPI:
         if instance is None:
             return JSONResponse(status_code=404, content={"detail": "no such instance"})
         return JSONResponse(content=instance.model_dump(mode="json"))
+
+    @app.post("/instance/{instance_id}/replace")
+    async def replace_instance(instance_id: str) -> JSONResponse:
+        """Decide the instance's placement afresh now (no margin, no hourly limit). 202 with
+        the change when the new layout differs (it loads beside the serving one, make
+        before break); 200 with ``changed: false`` when the same layout is still best."""
+        result = await context.send_command(ReplaceInstance(instance_id=InstanceId(instance_id)))
+        if not result.ok:
+            return error_response(result)
+        instance = context.store.state.instances.get(InstanceId(instance_id))
+        if not result.event_indices:
+            return JSONResponse(
+                content={
+                    "changed": False,
+                    "detail": "a fresh decision gives the layout the instance has",
+                    "instance": instance.model_dump(mode="json") if instance else None,
+                }
+            )
+        started = context.store.event_at(result.event_indices[0])
+        change = (
+            started.event.replacement.change.model_dump(mode="json")
+            if started is not None and isinstance(started.event, InstanceReplacementStarted)
+            else None
+        )
+        return JSONResponse(status_code=202, content={"changed": True, "change": change})
 
     @app.delete("/instance/{instance_id}")
     async def delete_instance(instance_id: str) -> JSONResponse:

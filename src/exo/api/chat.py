@@ -19,14 +19,20 @@ from pydantic import ConfigDict, Field, field_validator
 
 from exo.api.context import ApiContext
 from exo.api.validation import MAX_ID_LENGTH, ApiRequest
-from exo.master.commands import instance_health
+from exo.master.commands import instances_for_model
 from exo.models.cards import known_model_cards
+from exo.shared.runner_sets import instance_health
 from exo.shared.types.commands import CancelTask, CommandResult, CreateChatTask
 from exo.shared.types.events import ChunkGenerated, Event, IndexedEvent
 from exo.shared.types.ids import TaskId
 from exo.shared.types.tasks import ChatCompletionParams, ChatMessage
 
 CLIENT_CHECK_INTERVAL_S = 0.5
+INSTANCE_WAIT_S = 30.0
+"""A request for a model whose instance is loading or healing waits this long for it to be
+ready; then it gets 503 with the instance's status."""
+READY_POLL_S = 0.1
+WAITING_STATUSES = ("loading", "healing")
 NO_PROGRESS_TIMEOUT_S = 120.0
 """A request whose instance produces nothing for this long fails instead of hanging."""
 
@@ -117,12 +123,9 @@ def chat_routes(context: ApiContext) -> APIRouter:
         # The master decides: no instance for the model (404), none ready (503), or a task.
         task_id = TaskId(str(uuid.uuid4()))
         events = context.store.subscribe()
-        command = CreateChatTask(
-            task_id=task_id, requested_by=context.node_id, params=request.params()
-        )
         # The prompt stays here until the serving runner's worker fetches it.
         context.prompts.hold(task_id, request.messages)
-        result = await context.send_command(command)
+        result = await _create_task(context, task_id, request)
         if not result.ok:
             context.prompts.release(task_id)
             events.close()
@@ -167,6 +170,34 @@ def chat_routes(context: ApiContext) -> APIRouter:
         )
 
     return router
+
+
+async def _create_task(
+    context: ApiContext, task_id: TaskId, request: ChatCompletionRequest
+) -> CommandResult:
+    """Ask the master for the task; while the model's instance loads or heals, wait for it
+    (up to INSTANCE_WAIT_S) and ask again."""
+    deadline = anyio.current_time() + INSTANCE_WAIT_S
+    while True:
+        command = CreateChatTask(
+            task_id=task_id, requested_by=context.node_id, params=request.params()
+        )
+        result = await context.send_command(command)
+        waiting = result.detail.get("instance_status") in WAITING_STATUSES
+        if result.ok or not waiting or anyio.current_time() >= deadline:
+            return result
+        with anyio.move_on_after(deadline - anyio.current_time()):
+            while _still_waiting(context, request.model):
+                await anyio.sleep(READY_POLL_S)
+
+
+def _still_waiting(context: ApiContext, model: str) -> bool:
+    """No instance of the model is ready, and one is loading or healing."""
+    state = context.store.state
+    statuses = {
+        instance_health(state, instance)[0] for instance in instances_for_model(state, model)
+    }
+    return "ready" not in statuses and bool(statuses & set(WAITING_STATUSES))
 
 
 async def _cancel_when_client_leaves(

@@ -14,6 +14,8 @@ membership in step with who is alive.
   unless a majority of the members answered this master within the last
   :data:`QUORUM_LEASE_S` seconds. The API acknowledges a write only once its events are
   committed (:mod:`exo.api.context`).
+- **Heals and moves.** The :class:`~exo.master.replacement.Rebalancer` heals instances
+  that lost a shard and moves those a fresh placement beats (:mod:`exo.master.replacement`).
 - **Membership, one change at a time.** A live node that is not a member is added
   (``MemberJoined``), a member whose liveliness is gone is removed (``NodeTimedOut``); the
   next change waits until the previous one is committed, so two majorities of successive
@@ -27,6 +29,7 @@ import anyio
 from loguru import logger
 from pydantic import ValidationError
 
+from exo.master.replacement import Rebalancer, ReplacementConfig
 from exo.routing.context import ClusterContext
 from exo.routing.messages import ElectionAnnouncement, GlobalEventMessage, LocalEventMessage
 from exo.shared.event_log import LogWriteError
@@ -50,7 +53,12 @@ MEMBERSHIP_TICK_S = 0.25
 
 
 class Master:
-    def __init__(self, context: ClusterContext, command_handler: CommandHandler) -> None:
+    def __init__(
+        self,
+        context: ClusterContext,
+        command_handler: CommandHandler,
+        replacement: ReplacementConfig | None = None,
+    ) -> None:
         self._router = context.router
         self._topics = context.topics
         self._election = context.election
@@ -61,6 +69,9 @@ class Master:
         self._term = -1
         self._last_membership_change = -1
         self._role_changed = anyio.Event()
+        self.rebalancer = Rebalancer(
+            self._store, self.index, lambda: self._active, replacement or ReplacementConfig()
+        )
 
     @property
     def is_active(self) -> bool:
@@ -82,6 +93,7 @@ class Master:
     async def run(self) -> None:
         async with anyio.create_task_group() as group:
             group.start_soon(self._membership_loop)
+            group.start_soon(self.rebalancer.run)
             while True:
                 await self._role_changed.wait()
                 self._role_changed = anyio.Event()
@@ -131,7 +143,7 @@ class Master:
             return
         election = self._election
         acknowledged = election.acknowledged()
-        acknowledged[self._node_id] = self._store.last_idx
+        acknowledged[self._node_id] = self._store.make_durable()
         for idx in range(self._store.last_idx, election.commit_idx, -1):
             held = self._store.event_at(idx)
             if held is None or held.term != self._term:

@@ -12,6 +12,7 @@ reasons and the device scores. See docs/placement.md.
 """
 
 import math
+import statistics
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -274,23 +275,47 @@ def find_candidates(state: State) -> Candidates:
                 devices.append(_cpu_device(node))
             elif not per_node:
                 left_out.append(cpu_reason)
+    priors = _calibration_priors(devices, state)
     return Candidates(
-        devices=[_with_cluster_knowledge(device, state) for device in devices], left_out=left_out
+        devices=[_with_cluster_knowledge(device, state, priors) for device in devices],
+        left_out=left_out,
     )
 
 
-def _with_cluster_knowledge(device: PlacementDevice, state: State) -> PlacementDevice:
+def _measured_factor(device: PlacementDevice, state: State) -> float | None:
+    calibration = state.device_calibration.get(device.node_id, {}).get(device.device_id)
+    return calibration.factor if calibration is not None and calibration.factor > 0 else None
+
+
+def _calibration_priors(devices: Sequence[PlacementDevice], state: State) -> dict[str, float]:
+    """Per backend, the median calibration of its measured devices: what a device of that
+    backend that has not run yet is assumed to be. Without it, a new device would be judged
+    by its datasheet against measured ones, and look faster than it is (the same software
+    stack misses its datasheet by much the same factor on every device of a backend)."""
+    factors: dict[str, list[float]] = {}
+    for device in devices:
+        factor = _measured_factor(device, state)
+        if factor is not None:
+            factors.setdefault(device.backend, []).append(factor)
+    return {backend: statistics.median(values) for backend, values in factors.items()}
+
+
+def _with_cluster_knowledge(
+    device: PlacementDevice, state: State, priors: Mapping[str, float]
+) -> PlacementDevice:
     """What the cluster knows about ``device`` beyond its reading: a CPU's cores (from its
-    node), its calibration from measured stage times, and that its load is ours when it
-    runs one of our shards (our runners' work is not foreign load; they share the device
-    only while both serve)."""
+    node), its calibration from measured stage times (or its backend's prior when it has
+    not been measured), and that its load is ours when it runs one of our shards (our
+    runners' work is not foreign load; they share the device only while both serve)."""
     update: dict[str, object] = {}
     node = state.nodes.get(device.node_id)
     if device.backend == "cpu" and node is not None and node.cpu_count > 0:
         update["cpu_cores"] = node.cpu_count
-    calibration = state.device_calibration.get(device.node_id, {}).get(device.device_id)
-    if calibration is not None and calibration.factor > 0:
-        update["calibration_factor"] = calibration.factor
+    factor = _measured_factor(device, state)
+    if factor is None:
+        factor = priors.get(device.backend)
+    if factor is not None:
+        update["calibration_factor"] = factor
     runs_ours = any(
         shard.node_id == device.node_id and shard.device_id == device.device_id
         for instance in state.instances.values()
@@ -335,8 +360,9 @@ def heterogeneity_reasons(
 
     The rule: two or more devices, and they differ in backend, vendor or model name (among
     devices whose static facts are known), or in total memory or memory bandwidth by more
-    than 10 % (max/min − 1), or in live condition as :func:`device_condition` judges it —
-    throttling or near the threshold, on (low) battery, busy (others leave at most half).
+    than 10 % (max/min − 1), or in measured speed (calibration) by more than 10 %, or in
+    live condition as :func:`device_condition` judges it — throttling or near the
+    threshold, on (low) battery, busy (others leave at most half).
     """
     if len(devices) < 2:
         return []
@@ -362,6 +388,13 @@ def heterogeneity_reasons(
         reasons.append(
             f"memory bandwidth differs by more than {HETEROGENEITY_TOLERANCE:.0%} "
             f"({min(bandwidths):.0f} to {max(bandwidths):.0f} GB/s)"
+        )
+    calibrations = [device.calibration_factor for device in devices]
+    if _spread(calibrations) > HETEROGENEITY_TOLERANCE:
+        reasons.append(
+            f"measured speed against the datasheet differs by more than "
+            f"{HETEROGENEITY_TOLERANCE:.0%} (calibration {min(calibrations):.2f}× to "
+            f"{max(calibrations):.2f}×)"
         )
     config = config or CostModelConfig()
     notes = [tuple(device_condition(device, config).notes) for device in devices]
@@ -707,10 +740,15 @@ def _objective_ms(
 
 
 def predict_instance(
-    instance: Instance, state: State, model_card: ModelCard, config: CostModelConfig | None = None
+    instance: Instance,
+    state: State,
+    model_card: ModelCard,
+    config: CostModelConfig | None = None,
+    objective: PlacementObjective = "latency",
 ) -> float | None:
     """The instance's own layout predicted with what ``state`` knows now (calibration
-    included): ms per generated token, or None when one of its devices is gone."""
+    included), in ``objective``'s terms (ms per generated token, or the bottleneck stage's
+    ms), or None when one of its devices is gone."""
     devices = {device.key: device for device in find_candidates(state).devices}
     stages: list[StagePlan] = []
     for shard in sorted(instance.shards, key=lambda shard: shard.rank):
@@ -723,7 +761,7 @@ def predict_instance(
         config=config or CostModelConfig(),
         links=links_from_state(state.gpu_links),
     )
-    return cost_model.predict_ms_per_token(stages)
+    return _objective_ms(cost_model, stages, objective)
 
 
 class StageChoice(BaseModel):
@@ -790,8 +828,13 @@ def place_instance(
     csp_budget_ms: float = 100.0,
     instance_id: InstanceId | None = None,
     config: CostModelConfig | None = None,
+    excluded: Mapping[tuple[NodeId, DeviceId], str] | None = None,
+    log_level: str = "INFO",
 ) -> Instance:
     """Place ``model_card`` on the cluster in ``state``; the Instance carries its decision.
+
+    ``excluded``: devices not to use, each with why (a heal leaves out the devices where
+    the instance's runners just failed).
 
     Raises NoCandidateDevicesError (no node offers a device), NotEnoughNodesError
     (``command.min_nodes`` cannot be met) or ModelDoesNotFitError (with needed and
@@ -801,6 +844,14 @@ def place_instance(
     started = time.perf_counter()
     config = config or CostModelConfig()
     candidates = find_candidates(state)
+    if excluded:
+        candidates = Candidates(
+            devices=[device for device in candidates.devices if device.key not in excluded],
+            left_out=[
+                *candidates.left_out,
+                *(f"{node}/{device} left out: {why}" for (node, device), why in excluded.items()),
+            ],
+        )
     devices = candidates.devices
     if not devices:
         why = f" ({'; '.join(candidates.left_out)})" if candidates.left_out else ""
@@ -870,11 +921,14 @@ def place_instance(
         model_id=model_card.model_id,
         shards=_shards(stages, cost_model),
         placement=decision,
+        min_nodes=min_nodes,
+        rebalance=command.rebalance,
     )
-    logger.info(
+    logger.log(
+        log_level,
         f"placed {model_card.model_id} ({strategy}, {objective}) on {len(stages)} device(s) "
         f"[{_describe(stages)}]: predicted {predicted:.2f} ms/token vs greedy "
         f"{decision.greedy_ms_per_token:.2f}, first token "
-        f"{decision.predicted_time_to_first_token_ms:.0f} ms, solved in {solve_ms:.1f} ms"
+        f"{decision.predicted_time_to_first_token_ms:.0f} ms, solved in {solve_ms:.1f} ms",
     )
     return instance

@@ -7,12 +7,13 @@ Dispatch is a ``match`` over the event union ending in ``assert_never``, so an e
 that is added to the union without a handler fails type checking.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import TypeVar, assert_never
 
 from loguru import logger
 
+from exo.shared.runner_sets import set_breakage
 from exo.shared.types.calibration import DeviceCalibration
 from exo.shared.types.events import (
     ChunkGenerated,
@@ -24,6 +25,10 @@ from exo.shared.types.events import (
     IndexedEvent,
     InstanceCreated,
     InstanceDeleted,
+    InstanceFailed,
+    InstanceReplaced,
+    InstanceReplacementAborted,
+    InstanceReplacementStarted,
     MasterElected,
     MemberJoined,
     NodeInfoReported,
@@ -36,10 +41,12 @@ from exo.shared.types.events import (
     TaskStatusUpdated,
 )
 from exo.shared.types.gpu import GPULink
-from exo.shared.types.ids import DeviceId, NodeId
+from exo.shared.types.ids import DeviceId, NodeId, RunnerId, TaskId
+from exo.shared.types.instances import CHANGES_KEPT, Instance, PlacementChange, Shard, rank_zero
 from exo.shared.types.node import NodeInfo
 from exo.shared.types.runners import RunnerState
 from exo.shared.types.state import State
+from exo.shared.types.tasks import Task
 
 V = TypeVar("V")
 
@@ -86,6 +93,14 @@ def apply_event(state: State, event: Event) -> State:
             return state.model_copy(update={"instances": instances})
         case InstanceDeleted():
             return apply_instance_deleted(state, event)
+        case InstanceReplacementStarted():
+            return apply_instance_replacement_started(state, event)
+        case InstanceReplaced():
+            return apply_instance_replaced(state, event)
+        case InstanceReplacementAborted():
+            return apply_instance_replacement_aborted(state, event)
+        case InstanceFailed():
+            return apply_instance_failed(state, event)
         case RunnerStatusUpdated():
             return apply_runner_status_updated(state, event)
         case TaskCreated():
@@ -137,6 +152,19 @@ def apply_node_memory_updated(state: State, event: NodeMemoryUpdated) -> State:
 
 def apply_node_timed_out(state: State, event: NodeTimedOut) -> State:
     node_id = event.node_id
+    lost_runners = {
+        runner_id for runner_id, runner in state.runners.items() if runner.node_id == node_id
+    }
+    tasks = _fail_tasks(
+        state.tasks,
+        lambda task: task.status == "running" and task.runner_id in lost_runners,
+        f"node {node_id} left while generating this request",
+    )
+    instances = {
+        instance_id: _without_retiring_on(instance, node_id)
+        for instance_id, instance in state.instances.items()
+    }
+    state = state.model_copy(update={"tasks": tasks, "instances": instances})
     return state.model_copy(
         update={
             "members": state.members - {node_id},
@@ -211,8 +239,18 @@ def apply_instance_deleted(state: State, event: InstanceDeleted) -> State:
 
 
 def apply_runner_status_updated(state: State, event: RunnerStatusUpdated) -> State:
-    if event.instance_id not in state.instances:
+    instance = state.instances.get(event.instance_id)
+    if instance is None:
         return state
+    runner_set = instance.runner_set(event.runner_id)
+    if runner_set is None:
+        # A runner of a set the instance no longer has (an aborted change, a dropped set).
+        return state.model_copy(update={"runners": _without_runners(state, {event.runner_id})})
+    if runner_set == "retiring" and event.status in ("shut_down", "failed"):
+        retiring = [s for s in instance.retiring_shards if s.runner_id != event.runner_id]
+        instances = {**state.instances, instance.instance_id: _with_retiring(instance, retiring)}
+        runners = _without_runners(state, {event.runner_id})
+        return state.model_copy(update={"instances": instances, "runners": runners})
     previous = state.runners.get(event.runner_id)
     runner = RunnerState(
         runner_id=event.runner_id,
@@ -224,6 +262,150 @@ def apply_runner_status_updated(state: State, event: RunnerStatusUpdated) -> Sta
         or (previous.compute_device if previous is not None else None),
     )
     return state.model_copy(update={"runners": {**state.runners, event.runner_id: runner}})
+
+
+# --- heals and moves ----------------------------------------------------------------------
+def _without_runners(state: State, runner_ids: set[RunnerId]) -> dict[RunnerId, RunnerState]:
+    return {k: v for k, v in state.runners.items() if k not in runner_ids}
+
+
+def _with_retiring(instance: Instance, kept: list[Shard]) -> Instance:
+    """The instance with only ``kept`` of its retiring set (its ring ports freed with the
+    last one)."""
+    if len(kept) == len(instance.retiring_shards):
+        return instance
+    endpoints = instance.retiring_ring_endpoints if kept else []
+    return instance.model_copy(
+        update={"retiring_shards": kept, "retiring_ring_endpoints": endpoints}
+    )
+
+
+def _without_retiring_on(instance: Instance, node_id: NodeId) -> Instance:
+    return _with_retiring(
+        instance, [shard for shard in instance.retiring_shards if shard.node_id != node_id]
+    )
+
+
+def _fail_tasks(
+    tasks: Mapping[TaskId, Task], which: Callable[[Task], bool], error: str
+) -> dict[TaskId, Task]:
+    return {
+        task_id: (
+            task.model_copy(update={"status": "failed", "error": error}) if which(task) else task
+        )
+        for task_id, task in tasks.items()
+    }
+
+
+def _with_change(instance: Instance, change: PlacementChange) -> list[PlacementChange]:
+    """The instance's change list with ``change`` recorded (replacing its earlier form)."""
+    kept = [known for known in instance.changes if known.change_id != change.change_id]
+    return [*kept, change][-CHANGES_KEPT:]
+
+
+def apply_instance_replacement_started(state: State, event: InstanceReplacementStarted) -> State:
+    instance = state.instances.get(event.instance_id)
+    if instance is None or instance.incoming is not None:
+        return state
+    replacement = event.replacement
+    updated = instance.model_copy(
+        update={"incoming": replacement, "changes": _with_change(instance, replacement.change)}
+    )
+    return state.model_copy(
+        update={"instances": {**state.instances, instance.instance_id: updated}}
+    )
+
+
+def apply_instance_replaced(state: State, event: InstanceReplaced) -> State:
+    """The incoming set serves. A sound old set retires (it finishes the requests bound to
+    it); a broken one is dropped and its requests that had not started move to the new
+    rank 0."""
+    instance = state.instances.get(event.instance_id)
+    incoming = instance.incoming if instance is not None else None
+    if instance is None or incoming is None or incoming.change.change_id != event.change_id:
+        return state
+    old = instance.shards
+    old_zero = rank_zero(old)
+    new_zero = rank_zero(incoming.shards)
+    broken = set_breakage(state, old) is not None
+    tasks = dict(state.tasks)
+    if broken and old_zero is not None and new_zero is not None:
+        for task_id, task in state.tasks.items():
+            if task.status == "pending" and task.runner_id == old_zero.runner_id:
+                tasks[task_id] = task.model_copy(update={"runner_id": new_zero.runner_id})
+    change = incoming.change.model_copy(
+        update={"outcome": "switched", "finished_at": event.switched_at}
+    )
+    retiring = [*instance.retiring_shards, *([] if broken else old)]
+    retiring_endpoints = [
+        *instance.retiring_ring_endpoints,
+        *([] if broken else instance.ring_endpoints),
+    ]
+    updated = instance.model_copy(
+        update={
+            "shards": incoming.shards,
+            "ring_endpoints": incoming.ring_endpoints,
+            "placement": incoming.placement,
+            "incoming": None,
+            "retiring_shards": retiring,
+            "retiring_ring_endpoints": retiring_endpoints,
+            "failure": None,
+            "changes": _with_change(instance, change),
+            "measured_ms_per_token": None,
+            "measured_time_to_first_token_ms": None,
+            "measured_at": None,
+        }
+    )
+    dropped = {shard.runner_id for shard in old} if broken else set[RunnerId]()
+    return state.model_copy(
+        update={
+            "instances": {**state.instances, instance.instance_id: updated},
+            "runners": _without_runners(state, dropped),
+            "tasks": tasks,
+        }
+    )
+
+
+def apply_instance_replacement_aborted(state: State, event: InstanceReplacementAborted) -> State:
+    instance = state.instances.get(event.instance_id)
+    incoming = instance.incoming if instance is not None else None
+    if instance is None or incoming is None or incoming.change.change_id != event.change_id:
+        return state
+    change = incoming.change.model_copy(
+        update={
+            "outcome": "aborted",
+            "outcome_reason": event.reason,
+            "failed_devices": event.failed_devices,
+            "finished_at": event.aborted_at,
+        }
+    )
+    updated = instance.model_copy(
+        update={"incoming": None, "changes": _with_change(instance, change)}
+    )
+    dropped = {shard.runner_id for shard in incoming.shards}
+    return state.model_copy(
+        update={
+            "instances": {**state.instances, instance.instance_id: updated},
+            "runners": _without_runners(state, dropped),
+        }
+    )
+
+
+def apply_instance_failed(state: State, event: InstanceFailed) -> State:
+    instance = state.instances.get(event.instance_id)
+    if instance is None:
+        return state
+    updated = instance.model_copy(update={"failure": event.reason})
+    tasks = _fail_tasks(
+        state.tasks,
+        lambda task: (
+            task.instance_id == event.instance_id and task.status in ("pending", "running")
+        ),
+        f"the instance failed: {event.reason}",
+    )
+    return state.model_copy(
+        update={"instances": {**state.instances, instance.instance_id: updated}, "tasks": tasks}
+    )
 
 
 def apply_task_status_updated(state: State, event: TaskStatusUpdated) -> State:

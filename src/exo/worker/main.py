@@ -22,7 +22,14 @@ from exo.worker.node_info import (
     gather_static_info,
     memory_changed_meaningfully,
 )
-from exo.worker.plan import CancelRunnerTask, ForwardTask, StartRunner, StopRunner, plan
+from exo.worker.plan import (
+    CancelRunnerTask,
+    ForwardTask,
+    StartRunner,
+    StopRunner,
+    plan,
+    runners_in_use,
+)
 from exo.worker.supervisor import RunnerSupervisor
 
 MEMORY_CHECK_INTERVAL_S = 2.0
@@ -142,12 +149,14 @@ class Worker:
                     case StartRunner():
                         await self.supervisor.start_runner(group, action.instance, action.shard)
                     case StopRunner():
-                        group.start_soon(self.supervisor.stop_runner, action.runner_id)
+                        group.start_soon(
+                            self.supervisor.stop_runner, action.runner_id, action.reason
+                        )
                     case ForwardTask():
                         await self.supervisor.forward_task(action.runner_id, action.task)
                     case CancelRunnerTask():
                         await self.supervisor.cancel_task(action.runner_id, action.task_id)
-            self.supervisor.forget_instance_runners(set(state.instances))
+            self.supervisor.forget_stopped_runners(runners_in_use(state))
             await wait_for_any(store_changed, runners_changed, timeout_s=PLAN_RECHECK_S)
 
 

@@ -2,11 +2,13 @@
 
 ``plan(state, node_id, local_runners)`` returns the actions, in order:
 
-1. stop a local runner whose instance is gone from the state, or another of whose
-   instance's runners failed (the pipeline is broken);
-2. start a runner for each shard assigned to a device of this node that has none;
-3. give a pending task to the instance's rank-0 runner once every runner of the
-   instance is ready (rank 0 drives the pipeline; the other ranks follow it);
+1. stop a local runner whose instance is gone, whose set the instance no longer has (an
+   aborted change), whose set broke (another of its runners failed or its node left:
+   the pipeline would block), or whose set retires and has no request left to finish;
+2. start a runner for each shard of the serving or incoming set assigned to a device of
+   this node that has none (make before break: both sets run during a move);
+3. give a pending task to the rank-0 runner it is bound to once every runner of that set
+   is ready (rank 0 drives the pipeline; the other ranks follow it);
 4. cancel, in the runner, a forwarded task the cluster cancelled.
 """
 
@@ -14,13 +16,12 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict
 
+from exo.shared.runner_sets import SERVING_STATUSES, set_breakage, set_ready
 from exo.shared.types.ids import InstanceId, NodeId, RunnerId, TaskId
-from exo.shared.types.instances import Instance, Shard
+from exo.shared.types.instances import Instance, RunnerSet, Shard, rank_zero
 from exo.shared.types.runners import RunnerStatus
 from exo.shared.types.state import State
 from exo.shared.types.tasks import Task
-
-SERVING_STATUSES: frozenset[RunnerStatus] = frozenset({"ready", "running"})
 
 
 class LocalRunner(BaseModel):
@@ -47,6 +48,7 @@ class StopRunner(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     runner_id: RunnerId
+    reason: str
 
 
 class ForwardTask(BaseModel):
@@ -66,23 +68,53 @@ class CancelRunnerTask(BaseModel):
 Action = StartRunner | StopRunner | ForwardTask | CancelRunnerTask
 
 
-def instance_ready(state: State, instance: Instance) -> bool:
-    """Every shard's runner reports ready or running in the cluster state."""
-    for shard in instance.shards:
-        runner = state.runners.get(shard.runner_id)
-        if runner is None or runner.status not in SERVING_STATUSES:
-            return False
-    return True
+def _stop_reason(state: State, local: LocalRunner) -> str | None:
+    """Why the local runner must stop now (None: it goes on)."""
+    instance = state.instances.get(local.instance_id)
+    if instance is None:
+        return "its instance was deleted"
+    runner_set = instance.runner_set(local.runner_id)
+    if runner_set is None:
+        return "its instance no longer uses it (the change it was loading for ended)"
+    shards = instance.shards_of(runner_set)
+    broken = set_breakage(state, [s for s in shards if s.runner_id != local.runner_id])
+    if broken is not None:
+        return f"its pipeline broke: {broken}"
+    if runner_set == "retiring":
+        zero = rank_zero(shards)
+        bound = zero.runner_id if zero is not None else None
+        if not any(
+            task.runner_id == bound and task.status in ("pending", "running")
+            for task in state.tasks.values()
+        ):
+            return "its instance moved and it has finished its requests"
+    return None
 
 
-def _instance_failed(state: State, local: LocalRunner) -> bool:
-    """Another runner of the instance failed: the ring is broken, this rank would block."""
-    return any(
-        runner.instance_id == local.instance_id
-        and runner.runner_id != local.runner_id
-        and runner.status == "failed"
-        for runner in state.runners.values()
+def set_view(instance: Instance, runner_set: RunnerSet) -> Instance:
+    """The instance as one of its sets' runners sees it: that set's shards and ring."""
+    return instance.model_copy(
+        update={
+            "shards": instance.shards_of(runner_set),
+            "ring_endpoints": instance.ring_endpoints_of(runner_set),
+            "incoming": None,
+            "retiring_shards": [],
+            "retiring_ring_endpoints": [],
+        }
     )
+
+
+def runners_in_use(state: State) -> set[RunnerId]:
+    """Every runner some set of some instance has."""
+    return {
+        shard.runner_id
+        for instance in state.instances.values()
+        for runner_set in RUNNER_SETS
+        for shard in instance.shards_of(runner_set)
+    }
+
+
+RUNNER_SETS: tuple[RunnerSet, ...] = ("serving", "incoming", "retiring")
 
 
 def plan(
@@ -92,24 +124,34 @@ def plan(
     for runner in local_runners.values():
         if runner.status in ("shut_down", "failed"):
             continue
-        if runner.instance_id not in state.instances or _instance_failed(state, runner):
-            actions.append(StopRunner(runner_id=runner.runner_id))
+        reason = _stop_reason(state, runner)
+        if reason is not None:
+            actions.append(StopRunner(runner_id=runner.runner_id, reason=reason))
     for instance in state.instances.values():
-        for shard in instance.shards:
-            if shard.node_id == node_id and shard.runner_id not in local_runners:
-                actions.append(StartRunner(instance=instance, shard=shard))
+        for runner_set in ("serving", "incoming"):
+            shards = instance.shards_of(runner_set)
+            if set_breakage(state, shards) is not None:
+                continue
+            for shard in shards:
+                if shard.node_id == node_id and shard.runner_id not in local_runners:
+                    actions.append(
+                        StartRunner(instance=set_view(instance, runner_set), shard=shard)
+                    )
     for task in state.tasks.values():
         instance = state.instances.get(task.instance_id)
         if instance is None:
             continue
-        rank_zero = next((shard for shard in instance.shards if shard.rank == 0), None)
-        if rank_zero is None or rank_zero.node_id != node_id:
-            continue
-        runner = local_runners.get(rank_zero.runner_id)
+        bound = task.runner_id
+        if bound is None:
+            serving_zero = rank_zero(instance.shards)
+            bound = serving_zero.runner_id if serving_zero is not None else None
+        runner = local_runners.get(bound) if bound is not None else None
         if runner is None:
             continue
         if task.status == "pending" and task.task_id not in runner.forwarded_task_ids:
-            if runner.status in SERVING_STATUSES and instance_ready(state, instance):
+            if runner.status in SERVING_STATUSES and set_ready(
+                state, instance.set_with(runner.runner_id)
+            ):
                 actions.append(ForwardTask(runner_id=runner.runner_id, task=task))
         elif (
             task.status == "cancelled"

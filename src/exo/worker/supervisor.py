@@ -31,7 +31,7 @@ from exo.shared.types.events import (
 )
 from exo.shared.types.execution import CPU_COMPUTE_DEVICE_ID, ComputeDevice, backend_of_device
 from exo.shared.types.generation import GenerationRequest
-from exo.shared.types.ids import InstanceId, NodeId, RunnerId, TaskId
+from exo.shared.types.ids import NodeId, RunnerId, TaskId
 from exo.shared.types.instances import Instance, Shard
 from exo.shared.types.runners import RunnerStatus
 from exo.shared.types.tasks import ChatMessage, Task
@@ -307,9 +307,10 @@ class RunnerSupervisor:
         logger.error(f"runner {handle.shard.runner_id} died: exit code {code}")
         await self._set_status(handle, "failed", error)
         await self._fail_open_tasks(handle, error)
-        for other in self._runners.values():
-            if other.instance.instance_id == handle.instance.instance_id and other is not handle:
-                await self.stop_runner(other.shard.runner_id, reason="a rank of its instance died")
+        pipeline = {shard.runner_id for shard in handle.instance.shards}
+        for other in list(self._runners.values()):
+            if other.shard.runner_id in pipeline and other is not handle:
+                await self.stop_runner(other.shard.runner_id, reason="a rank of its pipeline died")
 
     async def _fail_open_tasks(self, handle: RunnerHandle, error: str) -> None:
         for task_id in sorted(handle.open_tasks):
@@ -384,13 +385,12 @@ class RunnerSupervisor:
                 process.kill()
                 await process.wait()
 
-    def forget_instance_runners(self, live_instances: set[InstanceId]) -> None:
-        """Drop bookkeeping of stopped runners whose instance is gone."""
+    def forget_stopped_runners(self, in_use: set[RunnerId]) -> None:
+        """Drop bookkeeping of stopped runners no instance uses any more."""
         for runner_id in [
             runner_id
             for runner_id, handle in self._runners.items()
-            if handle.instance.instance_id not in live_instances
-            and handle.status in ("shut_down", "failed")
+            if runner_id not in in_use and handle.status in ("shut_down", "failed")
         ]:
             del self._runners[runner_id]
 

@@ -1,6 +1,7 @@
 from datetime import UTC, datetime
 
-from exo.master.commands import handle_command, ring_endpoints
+from exo.master.commands import handle_command
+from exo.master.planning import ring_endpoints
 from exo.shared.tests.instances import GREEDY
 from exo.shared.types.commands import (
     CancelTask,

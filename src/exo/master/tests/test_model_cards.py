@@ -6,7 +6,7 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from exo.master.commands import plan_instance
+from exo.master.planning import plan_instance
 from exo.models.bundled import bundled_gguf_path
 from exo.models.cards import (
     ModelRegistry,

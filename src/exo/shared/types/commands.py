@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from exo.shared.types.ids import CommandId, InstanceId, NodeId, TaskId, new_command_id
-from exo.shared.types.instances import PlacementObjective
+from exo.shared.types.instances import PlacementObjective, RebalancePolicy
 from exo.shared.types.tasks import ChatCompletionParams
 
 
@@ -20,6 +20,15 @@ class PlaceInstance(BaseCommand):
     model_id: str = Field(min_length=1)
     min_nodes: int = Field(default=1, ge=1)
     objective: PlacementObjective = "latency"
+    rebalance: RebalancePolicy = "auto"
+
+
+class ReplaceInstance(BaseCommand):
+    """Decide the instance's placement afresh now and move it there if it differs (make
+    before break; no margin, no hourly limit)."""
+
+    kind: Literal["ReplaceInstance"] = "ReplaceInstance"
+    instance_id: InstanceId
 
 
 class DeleteInstance(BaseCommand):
@@ -40,7 +49,7 @@ class CancelTask(BaseCommand):
 
 
 Command = Annotated[
-    PlaceInstance | DeleteInstance | CreateChatTask | CancelTask,
+    PlaceInstance | ReplaceInstance | DeleteInstance | CreateChatTask | CancelTask,
     Field(discriminator="kind"),
 ]
 

@@ -19,7 +19,7 @@ from exo.shared.types.ids import (
     TaskId,
     new_event_id,
 )
-from exo.shared.types.instances import Instance
+from exo.shared.types.instances import Instance, Replacement
 from exo.shared.types.node import NodeStaticInfo
 from exo.shared.types.runners import RunnerStatus
 from exo.shared.types.tasks import Task, TaskStatus
@@ -113,6 +113,49 @@ class InstanceDeleted(BaseEvent):
     instance_id: InstanceId
 
 
+class InstanceReplacementStarted(BaseEvent):
+    """A heal or move begins: the new runner set loads while the serving one goes on (for a
+    heal, the serving set is broken; requests it was generating fail, those not started
+    wait for the new set)."""
+
+    kind: Literal["InstanceReplacementStarted"] = "InstanceReplacementStarted"
+    instance_id: InstanceId
+    replacement: Replacement
+
+
+class InstanceReplaced(BaseEvent):
+    """Every runner of the incoming set is ready: it becomes the serving set. The old set
+    finishes the requests bound to it and stops (a broken one is dropped at once, and the
+    requests it had not started move to the new set)."""
+
+    kind: Literal["InstanceReplaced"] = "InstanceReplaced"
+    instance_id: InstanceId
+    change_id: str
+    switched_at: datetime = Field(default_factory=utc_now)
+
+
+class InstanceReplacementAborted(BaseEvent):
+    """The incoming set could not load (a runner failed, its node left, or it took too
+    long); the serving set goes on as it was."""
+
+    kind: Literal["InstanceReplacementAborted"] = "InstanceReplacementAborted"
+    instance_id: InstanceId
+    change_id: str
+    reason: str
+    failed_devices: list[tuple[NodeId, DeviceId]] = Field(default_factory=list)
+    """The devices where a runner of the new set failed."""
+    aborted_at: datetime = Field(default_factory=utc_now)
+
+
+class InstanceFailed(BaseEvent):
+    """The instance cannot serve and cannot be healed now (the model no longer fits the
+    live devices, say); requests bound to it fail with the reason. A later heal clears it."""
+
+    kind: Literal["InstanceFailed"] = "InstanceFailed"
+    instance_id: InstanceId
+    reason: str
+
+
 class RunnerStatusUpdated(BaseEvent):
     kind: Literal["RunnerStatusUpdated"] = "RunnerStatusUpdated"
     runner_id: RunnerId
@@ -199,6 +242,10 @@ Event = Annotated[
     | GPUBandwidthMeasured
     | InstanceCreated
     | InstanceDeleted
+    | InstanceReplacementStarted
+    | InstanceReplaced
+    | InstanceReplacementAborted
+    | InstanceFailed
     | RunnerStatusUpdated
     | TaskCreated
     | TaskStatusUpdated

@@ -93,16 +93,82 @@ class Shard(BaseModel):
         return self.end_layer - self.start_layer
 
 
+RebalancePolicy = Literal["auto", "heal_only", "off"]
+"""What the master may do with an instance on its own: ``auto`` heals it when a shard's node
+or runner is lost and moves it when a fresh placement is predicted clearly faster;
+``heal_only`` only heals; ``off`` leaves it as placed (a lost shard fails it)."""
+
+ChangeKind = Literal["heal", "move", "manual"]
+"""``heal``: a shard's node or runner was lost; ``move``: a fresh placement was predicted
+faster for long enough; ``manual``: ``POST /instance/{id}/replace``."""
+
+ChangeOutcome = Literal["loading", "switched", "aborted"]
+
+RunnerSet = Literal["serving", "incoming", "retiring"]
+"""An instance's runners come in sets, one pipeline each: the set that serves new requests,
+the set a change is loading (make before break), and the set that finishes the requests it
+had when a move switched away from it."""
+
+
+class PlacementChange(BaseModel):
+    """One heal or move of an instance, as decided and as it ended."""
+
+    model_config = ConfigDict(frozen=True)
+
+    change_id: str
+    kind: ChangeKind
+    reason: str
+    old_shards: list[Shard]
+    new_shards: list[Shard]
+    old_predicted_ms: float | None
+    """The old layout under the conditions at the decision (None: a device of it is gone).
+    In the instance's objective: ms per token (latency) or the bottleneck stage's ms
+    (throughput)."""
+    new_predicted_ms: float
+    predicted_gain: float | None
+    """``1 - new / old``: the share of time per token the new layout is predicted to save."""
+    started_at: datetime
+    finished_at: datetime | None = None
+    outcome: ChangeOutcome = "loading"
+    outcome_reason: str | None = None
+    failed_devices: list[tuple[NodeId, DeviceId]] = Field(default_factory=list)
+    """Where a runner of the new set failed (an aborted change): heals avoid them a while."""
+
+
+class Replacement(BaseModel):
+    """The runner set a change is loading; it serves once every runner of it is ready."""
+
+    model_config = ConfigDict(frozen=True)
+
+    change: PlacementChange
+    shards: list[Shard]
+    ring_endpoints: list[str]
+    placement: PlacementDecision
+
+
 class Instance(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     instance_id: InstanceId
     model_id: str
     shards: list[Shard]
+    """The serving set: new requests go to its rank 0."""
     placement: PlacementDecision
     ring_endpoints: list[str] = Field(
         default_factory=list, description="host:port per rank for the MLX ring backend."
     )
+    min_nodes: int = Field(default=1, ge=1)
+    """As placed; a heal or move keeps it."""
+    rebalance: RebalancePolicy = "auto"
+    incoming: Replacement | None = None
+    """A heal or move in progress: its runners load while the serving set goes on."""
+    retiring_shards: list[Shard] = Field(default_factory=list)
+    """The set a move switched away from: it finishes the requests bound to it, then stops."""
+    retiring_ring_endpoints: list[str] = Field(default_factory=list)
+    failure: str | None = None
+    """Why the instance cannot serve and could not be healed (None: it can, or heals)."""
+    changes: list[PlacementChange] = Field(default_factory=list)
+    """Its heals and moves, oldest first (the most recent ``CHANGES_KEPT``)."""
     measured_ms_per_token: float | None = None
     """Rank 0's measured end-to-end decode time per generated token (the first token
     excluded), from the last reported request; compare ``placement.predicted_ms_per_token``."""
@@ -110,3 +176,53 @@ class Instance(BaseModel):
     """Rank 0's measured time from starting the request to its first token."""
     measured_at: datetime | None = None
     """When rank 0 measured the values above."""
+
+    def runner_set(self, runner_id: RunnerId) -> RunnerSet | None:
+        """Which of the instance's sets the runner belongs to (None: none any more)."""
+        if any(shard.runner_id == runner_id for shard in self.shards):
+            return "serving"
+        if self.incoming is not None and any(
+            shard.runner_id == runner_id for shard in self.incoming.shards
+        ):
+            return "incoming"
+        if any(shard.runner_id == runner_id for shard in self.retiring_shards):
+            return "retiring"
+        return None
+
+    def shards_of(self, runner_set: RunnerSet) -> list[Shard]:
+        match runner_set:
+            case "serving":
+                return self.shards
+            case "incoming":
+                return self.incoming.shards if self.incoming is not None else []
+            case "retiring":
+                return self.retiring_shards
+
+    def set_with(self, runner_id: RunnerId) -> list[Shard]:
+        """The shards of the set the runner belongs to (empty: none)."""
+        runner_set = self.runner_set(runner_id)
+        return self.shards_of(runner_set) if runner_set is not None else []
+
+    def ring_endpoints_of(self, runner_set: RunnerSet) -> list[str]:
+        match runner_set:
+            case "serving":
+                return self.ring_endpoints
+            case "incoming":
+                return self.incoming.ring_endpoints if self.incoming is not None else []
+            case "retiring":
+                return self.retiring_ring_endpoints
+
+    def all_ring_endpoints(self) -> list[str]:
+        """The ring ports every set of the instance holds."""
+        return [
+            *self.ring_endpoints,
+            *self.ring_endpoints_of("incoming"),
+            *self.retiring_ring_endpoints,
+        ]
+
+
+CHANGES_KEPT = 20
+
+
+def rank_zero(shards: list[Shard]) -> Shard | None:
+    return next((shard for shard in shards if shard.rank == 0), None)

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from exo.shared.types.ids import CommandId, InstanceId, NodeId, TaskId
+from exo.shared.types.ids import CommandId, InstanceId, NodeId, RunnerId, TaskId
 
 TaskStatus = Literal["pending", "running", "complete", "failed", "cancelled"]
 
@@ -40,5 +40,9 @@ class Task(BaseModel):
     instance_id: InstanceId
     requested_by: NodeId
     params: ChatCompletionParams
+    runner_id: RunnerId | None = None
+    """The rank-0 runner that serves it, chosen with the instance (its serving set) when the
+    task is created; a heal rebinds a task that had not started. None in logs written
+    before runner sets existed: the serving set's rank 0 then serves it."""
     status: TaskStatus = "pending"
     error: str | None = None
