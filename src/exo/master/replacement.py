@@ -60,6 +60,8 @@ from exo.shared.types.instances import (
 from exo.shared.types.state import State
 
 HOUR = timedelta(hours=1)
+COALESCE_S = 0.25
+"""The rebalancer looks at the state this long after a change, taking a burst at once."""
 FAILED_DEVICE_MEMORY = timedelta(minutes=10)
 """A device where a runner of the instance failed is left out of its heals this long."""
 
@@ -344,7 +346,13 @@ class Rebalancer:
 
     async def run(self) -> None:
         while True:
-            await anyio.sleep(self.config.check_interval_s)
+            # On every change of the state (a burst coalesced), and at least every interval:
+            # a move's sustain time must see every reading in between, or a condition that
+            # flips in step with a fixed check would look steady.
+            changed = self._store.changed
+            with anyio.move_on_after(self.config.check_interval_s):
+                await changed.wait()
+            await anyio.sleep(COALESCE_S)
             if not self._is_active():
                 self._gain_since.clear()
                 continue
