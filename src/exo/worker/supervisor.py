@@ -361,9 +361,8 @@ class RunnerSupervisor:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError) as error:
             logger.warning(f"runner {handle.shard.runner_id} did not take input: {error}")
 
-    async def stop_runner(
-        self, runner_id: RunnerId, reason: str = "its instance was deleted"
-    ) -> None:
+    async def stop_runner(self, runner_id: RunnerId, reason: str) -> None:
+        """Stop the runner; ``reason`` is logged and given to the requests it fails."""
         handle = self._runners.get(runner_id)
         if handle is None or handle.stopping:
             return
