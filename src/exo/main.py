@@ -2,20 +2,28 @@
 
 import argparse
 import faulthandler
+import json
 import os
 import sys
+import traceback
+from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 from loguru import logger
 from pydantic import ValidationError
 
+from exo import cli
 from exo.api.guard import ApiExposureError, check_api_exposure
 from exo.gpu.backend import GPUBackendError
 from exo.gpu.backends.simulated import load_simulated_file
 from exo.master.replacement import ReplacementConfig
 from exo.node import NodeConfig, StartupError, run_node
 from exo.routing.router import TlsFiles, TransportError, check_tls, validate_endpoint
+
+if TYPE_CHECKING:
+    from loguru import Message
 
 DEFAULT_API_PORT = 52415
 DEFAULT_LISTEN = "tcp/0.0.0.0:52414"
@@ -27,8 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exo",
         description="Run one node of an exo cluster: discover peers, elect a master, share "
-        "one event-sourced state, report GPUs, place and run models.",
+        "one event-sourced state, report GPUs, place and run models. "
+        "`exo status`, `exo place MODEL` and `exo chat MODEL PROMPT` talk to a running "
+        "node instead (`exo status --help`).",
     )
+    parser.add_argument("--version", action="version", version=f"exo {version('exo')}")
     parser.add_argument(
         "--api-host",
         default="127.0.0.1",
@@ -175,13 +186,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logs (-vv: trace)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines (default), or one JSON object per line for log collectors",
+    )
     return parser
 
 
-def configure_logging(verbose: int, quiet: bool) -> None:
+def configure_logging(verbose: int, quiet: bool, log_format: str = "text") -> None:
     level = "WARNING" if quiet else {0: "INFO", 1: "DEBUG"}.get(verbose, "TRACE")
     logger.remove()
+    if log_format == "json":
+        logger.add(_json_log_line, level=level, format="{message}")
+        return
     logger.add(sys.stderr, level=level, format="{time:HH:mm:ss.SSS} {level: <7} {name}: {message}")
+
+
+def _json_log_line(message: "Message") -> None:
+    """``--log-format json``: one object per line on stderr (``time`` ISO 8601 with its
+    offset, ``level``, ``logger`` (the module), ``function``, ``line``, ``message``, and
+    ``exception`` with the traceback when there is one)."""
+    record = message.record
+    entry: dict[str, object] = {
+        "time": record["time"].isoformat(timespec="milliseconds"),
+        "level": record["level"].name,
+        "logger": record["name"],
+        "function": record["function"],
+        "line": record["line"],
+        "message": record["message"],
+    }
+    exception = record["exception"]
+    if exception is not None:
+        entry["exception"] = "".join(
+            traceback.format_exception(exception.type, exception.value, exception.traceback)
+        )
+    sys.stderr.write(json.dumps(entry, default=str) + "\n")
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -264,10 +305,13 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in cli.COMMANDS:  # exo status | place | chat: talk to a node
+        cli.main(words)
     # A native crash (zenoh, MLX) prints every thread's Python stack before the process dies.
     faulthandler.enable()
     args = build_parser().parse_args(argv)
-    configure_logging(args.verbose, args.quiet)
+    configure_logging(args.verbose, args.quiet, args.log_format)
     try:
         config = config_from_args(args)
         anyio.run(run_node, config)
