@@ -107,6 +107,18 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
+PAGE_PATHS = ("/", "/dashboard/")
+"""The dashboard page and its files: served without the key (they hold no cluster data);
+everything the page shows comes from requests that carry it."""
+
+
+def _is_page(scope: Scope) -> bool:
+    path = str(scope.get("path", ""))
+    return scope.get("method") == "GET" and (
+        path == PAGE_PATHS[0] or path.startswith(PAGE_PATHS[1])
+    )
+
+
 class ApiKeyGuard:
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -117,6 +129,9 @@ class ApiKeyGuard:
             await self.app(scope, receive, send)
             return
         given = dict(scope.get("headers", [])).get(b"authorization", b"")
+        if _is_page(scope):
+            await self.app(scope, receive, send)  # the page holds no data; it asks for the key
+            return
         if not secrets.compare_digest(given, self._expected):
             await _answer(
                 send,
