@@ -18,6 +18,7 @@ differences around the layers (embedding scale, mask kind, logit soft cap) come 
 """
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -195,9 +196,50 @@ def mlx_lm_module_name(model: nn.Module) -> str:
     return type(model).__module__.rsplit(".", 1)[-1]
 
 
-def load_stage(directory: Path, layer_start: int = 0, layer_end: int | None = None) -> ModelStage:
+LoadProgress = Callable[[int, int], None]
+"""``progress(loaded_bytes, total_bytes)`` while a stage's weights are read."""
+
+LOAD_STEPS = 32
+"""A stage's parameters are evaluated (read from disk) in about this many parts, so that
+loading can report progress between them."""
+
+
+def evaluate_parameters(model: nn.Module, progress: LoadProgress | None = None) -> None:
+    """Evaluate (read) every parameter of ``model`` in parts of about 1/LOAD_STEPS of its
+    bytes, calling ``progress`` after each part and once before the first (0 loaded)."""
+    flat = cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))
+    leaves = [array for _, array in flat]
+    if progress is None:
+        mx.eval(leaves)
+        return
+    total = sum(array.nbytes for array in leaves)
+    step = max(1, total // LOAD_STEPS)
+    progress(0, total)
+    loaded = 0
+    part: list[mx.array] = []
+    part_bytes = 0
+    for array in leaves:
+        part.append(array)
+        part_bytes += array.nbytes
+        if part_bytes >= step:
+            mx.eval(part)
+            loaded += part_bytes
+            progress(loaded, total)
+            part, part_bytes = [], 0
+    if part:
+        mx.eval(part)
+        progress(total, total)
+
+
+def load_stage(
+    directory: Path,
+    layer_start: int = 0,
+    layer_end: int | None = None,
+    progress: LoadProgress | None = None,
+) -> ModelStage:
     """Layers ``[layer_start, layer_end)`` (None: to the last) of the MLX model directory,
-    evaluated: only this stage's tensors are read from disk."""
+    evaluated: only this stage's tensors are read from disk. ``progress(loaded, total)``
+    hears, in bytes, how far the reading is (a few dozen calls, the last with all)."""
     try:
         model, config = load_model(directory, lazy=True)
     except (ValueError, FileNotFoundError, KeyError, TypeError) as error:
@@ -213,7 +255,7 @@ def load_stage(directory: Path, layer_start: int = 0, layer_end: int | None = No
     stage = ModelStage(
         model, config, family, layer_start, layer_end, hyperparameters.context_length
     )
-    mx.eval(stage.parameters())
+    evaluate_parameters(stage.model, progress)
     logger.debug(
         "loaded layers [{}, {}) of {} from {}: {:.1f} MB",
         stage.layer_start,

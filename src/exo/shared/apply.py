@@ -252,6 +252,9 @@ def apply_runner_status_updated(state: State, event: RunnerStatusUpdated) -> Sta
         runners = _without_runners(state, {event.runner_id})
         return state.model_copy(update={"instances": instances, "runners": runners})
     previous = state.runners.get(event.runner_id)
+    # Load progress: a status without it keeps the last known values (a ready runner shows
+    # what it loaded), except a fresh start, which knows nothing yet.
+    kept = previous if previous is not None and event.status != "starting" else None
     runner = RunnerState(
         runner_id=event.runner_id,
         instance_id=event.instance_id,
@@ -260,6 +263,12 @@ def apply_runner_status_updated(state: State, event: RunnerStatusUpdated) -> Sta
         error=event.error,
         compute_device=event.compute_device
         or (previous.compute_device if previous is not None else None),
+        loaded_bytes=event.loaded_bytes
+        if event.loaded_bytes is not None
+        else (kept.loaded_bytes if kept is not None else None),
+        total_bytes=event.total_bytes
+        if event.total_bytes is not None
+        else (kept.total_bytes if kept is not None else None),
     )
     return state.model_copy(update={"runners": {**state.runners, event.runner_id: runner}})
 

@@ -22,3 +22,8 @@ class RunnerState(BaseModel):
     error: str | None = None
     compute_device: ComputeDevice | None = None
     """The device the runner reported computing on (kept across later status changes)."""
+    loaded_bytes: int | None = None
+    """Bytes of this runner's weights loaded so far, while it loads (the last known value
+    afterwards; None before it reports any, and again when it starts anew)."""
+    total_bytes: int | None = None
+    """Bytes of weights this runner loads in all (its layers' share); None until known."""
