@@ -37,7 +37,9 @@ def main() -> None:
         with httpx.Client(timeout=20.0) as client:
             for _ in range(args.writes):
                 started = time.perf_counter()
-                response = client.post(node.url + "/instance", json={"model_id": MODEL})
+                response = client.post(
+                    node.url + "/instance", json={"model_id": MODEL, "allow_planning_only": True}
+                )
                 writes.append((time.perf_counter() - started) * 1000)
                 assert response.status_code == 201, response.text
                 started = time.perf_counter()

@@ -75,7 +75,11 @@ def attack(session: zenoh.Session, master_id: str, last_idx: int) -> list[zenoh.
             session.get(
                 "exo/commands",
                 payload=json.dumps(
-                    {"kind": "PlaceInstance", "model_id": "Llama-3.1-8B-Instruct-4bit"}
+                    {
+                        "kind": "PlaceInstance",
+                        "model_id": "Llama-3.1-8B-Instruct-4bit",
+                        "allow_planning_only": True,
+                    }
                 ).encode(),
                 timeout=1.0,
             )

@@ -62,7 +62,9 @@ def placeable(node: ExoNode) -> bool:
 
 
 def post_instance(node: ExoNode) -> httpx.Response:
-    return httpx.post(node.url + "/instance", json={"model_id": MODEL}, timeout=20.0)
+    return httpx.post(
+        node.url + "/instance", json={"model_id": MODEL, "allow_planning_only": True}, timeout=20.0
+    )
 
 
 def create_instance(node: ExoNode) -> str:

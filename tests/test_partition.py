@@ -60,7 +60,11 @@ def write_inside(namespace: str, node: ExoNode) -> tuple[int, str]:
             *("ip", "netns", "exec", namespace, "curl", "-s", "-m", "15"),
             *("-o", "-", "-w", "\n%{http_code}", "-X", "POST"),
             *("-H", "content-type: application/json"),
-            *("-d", json.dumps({"model_id": MODEL}), f"{node.url}/instance"),
+            *(
+                "-d",
+                json.dumps({"model_id": MODEL, "allow_planning_only": True}),
+                f"{node.url}/instance",
+            ),
         ],
         capture_output=True,
         text=True,

@@ -43,7 +43,7 @@ def test_heterogeneous_cluster_takes_the_solver(tmp_path: Path) -> None:
         # Creating it gives the same kind of decision and it appears everywhere.
         created = httpx.post(
             nodes[2].url + "/instance",
-            json={"model_id": "Llama-3.1-70B-Instruct-4bit"},
+            json={"model_id": "Llama-3.1-70B-Instruct-4bit", "allow_planning_only": True},
             timeout=10.0,
         )
         assert created.status_code == 201, created.text
@@ -101,8 +101,11 @@ def test_placement_errors(tmp_path: Path) -> None:
         unknown = httpx.post(url + "/instance", json={"model_id": "no-such-model"}, timeout=10.0)
         assert unknown.status_code == 404
         assert "SmolLM2-135M-Instruct" in unknown.json()["detail"]
+        planning_only = {"model_id": "Llama-3.1-405B-Instruct-4bit"}
+        refused = httpx.post(url + "/instance", json=planning_only, timeout=10.0)
+        assert refused.status_code == 422 and "planning-only" in refused.json()["detail"]
         too_big = httpx.post(
-            url + "/instance", json={"model_id": "Llama-3.1-405B-Instruct-4bit"}, timeout=10.0
+            url + "/instance", json={**planning_only, "allow_planning_only": True}, timeout=10.0
         )
         assert too_big.status_code == 409
         assert too_big.json()["needed_bytes"] > too_big.json()["available_bytes"]

@@ -43,7 +43,10 @@ class Writer:
             while not self._stop.is_set():
                 sent = time.monotonic()
                 try:
-                    response = client.post(self._node.url + "/instance", json={"model_id": MODEL})
+                    response = client.post(
+                        self._node.url + "/instance",
+                        json={"model_id": MODEL, "allow_planning_only": True},
+                    )
                 except httpx.HTTPError as error:
                     self.refused.append((sent, 0, repr(error)))
                     continue

@@ -8,10 +8,19 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import Field
+from starlette.exceptions import HTTPException
 
-from exo.api.chat import chat_routes, openai_error
+from exo.api.chat import chat_routes, error_type_for, openai_error
 from exo.api.context import ApiContext
-from exo.api.validation import MAX_ID_LENGTH, ApiRequest, describe_errors
+from exo.api.dashboard import dashboard_routes
+from exo.api.metrics import install_metrics
+from exo.api.validation import (
+    MAX_ID_LENGTH,
+    ApiRequest,
+    describe_errors,
+    error_code,
+    error_parameter,
+)
 from exo.master.planning import plan_instance
 from exo.shared.types.commands import (
     CommandResult,
@@ -31,24 +40,62 @@ class PlaceInstanceRequest(ApiRequest):
     min_nodes: int = Field(default=1, ge=1, le=1024)
     objective: PlacementObjective = "latency"
     rebalance: RebalancePolicy = "auto"
+    allow_planning_only: bool = False
+    """Place a planning-only card anyway (its runners fail at once: there are no weights);
+    for placement experiments and tests."""
+
+
+def detail_response(status: int, reason: str, **extra: object) -> JSONResponse:
+    """The cluster endpoints' one error shape: ``{"detail": reason}``, with any extra
+    facts about it beside (e.g. ``instance_status``)."""
+    return JSONResponse(status_code=status, content={**extra, "detail": reason})
 
 
 def error_response(result: CommandResult) -> JSONResponse:
-    return JSONResponse(
-        status_code=result.status_code, content={"detail": result.error, **result.detail}
-    )
+    return detail_response(result.status_code, result.error or "request failed", **result.detail)
+
+
+def is_openai_path(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
 
 
 def create_app(context: ApiContext) -> FastAPI:
     app = FastAPI(title="exo", description="Heterogeneous-GPU cluster runtime")
 
+    # Errors: on /v1 OpenAI's shape, {"error": {"message", "type", "param", "code"}}, a bad
+    # request 400; elsewhere {"detail": "<reason>", ...}, a bad request 422.
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         # The offending input is never echoed: a body can be megabytes.
-        problems = describe_errors(error.errors())
-        if request.url.path.startswith("/v1/"):
-            return openai_error(422, f"invalid request: {problems}", "invalid_request_error")
-        return JSONResponse(status_code=422, content={"detail": f"invalid request: {problems}"})
+        errors = error.errors()
+        problems = describe_errors(errors)
+        if is_openai_path(request):
+            return openai_error(
+                400,
+                f"invalid request: {problems}",
+                "invalid_request_error",
+                code=error_code(errors),
+                param=error_parameter(errors),
+            )
+        return detail_response(422, f"invalid request: {problems}")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        reason = str(error.detail)
+        if is_openai_path(request):
+            response = openai_error(error.status_code, reason, error_type_for(error.status_code))
+        else:
+            response = detail_response(error.status_code, reason)
+        for name, value in (error.headers or {}).items():
+            response.headers[name] = value
+        return response
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        reason = f"internal error: {type(error).__name__}"
+        if is_openai_path(request):
+            return openai_error(500, reason, "server_error")
+        return detail_response(500, reason)
 
     @app.get("/gpus")
     async def get_gpus() -> list[dict[str, Any]]:
@@ -114,13 +161,14 @@ def create_app(context: ApiContext) -> FastAPI:
             min_nodes=request.min_nodes,
             objective=request.objective,
             rebalance=request.rebalance,
+            allow_planning_only=request.allow_planning_only,
         )
         result = await context.send_command(command)
         if not result.ok:
             return error_response(result)
         created = context.store.event_at(result.event_indices[0])
         if created is None or not isinstance(created.event, InstanceCreated):
-            return JSONResponse(status_code=500, content={"detail": "instance event missing"})
+            return detail_response(500, "instance event missing")
         return JSONResponse(status_code=201, content=created.event.instance.model_dump(mode="json"))
 
     @app.get("/instance/placement")
@@ -145,7 +193,7 @@ def create_app(context: ApiContext) -> FastAPI:
         ``measured_time_to_first_token_ms``, each shard's ``measured_stage_ms``)."""
         instance = context.store.state.instances.get(InstanceId(instance_id))
         if instance is None:
-            return JSONResponse(status_code=404, content={"detail": "no such instance"})
+            return detail_response(404, f"no instance {instance_id[:MAX_ID_LENGTH]}")
         return JSONResponse(content=instance.model_dump(mode="json"))
 
     @app.post("/instance/{instance_id}/replace")
@@ -181,4 +229,6 @@ def create_app(context: ApiContext) -> FastAPI:
         return JSONResponse(content={"deleted": instance_id})
 
     app.include_router(chat_routes(context))
+    install_metrics(app, context)
+    app.include_router(dashboard_routes(context))
     return app

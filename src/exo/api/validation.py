@@ -1,4 +1,6 @@
-"""What a request body must be to be accepted: every bad input is a 422 with a reason.
+"""What a request body must be to be accepted: every bad input is a 4xx with a reason (422
+``{"detail": reason}`` on the cluster endpoints, 400 in OpenAI's error shape with ``param``
+naming the field on ``/v1``).
 
 Every JSON body the API takes is an :class:`ApiRequest`:
 
@@ -77,13 +79,38 @@ def describe_errors(errors: Sequence[Any]) -> str:
     and with long field names cut, then how many more there are: a bounded text."""
     problems: list[str] = []
     for error in errors[:MAX_ERRORS_DESCRIBED]:
-        parts = [str(part) for part in error.get("loc", ()) if part != "body"]
-        location = _shortened(
-            ".".join(_shortened(part, MAX_LOCATION_PART) for part in parts),
-            4 * MAX_LOCATION_PART,
-        )
+        location = _location(error)
         message = _shortened(str(error.get("msg", "invalid")), MAX_MESSAGE_LENGTH)
         problems.append(f"{location}: {message}" if location else message)
     if len(errors) > MAX_ERRORS_DESCRIBED:
         problems.append(f"and {len(errors) - MAX_ERRORS_DESCRIBED} more")
     return "; ".join(problems)
+
+
+def _location(error: Any) -> str:
+    parts = [str(part) for part in error.get("loc", ()) if part != "body"]
+    return _shortened(
+        ".".join(_shortened(part, MAX_LOCATION_PART) for part in parts), 4 * MAX_LOCATION_PART
+    )
+
+
+def error_parameter(errors: Sequence[Any]) -> str | None:
+    """The field the first error is about (``messages.0.content``), for OpenAI's ``param``;
+    None when it is about the body as a whole (not JSON, missing)."""
+    for error in errors[:1]:
+        if error.get("type") != "json_invalid":
+            return _location(error) or None
+    return None
+
+
+def error_code(errors: Sequence[Any]) -> str:
+    """OpenAI's ``code`` for the first error: ``unsupported_parameter``,
+    ``unknown_parameter``, ``missing_required_parameter`` or ``invalid_value``."""
+    kind = str(errors[0].get("type", "")) if errors else ""
+    if kind == "unsupported_parameter":
+        return "unsupported_parameter"
+    if kind == "extra_forbidden":
+        return "unknown_parameter"
+    if kind == "missing":
+        return "missing_required_parameter"
+    return "invalid_value"

@@ -30,6 +30,9 @@ from exo.shared.types.tasks import Task
 def handle_command(command: Command, state: State) -> list[Event] | CommandResult:
     match command:
         case PlaceInstance():
+            refusal = planning_only_refusal(command)
+            if refusal is not None:
+                return refusal
             outcome = plan_instance(command, state)
             if isinstance(outcome, CommandResult):
                 return outcome
@@ -58,6 +61,26 @@ def handle_command(command: Command, state: State) -> list[Event] | CommandResul
             return [TaskStatusUpdated(task_id=task.task_id, status="cancelled")]
         case _:
             assert_never(command)
+
+
+def planning_only_refusal(command: PlaceInstance) -> CommandResult | None:
+    """A 422 for a card that is for planning only (exo knows its sizes, not its weights),
+    unless the command allows it; its dry run (``GET /instance/placement``) still works."""
+    card = get_model_card(command.model_id)
+    if card is None or card.source != "planning_only" or command.allow_planning_only:
+        return None
+    return CommandResult(
+        ok=False,
+        status_code=422,
+        error=(
+            f"'{card.model_id}' is a planning-only card: exo knows its sizes, for "
+            "GET /instance/placement, but has no weights to run it. To run it, put the "
+            "model's MLX weights (e.g. from mlx-community on Hugging Face, or converted "
+            "with mlx_lm.convert) in a directory under --models-dir on every node that "
+            "would hold a shard, and place that model id"
+        ),
+        detail={"model_id": card.model_id, "source": card.source},
+    )
 
 
 def instances_for_model(state: State, model: str) -> list[Instance]:

@@ -5,13 +5,22 @@ lines (status, chunks, failed requests, see ``exo.worker.runner.messages``) whic
 cluster events; its stderr goes to ``EXO_HOME/runners/<runner_id>.log``. A process that
 exits unexpectedly is reported ``failed`` with its exit code and the end of its log, the
 other local ranks of that instance are stopped (they would block on the ring forever), and
-its unfinished tasks fail.
+its unfinished tasks fail. Every start first writes a header line (time, device, command
+line) to that log, so a runner that dies before writing anything still leaves a log, and
+its error says so.
+
+One INFO line per request it served (when it ends) and per runner that becomes ready
+(with its load time) or fails (with the reason).
 """
 
+import contextlib
 import os
+import shlex
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -71,6 +80,11 @@ class RunnerHandle:
     stop_reason: str = ""
     force_killed: bool = False
     log_path: Path | None = None
+    log_offset: int = 0
+    """Where this start's output begins in the log (after its header line)."""
+    started_at: float = field(default_factory=time.monotonic)
+    task_started: dict[TaskId, float] = field(default_factory=dict[TaskId, float])
+    """When each task went to the runner (monotonic), for its log line."""
     compute_device: ComputeDevice | None = None
 
     def view(self) -> LocalRunner:
@@ -152,6 +166,73 @@ def stage_time_measured(
     )
 
 
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def log_header(instance: Instance, shard: Shard, compute_device: str, command: list[str]) -> str:
+    """The line a runner's log starts with, each start: when, what and how it was started."""
+    computed = f" computed on {compute_device}" if compute_device != shard.device_id else ""
+    return (
+        f"--- {_now()} exo starts runner "
+        f"{shard.runner_id} of {instance.model_id} (rank {shard.rank}/{shard.world_size}, "
+        f"layers {shard.start_layer}-{shard.end_layer}, {shard.device_id}{computed}): "
+        f"{shlex.join(command)}\n"
+    )
+
+
+def log_tail(log_path: Path | None, offset: int) -> str:
+    """The end of what the runner wrote to its log after ``offset`` (its header), stripped."""
+    if log_path is None or not log_path.exists():
+        return ""
+    with log_path.open("rb") as log:
+        size = log.seek(0, os.SEEK_END)
+        log.seek(max(offset, size - LOG_TAIL_CHARS * 4))
+        text = log.read().decode(errors="replace")
+    return text[-LOG_TAIL_CHARS:].strip()
+
+
+def exit_error(code: int, tail: str) -> str:
+    """The error of a runner that exited on its own with ``code``."""
+    if not tail:
+        return f"runner process exited with code {code} before writing anything"
+    return f"runner process exited with code {code}: ...{tail}"
+
+
+def request_line(
+    task_id: TaskId,
+    model_id: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    seconds: float | None,
+    finish_reason: str,
+) -> str:
+    """The INFO line of a request that ended on this node's runner."""
+    timing = (
+        f"{seconds:.2f} s, {completion_tokens / seconds:.1f} tokens/s"
+        if seconds is not None and seconds > 0
+        else "time unknown"
+    )
+    return (
+        f"request {task_id} ({model_id}): {prompt_tokens} prompt + {completion_tokens} "
+        f"completion tokens in {timing}, finish {finish_reason}"
+    )
+
+
+def _log_transition(
+    handle: RunnerHandle, previous: RunnerStatus, status: RunnerStatus, error: str | None
+) -> None:
+    """One INFO line when a runner becomes ready after loading, one when it fails."""
+    runner = (
+        f"runner {handle.shard.runner_id} ({handle.instance.model_id}, rank {handle.shard.rank})"
+    )
+    if status == "ready" and previous in ("starting", "loading", "connecting"):
+        seconds = time.monotonic() - handle.started_at
+        logger.info(f"{runner} ready {seconds:.1f} s after its start (weights loaded)")
+    elif status == "failed":
+        logger.error(f"{runner} failed: {error or 'no reason given'}")
+
+
 class RunnerSupervisor:
     def __init__(self, node_id: NodeId, home: Path, emit: Emit, fetch_prompt: FetchPrompt) -> None:
         self._node_id = node_id
@@ -178,10 +259,16 @@ class RunnerSupervisor:
         status: RunnerStatus,
         error: str | None = None,
         compute_device: ComputeDevice | None = None,
+        loaded_bytes: int | None = None,
+        total_bytes: int | None = None,
     ) -> None:
-        if handle.status == status and error is None and compute_device is None:
+        progress = loaded_bytes is not None or total_bytes is not None
+        if handle.status == status and error is None and compute_device is None and not progress:
             return
+        previous = handle.status
         handle.status = status
+        if status != previous:
+            _log_transition(handle, previous, status, error)
         self._notify()
         await self._emit(
             RunnerStatusUpdated(
@@ -191,6 +278,8 @@ class RunnerSupervisor:
                 status=status,
                 error=error,
                 compute_device=compute_device,
+                loaded_bytes=loaded_bytes,
+                total_bytes=total_bytes,
             )
         )
 
@@ -198,27 +287,41 @@ class RunnerSupervisor:
         handle = RunnerHandle(instance=instance, shard=shard)
         self._runners[shard.runner_id] = handle
         await self._set_status(handle, "starting")
-        self._directory.mkdir(parents=True, exist_ok=True)
-        hostfile = None
-        if shard.world_size > 1:
-            hostfile = write_hostfile(
-                self._directory / f"{shard.runner_id}.hostfile.json", instance.ring_endpoints
-            )
         handle.log_path = self._directory / f"{shard.runner_id}.log"
         compute_device = compute_device_for(shard, self.simulated_devices)
-        log = handle.log_path.open("ab")
         try:
+            self._directory.mkdir(parents=True, exist_ok=True)
+            hostfile = None
+            if shard.world_size > 1:
+                hostfile = write_hostfile(
+                    self._directory / f"{shard.runner_id}.hostfile.json", instance.ring_endpoints
+                )
+            command = runner_arguments(
+                instance, shard, hostfile, self._weights_cache, compute_device
+            ).command()
+            # Unbuffered: a full disk shows at the write (which may fail: the runner starts
+            # anyway), never at close.
+            log = handle.log_path.open("ab", buffering=0)
+        except OSError as error:
+            await self._set_status(handle, "failed", f"could not start the runner: {error}")
+            return
+        try:
+            with contextlib.suppress(OSError):
+                log.write(log_header(instance, shard, compute_device, command).encode())
+            handle.log_offset = log.tell()
+            handle.started_at = time.monotonic()
             handle.process = await anyio.open_process(
-                runner_arguments(
-                    instance, shard, hostfile, self._weights_cache, compute_device
-                ).command(),
+                command,
                 stdin=-1,
                 stdout=-1,
                 stderr=log,
                 env=runner_environment(compute_device),
             )
         except OSError as error:
-            await self._set_status(handle, "failed", f"could not start the runner: {error}")
+            reason = f"could not start the runner: {error}"
+            with contextlib.suppress(OSError):
+                log.write(f"--- {_now()} exo: {reason}\n".encode())
+            await self._set_status(handle, "failed", reason)
             return
         finally:
             log.close()
@@ -258,12 +361,20 @@ class RunnerSupervisor:
                         output.status,
                         output.error,
                         output.compute_device if output.compute_device != known else None,
+                        output.loaded_bytes,
+                        output.total_bytes,
                     )
             case ChunkOutput():
                 await self._on_chunk(handle, output)
             case RequestFailedOutput():
                 task_id = TaskId(output.request_id)
                 handle.open_tasks.discard(task_id)
+                started = handle.task_started.pop(task_id, None)
+                seconds = time.monotonic() - started if started is not None else 0.0
+                logger.info(
+                    f"request {task_id} failed on runner {handle.shard.runner_id} "
+                    f"(model {handle.instance.model_id}) after {seconds:.2f} s: {output.error}"
+                )
                 await self._emit(
                     TaskStatusUpdated(task_id=task_id, status="failed", error=output.error)
                 )
@@ -285,11 +396,23 @@ class RunnerSupervisor:
                 finish_reason=chunk.finish_reason,
                 prompt_tokens=chunk.prompt_tokens,
                 completion_tokens=chunk.completion_tokens,
+                logprobs=chunk.logprobs,
             )
         )
         if chunk.finish_reason is not None:
             handle.open_tasks.discard(task_id)
             handle.chunk_counts.pop(task_id, None)
+            started = handle.task_started.pop(task_id, None)
+            logger.info(
+                request_line(
+                    task_id,
+                    handle.instance.model_id,
+                    chunk.prompt_tokens,
+                    chunk.completion_tokens,
+                    time.monotonic() - started if started is not None else None,
+                    chunk.finish_reason,
+                )
+            )
             status = "cancelled" if chunk.finish_reason == "cancelled" else "complete"
             await self._emit(TaskStatusUpdated(task_id=task_id, status=status))
 
@@ -300,11 +423,7 @@ class RunnerSupervisor:
             await self._set_status(handle, "shut_down")
             await self._fail_open_tasks(handle, f"the runner was stopped: {handle.stop_reason}")
             return
-        tail = ""
-        if handle.log_path is not None and handle.log_path.exists():
-            tail = handle.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:].strip()
-        error = f"runner process exited with code {code}" + (f": ...{tail}" if tail else "")
-        logger.error(f"runner {handle.shard.runner_id} died: exit code {code}")
+        error = exit_error(code, log_tail(handle.log_path, handle.log_offset))
         await self._set_status(handle, "failed", error)
         await self._fail_open_tasks(handle, error)
         pipeline = {shard.runner_id for shard in handle.instance.shards}
@@ -313,6 +432,7 @@ class RunnerSupervisor:
                 await self.stop_runner(other.shard.runner_id, reason="a rank of its pipeline died")
 
     async def _fail_open_tasks(self, handle: RunnerHandle, error: str) -> None:
+        handle.task_started.clear()
         for task_id in sorted(handle.open_tasks):
             await self._emit(TaskStatusUpdated(task_id=task_id, status="failed", error=error))
         handle.open_tasks.clear()
@@ -341,8 +461,15 @@ class RunnerSupervisor:
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
+            seed=params.seed,
             stop=params.stop,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            logprobs=params.logprobs,
+            top_logprobs=params.top_logprobs,
+            response_format=params.response_format,
         )
+        handle.task_started[task.task_id] = time.monotonic()  # for its line when it ends
         await self._emit(TaskStatusUpdated(task_id=task.task_id, status="running"))
         await self._write(handle, GenerateInput(request=request).model_dump_json())
 

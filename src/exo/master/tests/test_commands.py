@@ -150,3 +150,15 @@ def test_cancel_only_open_tasks() -> None:
         update={"tasks": {task.task_id: task.model_copy(update={"status": "complete"})}}
     )
     assert handle_command(CancelTask(task_id=task.task_id), done) == []
+
+
+def test_a_planning_only_card_is_refused_unless_allowed() -> None:
+    state = node_state()
+    refused = handle_command(PlaceInstance(model_id="Llama-3.1-8B-Instruct-4bit"), state)
+    assert isinstance(refused, CommandResult) and refused.status_code == 422
+    assert refused.error is not None
+    assert "planning-only" in refused.error and "--models-dir" in refused.error
+    allowed = handle_command(
+        PlaceInstance(model_id="Llama-3.1-8B-Instruct-4bit", allow_planning_only=True), state
+    )
+    assert isinstance(allowed, list)  # placed (its runners would then fail: no weights)

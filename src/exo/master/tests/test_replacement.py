@@ -74,7 +74,10 @@ def with_runners(state: State, shards: list[Shard], status: RunnerStatus) -> Sta
 
 def placed(state: State, min_nodes: int = 2, rebalance: RebalancePolicy = "auto") -> State:
     events = handle_command(
-        PlaceInstance(model_id=MODEL, min_nodes=min_nodes, rebalance=rebalance), state
+        PlaceInstance(
+            model_id=MODEL, min_nodes=min_nodes, rebalance=rebalance, allow_planning_only=True
+        ),
+        state,
     )
     assert isinstance(events, list) and isinstance(events[0], InstanceCreated)
     state = applied(state, *events)

@@ -21,6 +21,9 @@ class PlaceInstance(BaseCommand):
     min_nodes: int = Field(default=1, ge=1)
     objective: PlacementObjective = "latency"
     rebalance: RebalancePolicy = "auto"
+    allow_planning_only: bool = False
+    """Place a planning-only card (no weights: its runners fail at once) instead of
+    refusing it; for placement experiments and tests."""
 
 
 class ReplaceInstance(BaseCommand):

@@ -9,6 +9,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from exo.shared.types.execution import ComputeDevice
+from exo.shared.types.generation import TokenLogprob
 from exo.shared.types.gpu import DeviceGPUState, GPUDeviceInfo
 from exo.shared.types.ids import (
     DeviceId,
@@ -165,6 +166,10 @@ class RunnerStatusUpdated(BaseEvent):
     error: str | None = None
     compute_device: ComputeDevice | None = None
     """Where the runner computes (None until it knows, or when its supervisor reports)."""
+    loaded_bytes: int | None = Field(default=None, ge=0)
+    """Weights loaded so far (reported while the runner loads; None: no news)."""
+    total_bytes: int | None = Field(default=None, ge=0)
+    """Weights the runner loads in all (None: no news)."""
 
 
 class TaskCreated(BaseEvent):
@@ -190,6 +195,8 @@ class ChunkGenerated(BaseEvent):
     finish_reason: Literal["stop", "length", "cancelled"] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    """The chunk's tokens' log-probabilities, when the request asked for them."""
 
 
 class StageTimeMeasured(BaseEvent):

@@ -4,13 +4,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from exo.shared.types.generation import MAX_TOP_LOGPROBS, ResponseFormat
 from exo.shared.types.ids import CommandId, InstanceId, NodeId, RunnerId, TaskId
 
 TaskStatus = Literal["pending", "running", "complete", "failed", "cancelled"]
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    """One message of a chat. A key other than these is refused (a 400 naming it on
+    ``/v1``), never dropped without a word."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     role: Literal["system", "user", "assistant"]
     content: str
@@ -30,6 +34,16 @@ class ChatCompletionParams(BaseModel):
     stop: list[str] = Field(default_factory=list)
     message_count: int = Field(default=1, ge=1)
     prompt_chars: int = Field(default=0, ge=0)
+    seed: int | None = None
+    """This task's seed (a request for ``n`` choices makes one task per choice, choice
+    ``i`` seeded ``seed + i``)."""
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logprobs: bool = False
+    top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat = "text"
+    choice_index: int = Field(default=0, ge=0)
+    """Which of the request's choices this task generates."""
 
 
 class Task(BaseModel):

@@ -11,8 +11,15 @@ back text that could still become a stop string, and stops on a stop token,
 tokens. It notes when each token arrives on a :class:`~exo.worker.runner.timing.TokenClock`
 (time to first token, end-to-end time per token); the steppers time their own compute per
 decode step on a :class:`~exo.worker.runner.timing.StageClock`.
+
+Sampling (penalties, JSON mode, seeds, log-probabilities) is
+:class:`~exo.worker.runner.sampling.RequestSampler`'s, where the logits are; a stepper
+yields each token as an ``int``, or as a
+:class:`~exo.worker.runner.sampling.SampledToken` with its log-probabilities when the
+request asked for them, which the engine turns into OpenAI's ``logprobs`` entries.
 """
 
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +28,6 @@ from typing import Protocol
 import mlx.core as mx
 from loguru import logger
 from mlx_lm.generate import generate_step
-from mlx_lm.sample_utils import make_sampler
 
 from exo.models.stage import ModelStage
 from exo.models.tokenizer import ModelTokenizer
@@ -30,21 +36,19 @@ from exo.shared.types.generation import (
     GenerationChunk,
     GenerationRequest,
     SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+)
+from exo.worker.runner.sampling import (
+    RequestSampler,
+    SampledToken,
+    TokenSampler,
+    TokenVocabulary,
+    finite_logprob,
+    sampled_token,
+    token_sampler,
 )
 from exo.worker.runner.timing import StageClock, TokenClock
-
-TokenSampler = Callable[[mx.array], mx.array]
-"""Log-probabilities of the last position -> the sampled token id (mlx-lm's sampler)."""
-
-
-def token_sampler(sampling: SamplingParams) -> TokenSampler:
-    """mlx-lm's sampler for ``sampling``: argmax at temperature 0, else softmax(logits / T)
-    cut to the ``top_p`` nucleus. A seed reseeds MLX's generator, so the same seed draws
-    the same tokens wherever the logits are (one process, or a pipeline's last rank)."""
-    if sampling.seed is not None:
-        mx.random.seed(sampling.seed % 2**64)
-    top_p = sampling.top_p if sampling.top_p < 1.0 else 0.0
-    return make_sampler(temp=sampling.temperature, top_p=top_p)
 
 
 def sample_last_position(logits: mx.array, sampler: TokenSampler) -> mx.array:
@@ -61,9 +65,10 @@ class TokenStepper(Protocol):
 
     def generate(
         self, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int
-    ) -> Iterator[int]:
+    ) -> Iterator[int | SampledToken]:
         """Tokens following ``prompt``, at most ``max_tokens``; closing the iterator early
-        (a stop, a cancellation) leaves the stepper ready for the next prompt."""
+        (a stop, a cancellation) leaves the stepper ready for the next prompt. With
+        ``sampling.logprobs`` each is a :class:`SampledToken`."""
         ...
 
 
@@ -75,6 +80,11 @@ class LocalStepper:
     next step is already computing while it is handed out, so with the whole model in one
     process the interval is the compute time per token (unless the consumer of the tokens
     is the slower one).
+
+    A plain request (temperature, ``top_p``, seed) runs ``generate_step`` with mlx-lm's
+    sampler; penalties and JSON mode go in as its logits processor, so the next step is
+    still scheduled while the current token is handed out (JSON mode waits for each token:
+    it needs its bytes). ``vocabulary`` (set by the :class:`Engine`) serves JSON mode.
     """
 
     def __init__(
@@ -82,12 +92,14 @@ class LocalStepper:
         stage: ModelStage,
         stream: mx.Stream | None = None,
         stage_clock: StageClock | None = None,
+        vocabulary: TokenVocabulary | None = None,
     ) -> None:
         if not (stage.is_first and stage.is_last):
             raise ValueError("a local stepper needs the whole model (first and last stage)")
         self.stage = stage
         self.stream = stream if stream is not None else mx.new_stream(mx.default_device())
         self.stage_clock = stage_clock if stage_clock is not None else StageClock()
+        self.vocabulary = vocabulary
 
     @property
     def context_length(self) -> int:
@@ -95,24 +107,41 @@ class LocalStepper:
 
     def generate(
         self, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int
-    ) -> Iterator[int]:
+    ) -> Iterator[int | SampledToken]:
+        if sampling.plain:
+            sampler = token_sampler(sampling)
+            processors = None
+        else:
+            chooser = RequestSampler(sampling, max_tokens, self.vocabulary)
+            sampler = chooser.sample
+            prompt_length = len(prompt)
+
+            def process(tokens: mx.array, logits: mx.array) -> mx.array:
+                # generate_step passes the prompt and the tokens generated so far.
+                return chooser.process(tokens[prompt_length:], logits)
+
+            processors = [process]
         steps = generate_step(
             mx.array(list(prompt)),
             self.stage,  # pyright: ignore[reportArgumentType]  (called like an mlx-lm model)
             self.stream,
             max_tokens=max_tokens,
-            sampler=token_sampler(sampling),
+            sampler=sampler,
+            logits_processors=processors,
             prompt_cache=self.stage.make_cache(),
         )
         self.stage_clock.begin_request()
         previous: float | None = None
-        for token, _ in steps:
+        for token, logprobs in steps:
             # Timer: from one evaluated token to the next (the first is the prompt's).
             arrived = time.perf_counter()
             if previous is not None:
                 self.stage_clock.record_decode_step(arrived - previous)
             previous = arrived
-            yield int(token)
+            if sampling.logprobs:
+                yield sampled_token(logprobs, int(token), sampling.top_logprobs)
+            else:
+                yield int(token)
 
 
 def _held_back_length(text: str, stops: Sequence[str]) -> int:
@@ -132,6 +161,28 @@ class Engine:
     def __init__(self, tokenizer: ModelTokenizer, stepper: TokenStepper) -> None:
         self.tokenizer = tokenizer
         self.stepper = stepper
+        self.vocabulary = TokenVocabulary(tokenizer)
+        if isinstance(stepper, LocalStepper) and stepper.vocabulary is None:
+            stepper.vocabulary = self.vocabulary
+
+    def token_logprob(self, sampled: SampledToken) -> TokenLogprob:
+        """OpenAI's entry for a sampled token."""
+
+        def entry(token: int, logprob: float) -> TopLogprob:
+            data = self.vocabulary.token_bytes(token)
+            return TopLogprob(
+                token=data.decode(errors="replace"),
+                bytes=list(data),
+                logprob=finite_logprob(logprob),
+            )
+
+        chosen = entry(sampled.token, sampled.logprob)
+        return TokenLogprob(
+            token=chosen.token,
+            bytes=chosen.bytes,
+            logprob=chosen.logprob,
+            top_logprobs=[entry(token, value) for token, value in sampled.top if value > -math.inf],
+        )
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
@@ -171,6 +222,7 @@ class Engine:
         detokenizer = self.tokenizer.detokenizer()
         pending = ""
         pending_ids: list[int] = []
+        pending_logprobs: list[TokenLogprob] = []
         completion_tokens = 0
 
         def chunk(text: str, finish_reason: FinishReason | None = None) -> GenerationChunk:
@@ -181,8 +233,10 @@ class Engine:
                 finish_reason=finish_reason,
                 prompt_tokens=len(prompt),
                 completion_tokens=completion_tokens,
+                logprobs=list(pending_logprobs) if sampling.logprobs else None,
             )
             pending_ids.clear()
+            pending_logprobs.clear()
             return result
 
         def rest() -> str:
@@ -195,14 +249,17 @@ class Engine:
         logger.debug("prefill {} tokens for {}", len(prompt), request.request_id)
         tokens = self.stepper.generate(prompt, sampling, max_tokens)
         try:
-            for token in tokens:
+            for item in tokens:
                 if token_clock is not None:
                     token_clock.token(time.perf_counter())
+                token = item.token if isinstance(item, SampledToken) else item
                 completion_tokens += 1
                 pending_ids.append(token)
                 if token in self.tokenizer.stop_token_ids:
                     yield chunk(pending + rest(), "stop")
                     return
+                if sampling.logprobs and isinstance(item, SampledToken):
+                    pending_logprobs.append(self.token_logprob(item))
                 detokenizer.add_token(token)
                 pending += detokenizer.last_segment
                 if stops:
@@ -233,10 +290,18 @@ class Engine:
         texts: list[str] = []
         token_ids: list[int] = []
         last: GenerationChunk | None = None
-        for piece in self.generate(request, should_cancel):
+        pieces = list(self.generate(request, should_cancel))
+        for piece in pieces:
             texts.append(piece.text)
             token_ids.extend(piece.token_ids)
             last = piece
         if last is None:  # generate always ends with a finishing chunk
             raise RuntimeError("generation produced no output")
-        return last.model_copy(update={"text": "".join(texts), "token_ids": token_ids})
+        logprobs = (
+            [entry for piece in pieces for entry in piece.logprobs or []]
+            if request.logprobs
+            else None
+        )
+        return last.model_copy(
+            update={"text": "".join(texts), "token_ids": token_ids, "logprobs": logprobs}
+        )

@@ -3,6 +3,7 @@
 uv run python -m exo.worker.runner.generate --prompt "What is the capital of France?"
 uv run python -m exo.worker.runner.generate --prompt "..." --world-size 2
 uv run python -m exo.worker.runner.generate --prompt "..." --world-size 2 --devices cuda:0,cpu:0
+uv run python -m exo.worker.runner.generate --prompt "A cat as JSON" --json --frequency-penalty 1
 
 In one process the model runs on ``--device`` (default: the first GPU MLX reaches, else
 the CPU); a pipeline's ranks run on ``--devices``, one per rank.
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", default=[])
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--json", action="store_true", help="constrain the output to JSON")
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument(
         "--layer-split",
@@ -73,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         top_p=arguments.top_p,
         seed=arguments.seed,
         stop=arguments.stop,
+        presence_penalty=arguments.presence_penalty,
+        frequency_penalty=arguments.frequency_penalty,
+        response_format="json_object" if arguments.json else "text",
     )
     started = time.perf_counter()
     chunks: Iterator[GenerationChunk]

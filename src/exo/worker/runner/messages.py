@@ -5,7 +5,8 @@ Input (rank 0 only; other ranks take their orders from rank 0 over the ring):
 ``{"type": "shutdown"}``. End of input means shutdown.
 
 Output (every rank): ``{"type": "status", ...}`` as the rank moves through
-loading → connecting → ready → running → ready ... → shut_down (or failed, with the error);
+loading → connecting → ready → running → ready ... → shut_down (or failed, with the error;
+while loading, a few more ``loading`` lines carry ``loaded_bytes`` of ``total_bytes``);
 rank 0 also writes ``{"type": "chunk", "chunk": {...}}`` for streamed text (the last chunk of a
 request has ``finish_reason``) and ``{"type": "request_failed", ...}`` for a request it
 rejected (e.g. a prompt longer than the context) while staying ready for the next.
@@ -56,6 +57,10 @@ class StatusOutput(BaseModel):
     rss_bytes: int | None = None
     compute_device: ComputeDevice | None = None
     """Where this rank computes, once it has its device."""
+    loaded_bytes: int | None = Field(default=None, ge=0)
+    """While loading: bytes of this rank's weights read so far (a few reports per load)."""
+    total_bytes: int | None = Field(default=None, ge=0)
+    """While loading: bytes of weights this rank loads in all."""
 
 
 class ChunkOutput(BaseModel):

@@ -18,15 +18,20 @@ empties its caches, the last rank makes the sampler), the prompt but its last to
 PREFILL chunks of :data:`PREFILL_STEP` tokens, then one FORWARD per generated token. Per
 step a header travels 0 -> 1 -> ... -> last on the control channel
 (:mod:`~exo.worker.runner.control_channel`) and the hidden state after it on the MLX ring;
-after a FORWARD the last rank samples the next token and sends it on the control channel
-to rank 0 (its ring neighbour), which feeds it in as the next step's input. When rank 0
+after a FORWARD the last rank samples the next token (a
+:class:`~exo.worker.runner.sampling.RequestSampler`: penalties, JSON mode, seed) and sends
+it on the control channel to rank 0 (its ring neighbour), with its log-probabilities when
+the request asked for them (:func:`encode_reply`), and rank 0 feeds it in as the next
+step's input. The last rank loads the tokenizer the first time a JSON request needs it. When rank 0
 is done with a request (a stop, ``max_tokens``, a cancellation), END goes round so that
 every rank knows the request is over and can report its stage time. A rank waits
 only on the control channel, never inside MLX's receive (which spins a core), so an idle
 pipeline, and a rank waiting for its turn, costs no CPU.
 
-Header (:data:`HEADER_BYTES`, ten little-endian uint32): command, length, activation dtype,
-hidden size, seed (u64), temperature (f64), top_p (f64).
+Header (:data:`HEADER_BYTES`, seventeen little-endian uint32): command, length, activation
+dtype, hidden size, seed (u64), temperature (f64), top_p (f64), presence penalty (f64),
+frequency penalty (f64), flags (1: log-probabilities, 2: JSON object), top log-probabilities,
+the request's max tokens (on BEGIN).
 
 Every rank times its own compute per decode step (a FORWARD but the request's first, which
 computes the first token from the prompt's last) on a
@@ -49,8 +54,14 @@ from loguru import logger
 from exo.models.stage import ModelStage
 from exo.shared.types.generation import SamplingParams
 from exo.worker.runner.control_channel import ControlChannel
-from exo.worker.runner.engine import TokenSampler, sample_last_position, token_sampler
 from exo.worker.runner.hostfile import HOSTFILE_ENV, RANK_ENV, read_hostfile
+from exo.worker.runner.sampling import (
+    RequestSampler,
+    SampledToken,
+    TokenVocabulary,
+    sampled_token,
+    vocabulary_loader,
+)
 from exo.worker.runner.timing import StageClock
 
 COMMAND_BEGIN = 1
@@ -59,8 +70,10 @@ COMMAND_FORWARD = 3
 COMMAND_SHUTDOWN = 4
 COMMAND_END = 5
 """Rank 0 is done with the request (every rank reports its stage time on it)."""
-HEADER_BYTES = 40
+HEADER_BYTES = 68
 TOKEN_BYTES = 4
+FLAG_LOGPROBS = 1
+FLAG_JSON_OBJECT = 2
 PREFILL_STEP = 2048
 """Prompt tokens per prefill chunk (mlx-lm's ``generate_step`` default)."""
 
@@ -117,24 +130,37 @@ class Header:
         dtype: mx.Dtype = mx.float32,
         hidden_size: int = 0,
         sampling: SamplingParams | None = None,
+        max_tokens: int = 0,
     ) -> None:
         self.command = command
         self.length = length
         self.dtype = dtype
         self.hidden_size = hidden_size
         self.sampling = sampling or SamplingParams()
+        self.max_tokens = max_tokens
 
     def encode(self) -> bytes:
+        sampling = self.sampling
+        flags = (FLAG_LOGPROBS if sampling.logprobs else 0) | (
+            FLAG_JSON_OBJECT if sampling.json_object else 0
+        )
         words = np.concatenate(
             [
                 np.array(
                     [self.command, self.length, _DTYPES.index(self.dtype), self.hidden_size],
                     dtype=np.uint32,
                 ),
-                np.array([(self.sampling.seed or 0) % 2**64], dtype=np.uint64).view(np.uint32),
-                np.array([self.sampling.temperature, self.sampling.top_p], dtype=np.float64).view(
-                    np.uint32
-                ),
+                np.array([(sampling.seed or 0) % 2**64], dtype=np.uint64).view(np.uint32),
+                np.array(
+                    [
+                        sampling.temperature,
+                        sampling.top_p,
+                        sampling.presence_penalty,
+                        sampling.frequency_penalty,
+                    ],
+                    dtype=np.float64,
+                ).view(np.uint32),
+                np.array([flags, sampling.top_logprobs, self.max_tokens], dtype=np.uint32),
             ]
         )
         return words.astype("<u4").tobytes()
@@ -143,14 +169,58 @@ class Header:
     def decode(cls, data: bytes) -> "Header":
         words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
         seed = int(words[4:6].view(np.uint64)[0])
-        temperature, top_p = (float(value) for value in words[6:10].view(np.float64))
+        temperature, top_p, presence, frequency = (
+            float(value) for value in words[6:14].view(np.float64)
+        )
+        flags, top_logprobs, max_tokens = (int(value) for value in words[14:17])
         return cls(
             command=int(words[0]),
             length=int(words[1]),
             dtype=_DTYPES[int(words[2])],
             hidden_size=int(words[3]),
-            sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed),
+            sampling=SamplingParams(
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed,
+                presence_penalty=presence,
+                frequency_penalty=frequency,
+                logprobs=bool(flags & FLAG_LOGPROBS),
+                top_logprobs=top_logprobs,
+                json_object=bool(flags & FLAG_JSON_OBJECT),
+            ),
+            max_tokens=max_tokens,
         )
+
+
+def reply_bytes(sampling: SamplingParams) -> int:
+    """Size of the last rank's answer to a FORWARD: the token (int32), and with
+    log-probabilities its own (float32) and ``top_logprobs`` pairs (int32, float32)."""
+    return TOKEN_BYTES + (4 + 8 * sampling.top_logprobs if sampling.logprobs else 0)
+
+
+def encode_reply(sampled: SampledToken, sampling: SamplingParams) -> bytes:
+    data = np.array([sampled.token], dtype="<i4").tobytes()
+    if not sampling.logprobs:
+        return data
+    top = list(sampled.top[: sampling.top_logprobs])
+    top += [(0, -np.inf)] * (sampling.top_logprobs - len(top))  # a vocabulary smaller than asked
+    data += np.array([sampled.logprob], dtype="<f4").tobytes()
+    for token, logprob in top:
+        data += np.array([token], dtype="<i4").tobytes() + np.array([logprob], "<f4").tobytes()
+    return data
+
+
+def decode_reply(data: bytes, sampling: SamplingParams) -> SampledToken:
+    token = int(np.frombuffer(data[:TOKEN_BYTES], dtype="<i4")[0])
+    if not sampling.logprobs:
+        return SampledToken(token)
+    logprob = float(np.frombuffer(data[4:8], dtype="<f4")[0])
+    top: list[tuple[int, float]] = []
+    for offset in range(8, len(data), 8):
+        top_token = int(np.frombuffer(data[offset : offset + 4], dtype="<i4")[0])
+        top_logprob = float(np.frombuffer(data[offset + 4 : offset + 8], dtype="<f4")[0])
+        top.append((top_token, top_logprob))
+    return SampledToken(token, logprob, tuple(top))
 
 
 def _check_layer_chain(stage: ModelStage, group: mx.distributed.Group) -> None:
@@ -202,10 +272,6 @@ def link_control_channel(group: mx.distributed.Group, hostfile: Path | str) -> C
     return channel
 
 
-def _token_bytes(token: mx.array) -> bytes:
-    return np.array([_scalar(token)], dtype="<i4").tobytes()
-
-
 class PipelineStepper:
     """Rank 0's side of the pipeline: a :class:`~exo.worker.runner.engine.TokenStepper`."""
 
@@ -246,10 +312,11 @@ class PipelineStepper:
 
     def generate(
         self, prompt: Sequence[int], sampling: SamplingParams, max_tokens: int
-    ) -> Iterator[int]:
+    ) -> Iterator[int | SampledToken]:
         self._interrupted = True
         self.stage_clock.begin_request()
-        self.control.send(Header(COMMAND_BEGIN, sampling=sampling).encode())
+        self.control.send(Header(COMMAND_BEGIN, sampling=sampling, max_tokens=max_tokens).encode())
+        reply_size = reply_bytes(sampling)
         try:
             cache: list[object] = self.stage.make_cache()
             remaining = list(prompt)
@@ -263,10 +330,10 @@ class PipelineStepper:
                 computed = self._forward(COMMAND_FORWARD, remaining, cache)
                 if step > 0:  # the first forward computes the first token: not decode
                     self.stage_clock.record_decode_step(computed)
-                token = int(np.frombuffer(self.control.receive(TOKEN_BYTES), dtype="<i4")[0])
+                reply = decode_reply(self.control.receive(reply_size), sampling)
                 self._interrupted = False
-                yield token
-                remaining = [token]
+                yield reply if sampling.logprobs else reply.token
+                remaining = [reply.token]
         finally:
             # Also when the engine closes the stream early (between steps, so the other
             # ranks wait for a header); never after an interrupted step.
@@ -289,10 +356,12 @@ def serve_stage(
     control: ControlChannel,
     stage_clock: StageClock | None = None,
     on_request_end: Callable[[list[float]], None] | None = None,
+    model_directory: Path | None = None,
 ) -> None:
     """Ranks 1..n-1: follow rank 0's headers until SHUTDOWN. At each END,
     ``on_request_end`` gets the request's decode step times (seconds, as timed on
-    ``stage_clock``)."""
+    ``stage_clock``). The last rank loads the tokenizer from ``model_directory`` the first
+    time a request asks for JSON."""
     rank, size = group.rank(), group.size()
     if rank == 0:
         raise PipelineError("rank 0 drives the pipeline; it does not serve a stage")
@@ -300,7 +369,13 @@ def serve_stage(
     is_last = rank == size - 1
     clock = stage_clock if stage_clock is not None else StageClock()
     cache: list[object] = stage.make_cache()
-    sampler: TokenSampler = token_sampler(SamplingParams())
+    sampling = SamplingParams()
+    chooser = RequestSampler(sampling, 0)
+    generated: list[int] = []
+    """Tokens this (last) rank sampled for the request under way."""
+    vocabulary: Callable[[], TokenVocabulary] | None = (
+        vocabulary_loader(model_directory) if model_directory is not None and is_last else None
+    )
     forwards = 0
     """FORWARD steps of the request under way (the first is not a decode step)."""
     while True:
@@ -316,7 +391,15 @@ def serve_stage(
             clock.begin_request()
             forwards = 0
             if is_last:
-                sampler = token_sampler(header.sampling)
+                sampling = header.sampling
+                if sampling.json_object and vocabulary is None:
+                    raise PipelineError("JSON mode needs the model directory on the last rank")
+                chooser = RequestSampler(
+                    sampling,
+                    header.max_tokens,
+                    vocabulary() if sampling.json_object and vocabulary is not None else None,
+                )
+                generated = []
             continue
         if header.command == COMMAND_END:
             if on_request_end is not None:
@@ -337,10 +420,17 @@ def serve_stage(
             )
             _send(output, rank + 1, group)
         elif header.command == COMMAND_FORWARD:
-            token = sample_last_position(output, sampler)
+            token, logprobs = chooser.choose(mx.array(generated, dtype=mx.int32), output[:, -1, :])
             mx.eval(token)
+            token_id = _scalar(token)
             computed = time.perf_counter() - started
-            control.send(_token_bytes(token))
+            sampled = (
+                sampled_token(logprobs, token_id, sampling.top_logprobs)
+                if sampling.logprobs
+                else SampledToken(token_id)
+            )
+            generated.append(token_id)
+            control.send(encode_reply(sampled, sampling))
         else:
             mx.eval([layer_cache.state for layer_cache in cache])  # pyright: ignore[reportAttributeAccessIssue]
             computed = 0.0

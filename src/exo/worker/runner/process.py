@@ -119,6 +119,39 @@ def _rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+LOAD_PROGRESS_INTERVAL_S = 0.5
+"""At most one load-progress status per this many seconds (the first and the last always)."""
+
+
+class LoadProgressReporter:
+    """Passes ``(loaded_bytes, total_bytes)`` on to ``send`` a few times while weights
+    load: the first report, then at most one per ``interval_s``, and always the last (all
+    loaded). Each report becomes a cluster event, so it must stay a handful per load."""
+
+    def __init__(
+        self,
+        send: Callable[[int, int], None],
+        interval_s: float = LOAD_PROGRESS_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._send = send
+        self._interval_s = interval_s
+        self._clock = clock
+        self._last_at: float | None = None
+        self._last: tuple[int, int] | None = None
+
+    def __call__(self, loaded_bytes: int, total_bytes: int) -> None:
+        now = self._clock()
+        done = loaded_bytes >= total_bytes
+        if (loaded_bytes, total_bytes) == self._last:
+            return
+        if not done and self._last_at is not None and now - self._last_at < self._interval_s:
+            return
+        self._last_at = now
+        self._last = (loaded_bytes, total_bytes)
+        self._send(loaded_bytes, total_bytes)
+
+
 def run_rank(
     config: RunnerArguments, requests: RequestSource | None, emit: Emit = print_output
 ) -> None:
@@ -127,7 +160,10 @@ def run_rank(
     device: ComputeDevice | None = None
 
     def status(
-        value: RunnerStatus, stage: "ModelStage | None" = None, error: str | None = None
+        value: RunnerStatus,
+        stage: "ModelStage | None" = None,
+        error: str | None = None,
+        loaded: tuple[int, int] | None = None,
     ) -> None:
         emit(
             StatusOutput(
@@ -139,8 +175,13 @@ def run_rank(
                 weight_bytes=stage.nbytes if stage else None,
                 rss_bytes=_rss_bytes(),
                 compute_device=device,
+                loaded_bytes=loaded[0] if loaded else None,
+                total_bytes=loaded[1] if loaded else None,
             )
         )
+
+    def load_progress(loaded_bytes: int, total_bytes: int) -> None:
+        status("loading", loaded=(loaded_bytes, total_bytes))
 
     stage: ModelStage | None = None
     stage_clock = StageClock()
@@ -168,7 +209,12 @@ def run_rank(
         )
 
         directory = model_directory(config.model, config.weights_cache or default_weights_cache())
-        stage = load_stage(directory, config.layer_start, config.layer_end)
+        stage = load_stage(
+            directory,
+            config.layer_start,
+            config.layer_end,
+            progress=LoadProgressReporter(load_progress),
+        )
         tokenizer = load_model_tokenizer(directory) if config.rank == 0 else None
         stepper: TokenStepper
         if config.world_size == 1:
@@ -187,7 +233,7 @@ def run_rank(
             control = link_control_channel(group, config.hostfile)
             if config.rank != 0:
                 status("ready", stage)
-                serve_stage(stage, group, control, stage_clock, report_stage_time)
+                serve_stage(stage, group, control, stage_clock, report_stage_time, directory)
                 status("shut_down", stage)
                 return
             stepper = PipelineStepper(stage, group, control, stage_clock)

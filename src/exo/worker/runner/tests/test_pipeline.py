@@ -61,7 +61,9 @@ def test_split_layers() -> None:
 
 
 def test_header_round_trip() -> None:
-    sampling = SamplingParams(temperature=0.7, top_p=0.9, seed=2**40 + 3)
+    sampling = SamplingParams(
+        temperature=0.7, top_p=0.9, seed=2**40 + 3, frequency_penalty=1.5, json_object=True
+    )
     header = Header(COMMAND_FORWARD, 37, mx.bfloat16, 576, sampling)
     decoded = Header.decode(header.encode())
     assert (decoded.command, decoded.length, decoded.hidden_size) == (COMMAND_FORWARD, 37, 576)
@@ -121,6 +123,34 @@ def test_three_uneven_ranks_match_one_process_greedy(greedy_expected: Generation
     _assert_clean(run)
     assert run.token_ids == expected.token_ids
     assert run.text == expected.text
+
+
+def test_penalties_json_and_logprobs_on_the_last_rank_match_one_process(engine: Engine) -> None:
+    """The last rank samples with the request's penalties, JSON constraint (it loads the
+    tokenizer for it) and seed, and sends the log-probabilities back to rank 0."""
+    request = GenerationRequest(
+        request_id="constrained",
+        messages=[{"role": "user", "content": "Describe a cat as JSON."}],
+        max_tokens=10,
+        temperature=0.8,
+        seed=99,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        logprobs=True,
+        top_logprobs=2,
+        response_format="json_object",
+    )
+    expected = engine.complete(request)
+    run = run_local_pipeline(2, request)
+    _assert_clean(run)
+    assert run.token_ids == expected.token_ids
+    assert run.text == expected.text
+    json.loads(run.text)
+    logprobs = [entry for chunk in run.chunks for entry in chunk.logprobs or []]
+    assert expected.logprobs is not None and len(logprobs) == len(expected.logprobs) > 0
+    for got, want in zip(logprobs, expected.logprobs, strict=True):
+        assert got.token == want.token and got.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [top.token for top in got.top_logprobs] == [top.token for top in want.top_logprobs]
 
 
 def test_sampling_on_the_last_rank_matches_one_process(engine: Engine) -> None:
