@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -22,6 +23,10 @@ JsonDict = dict[str, Any]
 TEST_CLUSTER_SECRET = "exo-test-cluster-secret-0123456789"
 """What every test node holds unless a test gives it another (nodes with different secrets
 never see each other)."""
+
+SHARED_WEIGHTS_CACHE = Path(tempfile.gettempdir()) / f"exo-test-weights-{os.getuid()}"
+"""The weights cache every test node shares (imports are atomic: a directory renamed into
+place), so the bundled model is imported once per machine, as in production."""
 
 PORT_RANGE = (20000, 32000)
 """Below Linux's ephemeral range (32768+), so outgoing connections never take our ports."""
@@ -104,7 +109,12 @@ class ExoNode:
             *self.extra_args,
         ]
         log = self.log_path.open("ab")
-        env = {**os.environ, "EXO_GPU_BACKEND": os.environ.get("EXO_GPU_BACKEND", "cpu")}
+        env = {
+            **os.environ,
+            "EXO_GPU_BACKEND": os.environ.get("EXO_GPU_BACKEND", "cpu"),
+            # One import of the bundled model for the whole test run, not one per node.
+            "EXO_WEIGHTS_CACHE": os.environ.get("EXO_WEIGHTS_CACHE", str(SHARED_WEIGHTS_CACHE)),
+        }
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
 

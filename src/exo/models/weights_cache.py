@@ -21,9 +21,14 @@ CONFIG_FILE = "config.json"
 WEIGHTS_DIRECTORY = "weights"
 
 
+WEIGHTS_CACHE_ENV = "EXO_WEIGHTS_CACHE"
+
+
 def weights_cache_in(home: Path) -> Path:
-    """A node's weights cache: ``home/weights``."""
-    return home / WEIGHTS_DIRECTORY
+    """A node's weights cache: ``$EXO_WEIGHTS_CACHE`` when set (one cache for every node on
+    the machine, e.g. several nodes on one host), else ``home/weights``."""
+    shared = os.environ.get(WEIGHTS_CACHE_ENV)
+    return Path(shared).expanduser() if shared else home / WEIGHTS_DIRECTORY
 
 
 def default_weights_cache() -> Path:
