@@ -24,14 +24,19 @@ wait for it. ``failed``: it cannot serve, and nothing will heal it (``failure`` 
 
 
 def set_breakage(state: State, shards: list[Shard]) -> str | None:
-    """Why the set cannot run (None: nothing is known to be wrong with it)."""
+    """Why the set cannot run (None: nothing is known to be wrong with it): a node that
+    left before a runner that failed before a runner that stopped, whatever their ranks (the
+    later ones are usually what the first caused: the other ranks stop when one is lost)."""
     for shard in shards:
         if shard.node_id not in state.nodes:
             return f"node {shard.node_id} (rank {shard.rank}) left the cluster"
-        runner = state.runners.get(shard.runner_id)
-        if runner is not None and runner.status == "failed":
-            return f"runner {shard.runner_id} (rank {shard.rank}) failed: {runner.error}"
-        if runner is not None and runner.status == "shut_down":
+    for wanted in ("failed", "shut_down"):
+        for shard in shards:
+            runner = state.runners.get(shard.runner_id)
+            if runner is None or runner.status != wanted:
+                continue
+            if wanted == "failed":
+                return f"runner {shard.runner_id} (rank {shard.rank}) failed: {runner.error}"
             return f"runner {shard.runner_id} (rank {shard.rank}) stopped"
     return None
 

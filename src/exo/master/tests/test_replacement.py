@@ -309,3 +309,15 @@ def test_a_device_that_has_not_run_is_judged_by_its_backends_measured_calibratio
     }
     state = state.model_copy(update={"device_calibration": measured})
     assert move_candidate(the_instance(state), state, NOW, CONFIG) is None
+
+
+def test_a_heal_names_the_lost_node_not_the_rank_it_stopped() -> None:
+    """The surviving rank stops (its pipeline broke) before the master hears of the lost
+    node: the heal's reason is still the node."""
+    state = placed(cluster(["n0", "n1", "n2"]))
+    survivor, lost = the_instance(state).shards
+    state = with_runners(state, [survivor], "shut_down")
+    state = applied(state, NodeTimedOut(node_id=lost.node_id))
+    event = heal(the_instance(state), state, NOW, CONFIG)
+    assert isinstance(event, InstanceReplacementStarted)
+    assert event.replacement.change.reason == f"node {lost.node_id} (rank 1) left the cluster"
