@@ -88,6 +88,14 @@ def the_instance(state: State) -> Instance:
     return next(iter(state.instances.values()))
 
 
+def with_second_shard_throttling(calm: State) -> State:
+    """``calm`` (placed on the three-node cluster) with the device of its instance's second
+    shard throttling."""
+    hot_node = the_instance(calm).shards[1].node_id
+    throttled = cluster(["n0", "n1", "n2"], throttling=frozenset({hot_node}))
+    return throttled.model_copy(update={"instances": calm.instances, "runners": calm.runners})
+
+
 def task(state: State, runner_id: RunnerId, task_id: str, status: TaskStatus) -> State:
     instance = the_instance(state)
     new = Task(
@@ -195,8 +203,7 @@ def test_a_throttling_device_moves_the_instance_past_the_margin() -> None:
     calm = placed(cluster(["n0", "n1", "n2"]))
     assert move_candidate(the_instance(calm), calm, NOW, CONFIG) is None
     hot_node = the_instance(calm).shards[1].node_id
-    throttled = cluster(["n0", "n1", "n2"], throttling=frozenset({hot_node}))
-    state = throttled.model_copy(update={"instances": calm.instances, "runners": calm.runners})
+    state = with_second_shard_throttling(calm)
     candidate = move_candidate(the_instance(state), state, NOW, CONFIG)
     assert candidate is not None
     assert candidate.gain is not None and candidate.gain >= CONFIG.move_margin
@@ -211,10 +218,7 @@ def test_a_throttling_device_moves_the_instance_past_the_margin() -> None:
 
 def test_moves_stop_at_the_hourly_limit_and_wait_to_settle() -> None:
     calm = placed(cluster(["n0", "n1", "n2"]))
-    hot_node = the_instance(calm).shards[1].node_id
-    state = cluster(["n0", "n1", "n2"], throttling=frozenset({hot_node})).model_copy(
-        update={"instances": calm.instances, "runners": calm.runners}
-    )
+    state = with_second_shard_throttling(calm)
     instance = the_instance(state)
 
     def move(started_minutes_ago: float) -> PlacementChange:
@@ -247,10 +251,7 @@ def test_moves_stop_at_the_hourly_limit_and_wait_to_settle() -> None:
 def test_a_manual_replace_starts_a_change_only_when_the_layout_differs() -> None:
     calm = placed(cluster(["n0", "n1", "n2"]))
     assert manual_replacement(the_instance(calm), calm) == []
-    hot_node = the_instance(calm).shards[1].node_id
-    state = cluster(["n0", "n1", "n2"], throttling=frozenset({hot_node})).model_copy(
-        update={"instances": calm.instances, "runners": calm.runners}
-    )
+    state = with_second_shard_throttling(calm)
     events = manual_replacement(the_instance(state), state)
     assert isinstance(events, list) and len(events) == 1
     started = events[0]
@@ -263,10 +264,7 @@ def test_a_manual_replace_starts_a_change_only_when_the_layout_differs() -> None
 
 def test_a_move_retires_the_old_set_which_keeps_its_requests() -> None:
     calm = placed(cluster(["n0", "n1", "n2"]))
-    hot_node = the_instance(calm).shards[1].node_id
-    state = cluster(["n0", "n1", "n2"], throttling=frozenset({hot_node})).model_copy(
-        update={"instances": calm.instances, "runners": calm.runners}
-    )
+    state = with_second_shard_throttling(calm)
     old = the_instance(state)
     state = task(state, old.shards[0].runner_id, "in-flight", "running")
     state = task(state, old.shards[0].runner_id, "queued", "pending")
