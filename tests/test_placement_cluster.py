@@ -57,16 +57,25 @@ def test_heterogeneous_cluster_takes_the_solver(tmp_path: Path) -> None:
         shards = created.json()["shards"]
         assert sum(shard["end_layer"] - shard["start_layer"] for shard in shards) == 80
 
-        # Its weights are not on these machines: the runners say so instead of running.
-        def runners_failed_clearly() -> bool:
+        # Its weights are not on these machines: a runner says so instead of running (the
+        # others may never start: a set with a failed runner is not started further), and
+        # since no device has the weights, no heal can serve it: the instance ends failed
+        # with that reason.
+        def a_runner_failed_clearly() -> bool:
             runners = nodes[0].state()["runners"]
-            return all(
+            return any(
                 runners.get(shard["runner_id"], {}).get("status") == "failed"
                 and "planning only" in (runners[shard["runner_id"]]["error"] or "")
                 for shard in shards
             )
 
-        wait_until(runners_failed_clearly, 10.0, "the runners to fail with a reason")
+        wait_until(a_runner_failed_clearly, 10.0, "a runner to fail with a reason")
+
+        def instance_failed_clearly() -> bool:
+            body = httpx.get(nodes[1].url + f"/instance/{instance_id}", timeout=5.0).json()
+            return "planning only" in (body["failure"] or "")
+
+        wait_until(instance_failed_clearly, 30.0, "the instance to fail with the reason")
         assert (
             httpx.delete(nodes[0].url + f"/instance/{instance_id}", timeout=10.0).status_code == 200
         )
