@@ -3,6 +3,7 @@
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -238,40 +239,51 @@ def test_bad_startup_arguments_exit_with_a_sentence(tmp_path: Path) -> None:
     busy.start()
     try:
         busy.wait_ready()
-        cases = [
-            ["--listen", "garbage"],
-            ["--connect", "tcp/127.0.0.1:99999"],
-            ["--api-port", str(busy.api_port)],
-            ["--listen", busy.endpoint],
-            ["--home", "/proc/no-such-dir/exo"],
-            ["--simulate-gpus", str(tmp_path / "missing.json")],
-            ["--simulate-gpus", str(bad_devices)],
-            ["--telemetry-interval", "0"],
-            ["--home", str(busy.home)],
-            ["--api-host", "0.0.0.0"],  # beyond loopback without --api-key
-            ["--listen", "tls/127.0.0.1:0"],  # TLS without a certificate
-            ["--connect", "tls/127.0.0.1:52414"],  # TLS without a CA to check the peer
-            ["--tls-cert", str(bad_devices)],  # a certificate without its key
-            ["--tls-ca", str(tmp_path / "missing.pem")],
-            ["--cluster-secret", "short"],
+        # Each case with the words its one sentence must hold: a case that failed for
+        # another reason (say, a default flag refused) would not show its own check works.
+        expected = [
+            (["--listen", "garbage"], "is not a zenoh endpoint"),
+            (["--connect", "tcp/127.0.0.1:99999"], "a port between 1 and 65535"),
+            (["--api-port", str(busy.api_port)], "cannot serve the API"),
+            (["--listen", busy.endpoint], "already in use"),
+            (["--home", "/proc/no-such-dir/exo"], "cannot use home directory"),
+            (["--simulate-gpus", str(tmp_path / "missing.json")], "cannot read simulated GPU"),
+            (["--simulate-gpus", str(bad_devices)], "memory_total_bytes: Field required"),
+            (["--telemetry-interval", "0"], "--telemetry-interval must be positive"),
+            (["--home", str(busy.home)], "is in use by another exo node"),
+            (["--api-host", "0.0.0.0"], "without a key"),
+            (["--listen", f"tls/127.0.0.1:{free_port()}"], "needs --tls-cert and --tls-key"),
+            (["--connect", "tls/127.0.0.1:52414"], "needs --tls-ca"),
+            (["--tls-cert", str(bad_devices)], "--tls-cert and --tls-key go together"),
+            (["--tls-ca", str(tmp_path / "missing.pem")], "does not exist"),
+            (["--cluster-secret", "short"], "at least 16 characters"),
         ]
-        for extra in cases:
+        cases = [extra for extra, _ in expected]
+
+        def start_with(case: tuple[int, list[str]]) -> subprocess.CompletedProcess[str]:
+            index, extra = case
             args = [
                 sys.executable,
                 "-m",
                 "exo.main",
                 "--no-discovery",
                 "--home",
-                str(tmp_path / "x"),
+                str(tmp_path / f"home{index}"),  # its own: a shared home would be busy
             ]
             if "--api-port" not in extra:
                 args += ["--api-port", str(free_port())]
             if "--listen" not in extra:
-                args += ["--listen", "tcp/127.0.0.1:0"]
-            result = subprocess.run([*args, *extra], capture_output=True, timeout=30, text=True)
+                args += ["--listen", f"tcp/127.0.0.1:{free_port()}"]
+            return subprocess.run([*args, *extra], capture_output=True, timeout=60, text=True)
+
+        # A few at a time: each is a fresh interpreter that imports the node and stops.
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            results = list(pool.map(start_with, enumerate(cases)))
+        for (extra, words), result in zip(expected, results, strict=True):
             assert result.returncode == 2, (extra, result.stderr)
             assert "Traceback" not in result.stderr
-            assert result.stderr.strip().splitlines()[-1].startswith("exo: ")
+            sentence = result.stderr.strip().splitlines()[-1]
+            assert sentence.startswith("exo: ") and words in sentence, (extra, sentence)
     finally:
         busy.kill()
 

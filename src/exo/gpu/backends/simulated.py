@@ -125,7 +125,9 @@ def load_simulated_file(path: Path) -> SimulatedGPUFile:
     try:
         text = path.read_text()
     except OSError as error:
-        raise GPUBackendError(f"cannot read simulated GPU file {path}: {error}") from error
+        raise GPUBackendError(
+            f"cannot read simulated GPU file {path}: {error.strerror or error}"
+        ) from error
     try:
         return SimulatedGPUFile.model_validate_json(text)
     except ValidationError as error:
