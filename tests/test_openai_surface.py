@@ -1,10 +1,12 @@
-"""The OpenAI surface through the official ``openai`` SDK, against one real node serving the
-bundled model: every parameter works as OpenAI defines it, or is a 400 naming it.
+"""The OpenAI surface against one real node serving the bundled model: chat answers, streams
+and cancels over plain HTTP; through the official ``openai`` SDK every parameter works as
+OpenAI defines it, or is a 400 naming it.
 
 All tests share one node (placed once, module-scoped); completions are a few tokens each
 because the model runs on the CPU."""
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 from openai import OpenAI
 
 from tests.cluster import ExoNode, converged, running_cluster, wait_until
+from tests.test_inference_cluster import QUESTION, ask, ask_streaming, chat_body
 
 pytestmark = pytest.mark.cluster
 
@@ -261,3 +264,86 @@ def test_cluster_endpoints_have_one_error_shape(node: ExoNode) -> None:
     )
     assert "since" in detail(httpx.get(node.url + "/events", params={"since": -5}), 422)
     detail(httpx.delete(node.url + "/instance/nope", timeout=10.0), 404)
+
+
+def test_chat_answers_paris_streams_and_cancels(node: ExoNode) -> None:
+    """The bundled model answers, streams the same text, keeps concurrent streams apart,
+    and a client that goes away cancels its task."""
+    # A model that no instance serves is a 404.
+    unplaced = httpx.post(
+        node.url + "/v1/chat/completions",
+        json={**chat_body(QUESTION), "model": PLANNING_ONLY},
+        timeout=10.0,
+    )
+    assert unplaced.status_code == 404, unplaced.text
+    instance = next(i for i in node.state()["instances"].values() if i["model_id"] == MODEL)
+    # The node said where its MLX computes; the runner says where it does.
+    state = node.state()
+    execution = state["nodes"][node.node_id()]["execution"]
+    assert {device["device_id"] for device in execution["devices"]} >= {"cpu:0"}
+    runner = state["runners"][instance["shards"][0]["runner_id"]]
+    assert runner["compute_device"]["device_id"] == instance["shards"][0]["device_id"]
+    response = ask(node, QUESTION)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    text = body["choices"][0]["message"]["content"]
+    assert "Paris" in text
+    assert body["usage"]["completion_tokens"] > 0
+    assert (
+        body["usage"]["total_tokens"]
+        == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    )
+    streamed, finish = ask_streaming(node, QUESTION)
+    assert streamed == text
+    assert finish == body["choices"][0]["finish_reason"]
+
+    # Two concurrent streamed requests complete with their own, unmixed text.
+    other_question = "Name a primary color."
+    expected_other = ask(node, other_question).json()["choices"][0]["message"]["content"]
+    results: dict[str, str] = {}
+
+    def run(question: str) -> None:
+        results[question] = ask_streaming(node, question)[0]
+
+    threads = [threading.Thread(target=run, args=(q,)) for q in (QUESTION, other_question)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert results == {QUESTION: text, other_question: expected_other}
+
+    bad = httpx.post(node.url + "/v1/chat/completions", json={"model": MODEL}, timeout=10.0)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+
+    # A client that disconnects mid-stream cancels its task; the runner serves the next.
+    long_request = chat_body("Write a long story about a lighthouse keeper.", True, 400)
+    with httpx.stream(
+        "POST", node.url + "/v1/chat/completions", json=long_request, timeout=60.0
+    ) as response:
+        frames = 0
+        for line in response.iter_lines():
+            frames += line.startswith("data: {")
+            if frames >= 3:
+                break
+
+    def cancelled() -> bool:
+        tasks = node.state()["tasks"].values()
+        return any(
+            task["params"]["max_tokens"] == 400 and task["status"] == "cancelled" for task in tasks
+        )
+
+    wait_until(cancelled, 10.0, "the abandoned task to be cancelled")
+    assert ask(node, QUESTION).json()["choices"][0]["message"]["content"] == text
+
+    # The same for a non-streaming client that gives up.
+    impatient = chat_body("Write a long poem about the moon.", False, 401)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(node.url + "/v1/chat/completions", json=impatient, timeout=3.0)
+
+    def impatient_cancelled() -> bool:
+        tasks = node.state()["tasks"].values()
+        return any(
+            task["params"]["max_tokens"] == 401 and task["status"] == "cancelled" for task in tasks
+        )
+
+    wait_until(impatient_cancelled, 10.0, "the non-streaming task to be cancelled")
