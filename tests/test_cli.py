@@ -16,7 +16,7 @@ MODEL = "SmolLM2-135M-Instruct"
 
 def exo(node: ExoNode, *words: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "exo.main", *words, "--api", node.url],
+        [sys.executable, "-m", "exo.command", *words, "--api", node.url],
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -26,7 +26,10 @@ def exo(node: ExoNode, *words: str, timeout_s: float = 120.0) -> subprocess.Comp
 
 def test_status_place_and_chat_from_the_command_line(tmp_path: Path) -> None:
     version = subprocess.run(
-        [sys.executable, "-m", "exo.main", "--version"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "exo.command", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert version.stdout.startswith("exo ") and version.stdout.split()[1][0].isdigit()
 
@@ -85,7 +88,16 @@ def test_status_place_and_chat_from_the_command_line(tmp_path: Path) -> None:
 
 def test_a_node_that_is_not_there_is_one_sentence() -> None:
     missing = subprocess.run(
-        [sys.executable, "-m", "exo.main", "status", "--api", "http://127.0.0.1:9", "--wait", "0"],
+        [
+            sys.executable,
+            "-m",
+            "exo.command",
+            "status",
+            "--api",
+            "http://127.0.0.1:9",
+            "--wait",
+            "0",
+        ],
         capture_output=True,
         text=True,
         check=False,

@@ -1,4 +1,5 @@
-"""The ``exo`` command: parse flags, check them, run one node."""
+"""A node's command line: parse the flags, check them, run one node (``exo`` without a
+client command, see :mod:`exo.command`)."""
 
 import argparse
 import faulthandler
@@ -14,7 +15,6 @@ import anyio
 from loguru import logger
 from pydantic import ValidationError
 
-from exo import cli
 from exo.api.guard import ApiExposureError, check_api_exposure
 from exo.gpu.backend import GPUBackendError
 from exo.gpu.backends.simulated import load_simulated_file
@@ -305,9 +305,6 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    words = sys.argv[1:] if argv is None else argv
-    if words and words[0] in cli.COMMANDS:  # exo status | place | chat: talk to a node
-        cli.main(words)
     # A native crash (zenoh, MLX) prints every thread's Python stack before the process dies.
     faulthandler.enable()
     args = build_parser().parse_args(argv)
