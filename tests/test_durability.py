@@ -64,3 +64,70 @@ def test_a_paused_master_steps_down_and_no_acknowledged_write_is_lost(tmp_path: 
         new_master_id = nodes[0].state()["master_node_id"]
         assert new_master_id != old_master_id, "the old master took over again"
         assert "stepping down as master" in old_master.log_text()
+
+
+def test_two_nodes_go_on_when_either_is_switched_off(tmp_path: Path) -> None:
+    """A strict majority of two is both, yet a 2-node cluster keeps working when the other
+    machine is switched off (docs/architecture.md, "A two-node cluster"): the node left
+    alone is master by itself and takes writes; the other, switched on again, catches up."""
+    with writable_cluster(tmp_path, 2) as nodes:
+        ids = [node.node_id() for node in nodes]
+        master = next(
+            node for node in nodes if node.node_id() == nodes[0].state()["master_node_id"]
+        )
+        follower = next(node for node in nodes if node is not master)
+        writer = Writer(follower)
+        writer.start()
+        try:
+            # Writes while both are up are stored by both before they are acknowledged.
+            wait_until(lambda: len(writer.acknowledged) >= 3, 15.0, "writes with both nodes up")
+            before = {iid for _, iid in writer.acknowledged}
+            assert before <= set(master.state()["instances"])
+
+            # The master's machine goes off: the follower goes on alone, as master.
+            master.kill()
+            off_at = time.monotonic()
+            wait_until(
+                lambda: follower.state()["master_node_id"] == follower.node_id(),
+                15.0,
+                "the node left alone to become master",
+            )
+            wait_until(
+                lambda: len(writer.acknowledged_between(off_at)) >= 3,
+                20.0,
+                "writes acknowledged by the node left alone",
+            )
+            alone = {iid for _, iid in writer.acknowledged}
+            assert alone <= set(follower.state()["instances"])
+            assert before <= set(follower.state()["instances"])
+
+            # Switched on again, the old master is a follower in an older term: it takes
+            # the newer history instead of erasing it.
+            master.start()
+            master.wait_ready()
+            wait_until(lambda: converged(nodes, 2), 20.0, "the returning node to catch up")
+
+            # Now the follower's machine goes off: the master goes on alone.
+            master.kill()
+            follower_off_at = time.monotonic()
+            wait_until(
+                lambda: len(writer.acknowledged_between(follower_off_at + 3.0)) >= 3,
+                20.0,
+                "writes acknowledged after the follower went off",
+            )
+            assert follower.state()["master_node_id"] == follower.node_id()
+            master.start()
+            master.wait_ready()
+            wait_until(lambda: converged(nodes, 2), 20.0, "the follower to catch up again")
+        finally:
+            writer.stop()
+        for _, status, text in writer.refused:
+            assert status in (0, 503, 504), text  # refused openly, never half-done
+        acknowledged = {iid for _, iid in writer.acknowledged}
+
+        def both_hold_everything() -> bool:
+            return all(acknowledged <= set(node.state()["instances"]) for node in nodes)
+
+        wait_until(both_hold_everything, 20.0, "both nodes to hold every acknowledged write")
+        assert nodes[0].state()["master_node_id"] == follower.node_id()
+        assert {node.node_id() for node in nodes} == set(ids)
