@@ -4,6 +4,7 @@ client command, see :mod:`exo.command`)."""
 import argparse
 import faulthandler
 import json
+import logging
 import os
 import sys
 import traceback
@@ -198,10 +199,28 @@ def build_parser() -> argparse.ArgumentParser:
 def configure_logging(verbose: int, quiet: bool, log_format: str = "text") -> None:
     level = "WARNING" if quiet else {0: "INFO", 1: "DEBUG"}.get(verbose, "TRACE")
     logger.remove()
+    # Libraries that log through the standard library (uvicorn, asyncio, httpx) go through
+    # loguru too, so every line has one format; only their warnings and errors.
+    logging.basicConfig(handlers=[_ToLoguru()], level=logging.WARNING, force=True)
     if log_format == "json":
         logger.add(_json_log_line, level=level, format="{message}")
         return
     logger.add(sys.stderr, level=level, format="{time:HH:mm:ss.SSS} {level: <7} {name}: {message}")
+
+
+class _ToLoguru(logging.Handler):
+    """A standard-library record, logged by loguru under the library's logger name."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.patch(
+            lambda loguru_record: loguru_record.update(
+                name=record.name, function=record.funcName, line=record.lineno
+            )
+        ).opt(exception=record.exc_info).log(level, record.getMessage())
 
 
 def _json_log_line(message: "Message") -> None:

@@ -254,6 +254,7 @@ async def run_node(config: NodeConfig) -> None:
         uvicorn.Config(
             guarded(create_app(context), config.api_key),
             log_level="warning",
+            log_config=None,  # its records go through loguru (exo.main.configure_logging)
             lifespan="off",
             access_log=False,
         )

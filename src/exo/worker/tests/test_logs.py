@@ -2,6 +2,7 @@
 ``--log-format json``."""
 
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,6 +170,8 @@ def test_json_log_lines(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--log-format", "xml"])
     capsys.readouterr()
+    root = logging.getLogger()
+    root_handlers, root_level = root.handlers[:], root.level
     configure_logging(0, False, "json")
     try:
         logger.info('a "quoted" line\nand another')
@@ -177,12 +180,20 @@ def test_json_log_lines(capsys: pytest.CaptureFixture[str]) -> None:
             raise ValueError("bad")
         except ValueError:
             logger.exception("it broke")
+        # A library's standard-library records (uvicorn's, say) come out as JSON lines too;
+        # below WARNING they are left out (httpx logs every request at INFO).
+        logging.getLogger("uvicorn.error").warning("port %d is slow", 80)
+        logging.getLogger("httpx").info("HTTP Request: GET /")
     finally:
         logger.remove()
         logger.add(sys.stderr)
+        root.handlers[:] = root_handlers
+        root.setLevel(root_level)
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 2, lines
-    first, second = (json.loads(line) for line in lines)
+    assert len(lines) == 3, lines
+    first, second, library = (json.loads(line) for line in lines)
+    assert library["message"] == "port 80 is slow" and library["level"] == "WARNING"
+    assert library["logger"] == "uvicorn.error" and library["function"] == "test_json_log_lines"
     assert first["message"] == 'a "quoted" line\nand another'
     assert first["level"] == "INFO"
     assert first["logger"] == __name__
