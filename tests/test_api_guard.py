@@ -94,6 +94,19 @@ def test_large_bodies_get_413_and_nothing_is_echoed(tmp_path: Path) -> None:
             timeout=30.0,
         )
         assert chunked.status_code == 413 and len(chunked.content) < 200
+        assert "larger than 4 MiB" in chunked.json()["detail"]
+        # On /v1 the same refusal comes in OpenAI's shape, whichever way the size showed.
+        big_chat = json.dumps({**CHAT, "model": "b" * (5 << 20)})
+        for content in (big_chat.encode(), iter([big_chat.encode()])):
+            refused = httpx.post(
+                node.url + "/v1/chat/completions",
+                content=content,
+                headers={"content-type": "application/json"},
+                timeout=30.0,
+            )
+            assert refused.status_code == 413 and len(refused.content) < 300
+            error = refused.json()["error"]
+            assert error["type"] == "invalid_request_error" and "4 MiB" in error["message"]
         # Under the limit but invalid: the answer names the field, not the 3 MiB value.
         echoed = post_raw(
             node, "/v1/chat/completions", json.dumps({**CHAT, "model": "m" * (3 << 20)})
@@ -128,6 +141,12 @@ def test_a_node_with_a_key_refuses_requests_without_it(tmp_path: Path) -> None:
                 )
                 assert response.status_code == 401, (method, path, headers, response.text)
                 assert response.headers["www-authenticate"] == "Bearer"
+                if path.startswith("/v1/"):
+                    error = response.json()["error"]
+                    assert error["type"] == "authentication_error"
+                    assert error["code"] == "invalid_api_key" and "Bearer" in error["message"]
+                else:
+                    assert "needs a key" in response.json()["detail"]
         assert keyed.node_id()  # with the key, it answers
         assert keyed.state()["instances"] == {}  # and nothing refused reached the cluster
         # The dashboard page itself holds no data: it loads, then asks for the key.

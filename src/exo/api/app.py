@@ -10,9 +10,10 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 from starlette.exceptions import HTTPException
 
-from exo.api.chat import chat_routes, error_type_for, openai_error
+from exo.api.chat import chat_routes
 from exo.api.context import ApiContext
 from exo.api.dashboard import dashboard_routes
+from exo.api.errors import detail_response, error_type_for, is_openai_path, openai_error
 from exo.api.metrics import install_metrics
 from exo.api.validation import (
     MAX_ID_LENGTH,
@@ -45,18 +46,8 @@ class PlaceInstanceRequest(ApiRequest):
     for placement experiments and tests."""
 
 
-def detail_response(status: int, reason: str, **extra: object) -> JSONResponse:
-    """The cluster endpoints' one error shape: ``{"detail": reason}``, with any extra
-    facts about it beside (e.g. ``instance_status``)."""
-    return JSONResponse(status_code=status, content={**extra, "detail": reason})
-
-
 def error_response(result: CommandResult) -> JSONResponse:
     return detail_response(result.status_code, result.error or "request failed", **result.detail)
-
-
-def is_openai_path(request: Request) -> bool:
-    return request.url.path.startswith("/v1/")
 
 
 def create_app(context: ApiContext) -> FastAPI:
@@ -69,7 +60,7 @@ def create_app(context: ApiContext) -> FastAPI:
         # The offending input is never echoed: a body can be megabytes.
         errors = error.errors()
         problems = describe_errors(errors)
-        if is_openai_path(request):
+        if is_openai_path(request.url.path):
             return openai_error(
                 400,
                 f"invalid request: {problems}",
@@ -82,7 +73,7 @@ def create_app(context: ApiContext) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         reason = str(error.detail)
-        if is_openai_path(request):
+        if is_openai_path(request.url.path):
             response = openai_error(error.status_code, reason, error_type_for(error.status_code))
         else:
             response = detail_response(error.status_code, reason)
@@ -93,7 +84,7 @@ def create_app(context: ApiContext) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
         reason = f"internal error: {type(error).__name__}"
-        if is_openai_path(request):
+        if is_openai_path(request.url.path):
             return openai_error(500, reason, "server_error")
         return detail_response(500, reason)
 

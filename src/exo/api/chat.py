@@ -28,6 +28,7 @@ from pydantic import ConfigDict, Field, JsonValue, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 from exo.api.context import ApiContext
+from exo.api.errors import error_type_for, openai_error
 from exo.api.validation import MAX_ID_LENGTH, ApiRequest
 from exo.master.commands import instances_for_model
 from exo.models.cards import get_model_card, known_model_cards
@@ -238,31 +239,6 @@ class ChatCompletionRequest(ApiRequest):
             response_format="json_object" if response_format == "json_object" else "text",
             choice_index=choice,
         )
-
-
-def openai_error(
-    status: int,
-    message: str,
-    error_type: str,
-    code: str | None = None,
-    param: str | None = None,
-) -> JSONResponse:
-    return JSONResponse(
-        status_code=status,
-        content={"error": {"message": message, "type": error_type, "param": param, "code": code}},
-    )
-
-
-def error_type_for(status: int) -> str:
-    if status == 503:
-        return "service_unavailable"
-    if status == 504:
-        return "timeout"
-    if status >= 500:
-        return "server_error"
-    if status == 401:
-        return "authentication_error"
-    return "invalid_request_error"
 
 
 def error_from_result(result: CommandResult) -> JSONResponse:

@@ -7,6 +7,8 @@ Both are plain ASGI middleware around the FastAPI app:
 * :class:`ApiKeyGuard` answers 401 to a request without ``Authorization: Bearer <key>``
   (compared in constant time).
 
+Both answer in the error shape of the path's endpoints (:mod:`exo.api.errors`).
+
 Where the API listens and whether a key is required is decided at start
 (:func:`check_api_exposure`): loopback needs no key; any other address needs one, or the
 operator's explicit ``--insecure-api``.
@@ -19,6 +21,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from starlette.exceptions import HTTPException
+
+from exo.api.errors import error_body
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 """Largest request body the API reads (4 MiB); a larger one gets 413."""
@@ -59,8 +63,15 @@ def check_api_exposure(host: str, api_key: str | None, insecure: bool) -> str | 
     )
 
 
-async def _answer(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]]) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def _answer(
+    scope: Scope,
+    send: Send,
+    status: int,
+    reason: str,
+    headers: list[tuple[bytes, bytes]],
+    code: str | None = None,
+) -> None:
+    body = json.dumps(error_body(str(scope.get("path", "")), status, reason, code)).encode()
     await send(
         {
             "type": "http.response.start",
@@ -90,7 +101,7 @@ class BodySizeLimit:
         headers = dict(scope.get("headers", []))
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _answer(send, 413, self._too_large(), [])
+            await _answer(scope, send, 413, self._too_large(), [], code="request_too_large")
             return
         received = 0
 
@@ -134,10 +145,12 @@ class ApiKeyGuard:
             return
         if not secrets.compare_digest(given, self._expected):
             await _answer(
+                scope,
                 send,
                 401,
                 "this API needs a key: send Authorization: Bearer <key>",
                 [(b"www-authenticate", b"Bearer")],
+                code="invalid_api_key",
             )
             return
         await self.app(scope, receive, send)
