@@ -23,14 +23,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.cluster import converged, running_cluster, wait_until
-from tests.test_inference_cluster import QUESTION, ask, place, runners_ready
+from tests.cluster import running_cluster, wait_until
+from tests.test_inference_cluster import QUESTION, ask
 from tests.test_replacement_cluster import (
-    FAST_MOVES,
     RequestLoad,
     answer,
     changes,
+    serve_over_two,
     the_instance,
+    throttleable_cluster,
     throttled,
 )
 
@@ -39,12 +40,8 @@ HEAL_TARGET_S = 15.0
 
 def heal_round(directory: Path) -> None:
     with running_cluster(directory, 3) as nodes:
-        wait_until(lambda: converged(nodes, 3), 10.0, "3 nodes to agree")
-        placed_at = time.monotonic()
-        instance = place(nodes[0], 2)
-        wait_until(lambda: runners_ready(nodes[0], instance), 120.0, "the runners")
-        load_s = time.monotonic() - placed_at
-        reference = answer(ask(nodes[0], QUESTION))
+        served = serve_over_two(nodes, ready_timeout_s=120.0)
+        instance, load_s, reference = served.instance, served.load_s, served.reference
         master = nodes[0].state()["master_node_id"]
         ids = {node.node_id(): node for node in nodes}
         victim = next(s["node_id"] for s in instance["shards"] if s["node_id"] != master)
@@ -67,19 +64,9 @@ def heal_round(directory: Path) -> None:
 
 
 def move_rounds(directory: Path, moves: int, clients: int) -> None:
-    files = [directory / f"gpu{index}.json" for index in range(3)]
-    for path in files:
-        throttled(path, hot=False)
-
-    def arguments(index: int) -> list[str]:
-        return ["--simulate-gpus", str(files[index]), *FAST_MOVES, "--max-moves-per-hour", "60"]
-
-    with running_cluster(directory, 3, arguments) as nodes:
-        wait_until(lambda: converged(nodes, 3), 10.0, "3 nodes to agree")
+    with throttleable_cluster(directory, max_moves_per_hour=60) as (nodes, files):
+        reference = serve_over_two(nodes, ready_timeout_s=120.0).reference
         ids = [node.node_id() for node in nodes]
-        instance = place(nodes[0], 2)
-        wait_until(lambda: runners_ready(nodes[0], instance), 120.0, "the runners")
-        reference = answer(ask(nodes[0], QUESTION))
         loads = [RequestLoad(nodes[index % 3], streaming=True) for index in range(clients)]
         switch_s: list[float] = []
         drain_s: list[float] = []

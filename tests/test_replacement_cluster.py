@@ -2,8 +2,11 @@
 is placed again, a throttling device is left behind while requests stream through the move,
 and a faster node takes the model only when it is faster by the margin."""
 
+import contextlib
 import threading
 import time
+from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +82,32 @@ class RequestLoad:
         assert not self._thread.is_alive(), "a request hung"
 
 
+@dataclass(frozen=True)
+class Served:
+    """The bundled model placed over 2 of 3 agreed nodes and ready to serve."""
+
+    instance: dict[str, Any]
+    load_s: float
+    """From the placement to every runner ready."""
+    reference: str
+    """Its answer to QUESTION."""
+
+
+def serve_over_two(nodes: list[ExoNode], ready_timeout_s: float = 90.0) -> Served:
+    wait_until(lambda: converged(nodes, 3), 10.0, "3 nodes to agree")
+    placed_at = time.monotonic()
+    instance = place(nodes[0], 2)
+    wait_until(
+        lambda: runners_ready(nodes[0], instance), ready_timeout_s, "the runners to be ready"
+    )
+    load_s = time.monotonic() - placed_at
+    return Served(instance, load_s, answer(ask(nodes[0], QUESTION)))
+
+
 def test_a_killed_node_is_healed_and_serves_the_same_text(tmp_path: Path) -> None:
     with running_cluster(tmp_path, 3) as nodes:
-        wait_until(lambda: converged(nodes, 3), 10.0, "3 nodes to agree")
-        placed_at = time.monotonic()
-        instance = place(nodes[0], 2)
-        wait_until(lambda: runners_ready(nodes[0], instance), 90.0, "the runners to be ready")
-        load_s = time.monotonic() - placed_at
-        reference = answer(ask(nodes[0], QUESTION))
+        served = serve_over_two(nodes)
+        instance, load_s, reference = served.instance, served.load_s, served.reference
         assert "Paris" in reference
 
         master = nodes[0].state()["master_node_id"]
@@ -140,25 +161,39 @@ def throttled(path: Path, hot: bool) -> None:
     )
 
 
+@contextlib.contextmanager
+def throttleable_cluster(
+    directory: Path, max_moves_per_hour: int
+) -> Generator[tuple[list[ExoNode], list[Path]]]:
+    """3 nodes, each with one such GPU (not throttling), deciding moves in seconds; with
+    each node's device file, to make it throttle."""
+    files = [directory / f"gpu{index}.json" for index in range(3)]
+    for path in files:
+        throttled(path, hot=False)
+
+    def arguments(index: int) -> list[str]:
+        return [
+            "--simulate-gpus",
+            str(files[index]),
+            *FAST_MOVES,
+            "--max-moves-per-hour",
+            str(max_moves_per_hour),
+        ]
+
+    with running_cluster(directory, 3, arguments) as nodes:
+        yield nodes, files
+
+
 def test_a_throttling_device_is_left_behind_while_requests_stream_and_flapping_moves_nothing(
     tmp_path: Path,
 ) -> None:
     """Sim GPUs slow enough (3 GB/s) that reading the weights dominates, as on a real GPU
     with a large model: a throttled one (half its clocks) costs the pipeline a third."""
-    files = [tmp_path / f"gpu{index}.json" for index in range(3)]
-    for path in files:
-        throttled(path, hot=False)
-
-    def arguments(index: int) -> list[str]:
-        return ["--simulate-gpus", str(files[index]), *FAST_MOVES, "--max-moves-per-hour", "2"]
-
-    with running_cluster(tmp_path, 3, arguments) as nodes:
-        wait_until(lambda: converged(nodes, 3), 10.0, "3 nodes to agree")
+    with throttleable_cluster(tmp_path, max_moves_per_hour=2) as (nodes, files):
+        served = serve_over_two(nodes)
+        reference = served.reference
         ids = [node.node_id() for node in nodes]
-        instance = place(nodes[0], 2)
-        wait_until(lambda: runners_ready(nodes[0], instance), 90.0, "the runners to be ready")
-        reference = answer(ask(nodes[0], QUESTION))
-        hot = ids.index(instance["shards"][1]["node_id"])
+        hot = ids.index(served.instance["shards"][1]["node_id"])
         with RequestLoad(nodes[0], streaming=True) as load:
             throttled(files[hot], hot=True)
             wait_until(lambda: bool(changes(nodes[0], "move")), 90.0, "the move")
