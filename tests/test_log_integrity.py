@@ -111,6 +111,24 @@ def node_with_id(nodes: list[ExoNode], node_id: str) -> ExoNode:
     return next(node for node in nodes if node.node_id() == node_id)
 
 
+def refusal(node: ExoNode) -> str:
+    """Start ``node``, which must refuse: exit 2 with one sentence as its last line, no
+    traceback. Returns that line."""
+    started_at = len(node.log_text())
+    try:
+        node.start()
+        wait_until(node.process_exited, 20.0, "the node to refuse to start")
+    finally:
+        node.kill()
+    assert node.process is not None
+    output = node.log_text()[started_at:]
+    assert node.process.returncode == 2, output
+    assert "Traceback" not in output, output
+    last_line = output.rstrip("\n").splitlines()[-1]
+    assert not re.search(r"[.!?]\s+[A-Z]", last_line), f"more than one sentence: {last_line}"
+    return last_line
+
+
 def test_a_damaged_record_is_refetched_from_the_cluster(tmp_path: Path) -> None:
     files = [big_gpu(tmp_path / f"gpus{index}.json") for index in range(3)]
     with running_cluster(
@@ -193,21 +211,10 @@ def test_a_lone_node_with_a_damaged_log_refuses_to_start(tmp_path: Path) -> None
     damaged_idx, damaged_bytes = damage_event_id(log_file(node), damaged_line)
     files_before = sorted(log_file(node).parent.iterdir())
 
-    restart_at = len(node.log_text())
-    try:
-        node.start()
-        wait_until(node.process_exited, 20.0, "the node to refuse to start")
-    finally:
-        node.kill()
-    assert node.process is not None
-    output = node.log_text()[restart_at:]
-    assert node.process.returncode == 2, output
-    assert "Traceback" not in output, output
-    last_line = output.rstrip("\n").splitlines()[-1]
+    last_line = refusal(node)
     assert str(log_file(node)) in last_line, last_line
     assert f"record {damaged_idx} (line {damaged_line}) is damaged" in last_line, last_line
     assert "no peer" in last_line, last_line
-    assert not re.search(r"[.!?]\s+[A-Z]", last_line), f"more than one sentence: {last_line}"
     assert log_file(node).read_bytes() == damaged_bytes, "the damaged log was changed"
     assert sorted(log_file(node).parent.iterdir()) == files_before, "a file was set aside"
 
@@ -224,19 +231,9 @@ def test_a_lone_node_with_a_damaged_snapshot_refuses_to_start(
     snapshot = node.home / "events" / "snapshot.json"
     snapshot.parent.mkdir(parents=True)
     snapshot.write_bytes(content)
-    try:
-        node.start()
-        wait_until(node.process_exited, 20.0, "the node to refuse to start")
-    finally:
-        node.kill()
-    assert node.process is not None
-    output = node.log_text()
-    assert node.process.returncode == 2, output
-    assert "Traceback" not in output, output
-    last_line = output.rstrip("\n").splitlines()[-1]
+    last_line = refusal(node)
     assert str(snapshot) in last_line and "damaged" in last_line, last_line
     assert "move" in last_line and str(snapshot.parent) in last_line, last_line
-    assert not re.search(r"[.!?]\s+[A-Z]", last_line), f"more than one sentence: {last_line}"
     assert snapshot.read_bytes() == content, "the damaged snapshot was changed"
 
 

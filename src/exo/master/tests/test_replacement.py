@@ -170,12 +170,16 @@ def test_rebalance_off_is_never_healed() -> None:
     assert heal(the_instance(state), state, NOW, CONFIG) is None
 
 
-def test_a_failed_new_set_aborts_the_change_and_its_device_is_remembered() -> None:
-    state = placed(cluster(["n0", "n1", "n2"]))
+def healing(state: State) -> tuple[State, InstanceReplacementStarted]:
+    """``state`` once the node of its instance's second shard left and the heal started."""
     state = applied(state, NodeTimedOut(node_id=the_instance(state).shards[1].node_id))
     started = heal(the_instance(state), state, NOW, CONFIG)
     assert isinstance(started, InstanceReplacementStarted)
-    state = applied(state, started)
+    return applied(state, started), started
+
+
+def test_a_failed_new_set_aborts_the_change_and_its_device_is_remembered() -> None:
+    state, started = healing(placed(cluster(["n0", "n1", "n2"])))
     broken = started.replacement.shards[1]
     state = with_runners(state, [broken], "failed")
     aborted = progress_of_change(the_instance(state), state, NOW, CONFIG)
@@ -188,11 +192,7 @@ def test_a_failed_new_set_aborts_the_change_and_its_device_is_remembered() -> No
 
 
 def test_a_change_that_does_not_load_in_time_is_aborted() -> None:
-    state = placed(cluster(["n0", "n1", "n2"]))
-    state = applied(state, NodeTimedOut(node_id=the_instance(state).shards[1].node_id))
-    started = heal(the_instance(state), state, NOW, CONFIG)
-    assert isinstance(started, InstanceReplacementStarted)
-    state = applied(state, started)
+    state, started = healing(placed(cluster(["n0", "n1", "n2"])))
     later = started.replacement.change.started_at + timedelta(seconds=CONFIG.load_timeout_s + 1)
     aborted = progress_of_change(the_instance(state), state, later, CONFIG)
     assert isinstance(aborted, InstanceReplacementAborted)
