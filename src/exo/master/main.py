@@ -50,6 +50,8 @@ CommandHandler = Callable[[Command, State], "list[Event] | CommandResult"]
 QUORUM_LEASE_S = 2.5
 """A follower heard from within this long counts towards the quorum for writes."""
 MEMBERSHIP_TICK_S = 0.25
+DURABILITY_RETRY_S = 1.0
+"""How often the master fsyncs again when nothing new was indexed (after a failed fsync)."""
 
 
 class Master:
@@ -69,6 +71,7 @@ class Master:
         self._term = -1
         self._last_membership_change = -1
         self._role_changed = anyio.Event()
+        self._durable_due = anyio.Event()
         self.rebalancer = Rebalancer(
             self._store, self.index, lambda: self._active, replacement or ReplacementConfig()
         )
@@ -93,6 +96,7 @@ class Master:
     async def run(self) -> None:
         async with anyio.create_task_group() as group:
             group.start_soon(self._membership_loop)
+            group.start_soon(self._durability_loop)
             group.start_soon(self.rebalancer.run)
             while True:
                 await self._role_changed.wait()
@@ -121,7 +125,7 @@ class Master:
         indexed = IndexedEvent(idx=self._store.last_idx + 1, term=self._term, event=event)
         self._store.append(indexed)
         self._election.match_idx = indexed.idx
-        self._advance_commit()
+        self._durable_due.set()  # counted as stored here once fsynced, with its burst
         message = GlobalEventMessage(
             master_node_id=self._node_id,
             term=self._term,
@@ -137,13 +141,25 @@ class Master:
         if self._active:
             self._advance_commit()
 
+    async def _durability_loop(self) -> None:
+        """fsync what was indexed, once for a whole burst (a command's events, a stream's
+        chunks), then count it as stored here; as followers do before they acknowledge."""
+        while True:
+            # Also on a timer: after a failed fsync, a later one counts the rest.
+            with anyio.move_on_after(DURABILITY_RETRY_S):
+                await self._durable_due.wait()
+            self._durable_due = anyio.Event()
+            self._store.make_durable()
+            self._advance_commit()
+
     def _advance_commit(self) -> None:
-        """Move the commit index to the highest event of this term a majority stores."""
+        """Move the commit index to the highest event of this term a majority stores (this
+        node's own log counts as far as it is on stable storage)."""
         if not self._active:
             return
         election = self._election
         acknowledged = election.acknowledged()
-        acknowledged[self._node_id] = self._store.make_durable()
+        acknowledged[self._node_id] = self._store.durable_idx
         for idx in range(self._store.last_idx, election.commit_idx, -1):
             held = self._store.event_at(idx)
             if held is None or held.term != self._term:
