@@ -345,6 +345,8 @@ class Rebalancer:
         self._heal_tried: dict[InstanceId, datetime] = {}
 
     async def run(self) -> None:
+        decided_on: State | None = None
+        decided_at = 0.0
         while True:
             # On every change of the state (a burst coalesced), and at least every interval:
             # a move's sustain time must see every reading in between, or a condition that
@@ -356,7 +358,12 @@ class Rebalancer:
             if not self._is_active():
                 self._gain_since.clear()
                 continue
-            for instance_id in list(self._store.state.instances):
+            state = self._store.state
+            since = anyio.current_time() - decided_at
+            if _same_but_index(state, decided_on) and since < self.config.check_interval_s:
+                continue  # only events that change nothing (a stream's chunks): same answers
+            decided_on, decided_at = state, anyio.current_time()
+            for instance_id in list(state.instances):
                 await self._step(instance_id)
 
     async def _step(self, instance_id: InstanceId) -> None:
@@ -401,6 +408,15 @@ class Rebalancer:
         del self._gain_since[instance_id]
         reason = move_reason(instance, candidate, sustained)
         return replacement_started(instance, candidate, "move", reason, now)
+
+
+def _same_but_index(state: State, earlier: State | None) -> bool:
+    """Whether only the applied index moved since ``earlier`` (every field an event did not
+    touch is the same object, so this compares a few references)."""
+    if earlier is None:
+        return False
+    update = {"last_event_applied_idx": earlier.last_event_applied_idx}
+    return state.model_copy(update=update) == earlier
 
 
 def _log(instance: Instance, event: Event) -> None:
