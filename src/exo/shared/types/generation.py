@@ -38,10 +38,9 @@ class SamplingParams(BaseModel):
 
     @property
     def plain(self) -> bool:
-        """Nothing beyond temperature, top_p and seed: mlx-lm's sampler alone."""
-        return not (
-            self.presence_penalty or self.frequency_penalty or self.logprobs or self.json_object
-        )
+        """Nothing that needs the tokens generated so far (penalties, JSON mode): mlx-lm's
+        sampler alone, which also gives the log-probabilities."""
+        return not (self.presence_penalty or self.frequency_penalty or self.json_object)
 
 
 class GenerationRequest(BaseModel):

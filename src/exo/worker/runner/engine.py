@@ -42,19 +42,12 @@ from exo.shared.types.generation import (
 from exo.worker.runner.sampling import (
     RequestSampler,
     SampledToken,
-    TokenSampler,
     TokenVocabulary,
     finite_logprob,
     sampled_token,
     token_sampler,
 )
 from exo.worker.runner.timing import StageClock, TokenClock
-
-
-def sample_last_position(logits: mx.array, sampler: TokenSampler) -> mx.array:
-    """The token sampled from the last position's logits (as mlx-lm's ``generate_step``)."""
-    last = logits[:, -1, :]
-    return sampler(last - mx.logsumexp(last, keepdims=True))
 
 
 class TokenStepper(Protocol):
@@ -81,8 +74,8 @@ class LocalStepper:
     process the interval is the compute time per token (unless the consumer of the tokens
     is the slower one).
 
-    A plain request (temperature, ``top_p``, seed) runs ``generate_step`` with mlx-lm's
-    sampler; penalties and JSON mode go in as its logits processor, so the next step is
+    A plain request (temperature, ``top_p``, seed, log-probabilities) runs ``generate_step``
+    with mlx-lm's sampler; penalties and JSON mode go in as its logits processor, so the next step is
     still scheduled while the current token is handed out (JSON mode waits for each token:
     it needs its bytes). ``vocabulary`` (set by the :class:`Engine`) serves JSON mode.
     """
@@ -169,10 +162,9 @@ class Engine:
         """OpenAI's entry for a sampled token."""
 
         def entry(token: int, logprob: float) -> TopLogprob:
-            data = self.vocabulary.token_bytes(token)
             return TopLogprob(
-                token=data.decode(errors="replace"),
-                bytes=list(data),
+                token=self.vocabulary.text(token),
+                bytes=list(self.vocabulary.token_bytes(token)),
                 logprob=finite_logprob(logprob),
             )
 

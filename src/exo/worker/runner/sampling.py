@@ -26,6 +26,7 @@ plain requests keep mlx-lm's speed and a pipeline gives the single process's tok
 way.
 """
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -150,14 +151,7 @@ class TokenVocabulary:
 def vocabulary_loader(directory: Path) -> Callable[[], TokenVocabulary]:
     """Loads the model directory's tokenizer the first time it is called (a pipeline's last
     rank needs it only for a JSON request)."""
-    loaded: list[TokenVocabulary] = []
-
-    def load() -> TokenVocabulary:
-        if not loaded:
-            loaded.append(TokenVocabulary(load_model_tokenizer(directory)))
-        return loaded[0]
-
-    return load
+    return functools.cache(lambda: TokenVocabulary(load_model_tokenizer(directory)))
 
 
 @dataclass(frozen=True)
