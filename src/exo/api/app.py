@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from exo.api.chat import chat_routes
 from exo.api.context import ApiContext
 from exo.api.dashboard import dashboard_routes
-from exo.api.errors import detail_response, error_type_for, is_openai_path, openai_error
+from exo.api.errors import detail_response, is_openai_path, openai_error, path_error
 from exo.api.metrics import install_metrics
 from exo.api.validation import (
     MAX_ID_LENGTH,
@@ -72,43 +72,31 @@ def create_app(context: ApiContext) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        reason = str(error.detail)
-        if is_openai_path(request.url.path):
-            response = openai_error(error.status_code, reason, error_type_for(error.status_code))
-        else:
-            response = detail_response(error.status_code, reason)
+        response = path_error(request.url.path, error.status_code, str(error.detail))
         for name, value in (error.headers or {}).items():
             response.headers[name] = value
         return response
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
-        reason = f"internal error: {type(error).__name__}"
-        if is_openai_path(request.url.path):
-            return openai_error(500, reason, "server_error")
-        return detail_response(500, reason)
+        return path_error(request.url.path, 500, f"internal error: {type(error).__name__}")
 
     @app.get("/gpus")
     async def get_gpus() -> list[dict[str, Any]]:
         """Every device in the cluster: node, static facts and the live reading."""
         state = context.store.state
         devices: list[dict[str, Any]] = []
-        for node_id in sorted(set(state.gpu_device_info) | set(state.gpu_device_state)):
+        for node_id, device_id, info, reading in state.devices():
             node = state.nodes.get(node_id)
-            infos = state.gpu_device_info.get(node_id, {})
-            readings = state.gpu_device_state.get(node_id, {})
-            for device_id in sorted(set(infos) | set(readings)):
-                info = infos.get(device_id)
-                reading = readings.get(device_id)
-                devices.append(
-                    {
-                        "node_id": node_id,
-                        "friendly_name": node.friendly_name if node is not None else None,
-                        "device_id": device_id,
-                        "info": info.model_dump(mode="json") if info is not None else None,
-                        "state": reading.model_dump(mode="json") if reading is not None else None,
-                    }
-                )
+            devices.append(
+                {
+                    "node_id": node_id,
+                    "friendly_name": node.friendly_name if node is not None else None,
+                    "device_id": device_id,
+                    "info": info.model_dump(mode="json") if info is not None else None,
+                    "state": reading.model_dump(mode="json") if reading is not None else None,
+                }
+            )
         return devices
 
     @app.get("/node_id")

@@ -32,6 +32,7 @@ from exo.api.errors import error_type_for, openai_error
 from exo.api.validation import MAX_ID_LENGTH, ApiRequest
 from exo.master.commands import instances_for_model
 from exo.models.cards import get_model_card, known_model_cards
+from exo.shared.apply import FINISHED_TASK_STATUSES
 from exo.shared.runner_sets import instance_health
 from exo.shared.types.commands import CancelTask, CommandResult, CreateChatTask
 from exo.shared.types.events import ChunkGenerated, Event, IndexedEvent
@@ -430,7 +431,7 @@ async def _cancel_tasks(context: ApiContext, task_ids: list[TaskId]) -> None:
         state = context.store.state
         for task_id in task_ids:
             task = state.tasks.get(task_id)
-            if task is None or task.status in ("pending", "running"):
+            if task is None or task.status not in FINISHED_TASK_STATUSES:
                 await context.send_command(CancelTask(task_id=task_id))
 
 

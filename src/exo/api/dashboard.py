@@ -24,6 +24,7 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from exo.api.context import ApiContext
+from exo.api.errors import detail_response
 from exo.shared.event_store import EventStore
 from exo.shared.runner_sets import instance_health
 from exo.shared.types.ids import NodeId
@@ -181,11 +182,7 @@ def dashboard_routes(context: ApiContext) -> APIRouter:
     async def asset(name: str) -> Response:
         found = files.get(name)
         if found is None:
-            return Response(
-                json.dumps({"detail": "no such file"}),
-                status_code=404,
-                media_type="application/json",
-            )
+            return detail_response(404, "no such file")
         return Response(found[0], media_type=found[1], headers=no_cache)
 
     @router.get("/state/stream", response_class=EventStreamResponse)

@@ -51,8 +51,12 @@ def detail_response(status: int, reason: str, **extra: object) -> JSONResponse:
 
 
 def error_body(path: str, status: int, reason: str, code: str | None = None) -> dict[str, Any]:
-    """The body of an error answered before the app sees the request, in the shape of
-    ``path``'s endpoints."""
+    """An error's body in the shape of ``path``'s endpoints."""
     if is_openai_path(path):
         return openai_error_body(reason, error_type_for(status), code)
     return {"detail": reason}
+
+
+def path_error(path: str, status: int, reason: str) -> JSONResponse:
+    """An error in the shape of ``path``'s endpoints."""
+    return JSONResponse(status_code=status, content=error_body(path, status, reason))

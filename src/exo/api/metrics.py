@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from exo.api.context import ApiContext
+from exo.shared.apply import FINISHED_TASK_STATUSES
 from exo.shared.types.events import (
     ChunkGenerated,
     IndexedEvent,
@@ -53,7 +54,6 @@ from exo.shared.types.state import State
 
 TIME_TO_FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 REQUEST_DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-FINISHED = ("complete", "failed", "cancelled")
 DEVICE_LABELS = ("node", "device", "name")
 REQUEST_LABELS = ("instance", "model")
 
@@ -156,49 +156,44 @@ def device_metrics(state: State) -> Iterator[Metric]:
         "Static facts of a device (always 1).",
         labels=[*DEVICE_LABELS, "vendor", "backend", "simulated"],
     )
-    for node_id in sorted(set(state.gpu_device_info) | set(state.gpu_device_state)):
-        infos = state.gpu_device_info.get(node_id, {})
-        readings = state.gpu_device_state.get(node_id, {})
-        for device_id in sorted(set(infos) | set(readings)):
-            device_info = infos.get(device_id)
-            labels = [node_id, device_id, device_info.name if device_info is not None else ""]
-            if device_info is not None:
-                info.add_metric(
-                    [
-                        *labels,
-                        device_info.vendor,
-                        device_info.backend,
-                        str(device_info.is_simulated).lower(),
-                    ],
-                    1,
-                )
-            reading = readings.get(device_id)
-            if reading is None:
-                continue
-            values: dict[str, float | None] = {
-                "exo_gpu_memory_used_bytes": reading.memory_used_bytes,
-                "exo_gpu_memory_total_bytes": reading.memory_total_bytes,
-                "exo_gpu_utilization_ratio": reading.compute_utilization_percent / 100,
-                "exo_gpu_temperature_celsius": reading.thermal_temperature_c
-                if reading.thermal_temperature_c != UNKNOWN_TEMPERATURE_C
-                else None,
-                "exo_gpu_throttle_threshold_celsius": reading.thermal_throttle_threshold_c,
-                "exo_gpu_shutdown_threshold_celsius": reading.thermal_shutdown_threshold_c,
-                "exo_gpu_thermal_throttling": float(reading.is_thermal_throttling),
-                "exo_gpu_power_draw_watts": reading.power_draw_watts,
-                "exo_gpu_power_limit_watts": reading.power_limit_watts,
-                "exo_gpu_sm_clock_hertz": reading.sm_clock_mhz * 1e6
-                if reading.sm_clock_mhz is not None
-                else None,
-                "exo_gpu_battery_ratio": reading.battery_percent / 100,
-                "exo_gpu_plugged_in": float(reading.is_plugged_in),
-                "exo_gpu_last_update_timestamp_seconds": reading.last_update.timestamp(),
-            }
-            for name, value in values.items():
-                if value is not None:
-                    families[name].add_metric(labels, value)
-            for reason in reading.throttle_reasons:
-                reasons.add_metric([*labels, reason], 1)
+    for node_id, device_id, device_info, reading in state.devices():
+        labels = [node_id, device_id, device_info.name if device_info is not None else ""]
+        if device_info is not None:
+            info.add_metric(
+                [
+                    *labels,
+                    device_info.vendor,
+                    device_info.backend,
+                    str(device_info.is_simulated).lower(),
+                ],
+                1,
+            )
+        if reading is None:
+            continue
+        values: dict[str, float | None] = {
+            "exo_gpu_memory_used_bytes": reading.memory_used_bytes,
+            "exo_gpu_memory_total_bytes": reading.memory_total_bytes,
+            "exo_gpu_utilization_ratio": reading.compute_utilization_percent / 100,
+            "exo_gpu_temperature_celsius": reading.thermal_temperature_c
+            if reading.thermal_temperature_c != UNKNOWN_TEMPERATURE_C
+            else None,
+            "exo_gpu_throttle_threshold_celsius": reading.thermal_throttle_threshold_c,
+            "exo_gpu_shutdown_threshold_celsius": reading.thermal_shutdown_threshold_c,
+            "exo_gpu_thermal_throttling": float(reading.is_thermal_throttling),
+            "exo_gpu_power_draw_watts": reading.power_draw_watts,
+            "exo_gpu_power_limit_watts": reading.power_limit_watts,
+            "exo_gpu_sm_clock_hertz": reading.sm_clock_mhz * 1e6
+            if reading.sm_clock_mhz is not None
+            else None,
+            "exo_gpu_battery_ratio": reading.battery_percent / 100,
+            "exo_gpu_plugged_in": float(reading.is_plugged_in),
+            "exo_gpu_last_update_timestamp_seconds": reading.last_update.timestamp(),
+        }
+        for name, value in values.items():
+            if value is not None:
+                families[name].add_metric(labels, value)
+        for reason in reading.throttle_reasons:
+            reasons.add_metric([*labels, reason], 1)
     yield from families.values()
     yield reasons
     yield info
@@ -342,7 +337,7 @@ class RequestMetrics:
                 if chunk.finish_reason is not None:
                     request.ended_at = applied_at
             case TaskStatusUpdated(task_id=task_id, status=status) if (
-                task_id in self._open and status in FINISHED
+                task_id in self._open and status in FINISHED_TASK_STATUSES
             ):
                 self._finish(task_id, status, applied_at)
             case InstanceDeleted() | InstanceFailed() | InstanceReplaced() | NodeTimedOut():
@@ -351,7 +346,7 @@ class RequestMetrics:
                     task = state.tasks.get(task_id)
                     if task is None:
                         self._finish(task_id, "failed", applied_at)
-                    elif task.status in FINISHED:
+                    elif task.status in FINISHED_TASK_STATUSES:
                         self._finish(task_id, task.status, applied_at)
             case _:
                 pass

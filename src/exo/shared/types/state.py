@@ -1,5 +1,7 @@
 """The cluster state: what every node derives by applying the global log."""
 
+from collections.abc import Iterator
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from exo.shared.types.calibration import DeviceCalibration
@@ -34,3 +36,14 @@ class State(BaseModel):
     )
     """Measured speed against placement's uncalibrated prediction, node id -> device id ->
     calibration (kept when the node times out: it describes the hardware)."""
+
+    def devices(
+        self,
+    ) -> Iterator[tuple[NodeId, DeviceId, GPUDeviceInfo | None, DeviceGPUState | None]]:
+        """Every device the state knows of (by its facts, its reading or both), ordered by
+        node and device: node id, device id, facts, reading."""
+        for node_id in sorted(set(self.gpu_device_info) | set(self.gpu_device_state)):
+            infos = self.gpu_device_info.get(node_id, {})
+            readings = self.gpu_device_state.get(node_id, {})
+            for device_id in sorted(set(infos) | set(readings)):
+                yield node_id, device_id, infos.get(device_id), readings.get(device_id)
