@@ -22,7 +22,7 @@ from exo.shared.types.events import (
     TaskCreated,
     TaskStatusUpdated,
 )
-from exo.shared.types.instances import Instance, rank_zero
+from exo.shared.types.instances import Instance, rank_zero_runner
 from exo.shared.types.state import State
 from exo.shared.types.tasks import Task
 
@@ -119,12 +119,11 @@ def create_chat_task(command: CreateChatTask, state: State) -> list[Event] | Com
         return busy, instance.instance_id
 
     chosen = min(ready, key=load)
-    serving_rank_zero = rank_zero(chosen.shards)
     task = Task(
         task_id=command.task_id,
         command_id=command.command_id,
         instance_id=chosen.instance_id,
-        runner_id=serving_rank_zero.runner_id if serving_rank_zero is not None else None,
+        runner_id=rank_zero_runner(chosen.shards),
         requested_by=command.requested_by,
         params=command.params,
     )

@@ -28,7 +28,7 @@ with its reason, old and new layouts and predicted gain.
 """
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -57,6 +57,7 @@ from exo.shared.types.instances import (
     Replacement,
     Shard,
 )
+from exo.shared.types.runners import RunnerState
 from exo.shared.types.state import State
 
 HOUR = timedelta(hours=1)
@@ -110,11 +111,10 @@ def excluded_devices(
 ) -> dict[tuple[NodeId, DeviceId], str]:
     """Devices a heal leaves out: where a runner of the serving set failed on a live node,
     or a recent change's runner failed."""
-    excluded: dict[tuple[NodeId, DeviceId], str] = {}
-    for shard in instance.shards:
-        runner = state.runners.get(shard.runner_id)
-        if shard.node_id in state.nodes and runner is not None and runner.status == "failed":
-            excluded[(shard.node_id, shard.device_id)] = f"its runner failed: {runner.error}"
+    excluded = {
+        (shard.node_id, shard.device_id): f"its runner failed: {runner.error}"
+        for shard, runner in _failed_runners(state, instance.shards)
+    }
     for change in instance.changes:
         if change.finished_at is not None and now - change.finished_at < FAILED_DEVICE_MEMORY:
             for node_id, device_id in change.failed_devices:
@@ -231,14 +231,17 @@ def _recent(instance: Instance, kind: ChangeKind, now: datetime) -> int:
     )
 
 
+def _failed_runners(state: State, shards: list[Shard]) -> Iterator[tuple[Shard, RunnerState]]:
+    """The shards whose runner failed on a node still in the cluster (the device, not a
+    lost node, is to blame), with that runner."""
+    for shard in shards:
+        runner = state.runners.get(shard.runner_id)
+        if shard.node_id in state.nodes and runner is not None and runner.status == "failed":
+            yield shard, runner
+
+
 def _failed_devices(state: State, shards: list[Shard]) -> list[tuple[NodeId, DeviceId]]:
-    return [
-        (shard.node_id, shard.device_id)
-        for shard in shards
-        if shard.node_id in state.nodes
-        and (runner := state.runners.get(shard.runner_id)) is not None
-        and runner.status == "failed"
-    ]
+    return [(shard.node_id, shard.device_id) for shard, _ in _failed_runners(state, shards)]
 
 
 def progress_of_change(

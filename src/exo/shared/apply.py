@@ -42,7 +42,13 @@ from exo.shared.types.events import (
 )
 from exo.shared.types.gpu import GPULink
 from exo.shared.types.ids import DeviceId, NodeId, RunnerId, TaskId
-from exo.shared.types.instances import CHANGES_KEPT, Instance, PlacementChange, Shard, rank_zero
+from exo.shared.types.instances import (
+    CHANGES_KEPT,
+    Instance,
+    PlacementChange,
+    Shard,
+    rank_zero_runner,
+)
 from exo.shared.types.node import NodeInfo
 from exo.shared.types.runners import RunnerState
 from exo.shared.types.state import State
@@ -334,14 +340,14 @@ def apply_instance_replaced(state: State, event: InstanceReplaced) -> State:
     if instance is None or incoming is None or incoming.change.change_id != event.change_id:
         return state
     old = instance.shards
-    old_zero = rank_zero(old)
-    new_zero = rank_zero(incoming.shards)
+    old_zero = rank_zero_runner(old)
+    new_zero = rank_zero_runner(incoming.shards)
     broken = set_breakage(state, old) is not None
     tasks = dict(state.tasks)
     if broken and old_zero is not None and new_zero is not None:
         for task_id, task in state.tasks.items():
-            if task.status == "pending" and task.runner_id == old_zero.runner_id:
-                tasks[task_id] = task.model_copy(update={"runner_id": new_zero.runner_id})
+            if task.status == "pending" and task.runner_id == old_zero:
+                tasks[task_id] = task.model_copy(update={"runner_id": new_zero})
     change = incoming.change.model_copy(
         update={"outcome": "switched", "finished_at": event.switched_at}
     )

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from exo.shared.runner_sets import SERVING_STATUSES, set_breakage, set_ready
 from exo.shared.types.ids import InstanceId, NodeId, RunnerId, TaskId
-from exo.shared.types.instances import Instance, RunnerSet, Shard, rank_zero
+from exo.shared.types.instances import RUNNER_SETS, Instance, RunnerSet, Shard, rank_zero_runner
 from exo.shared.types.runners import RunnerStatus
 from exo.shared.types.state import State
 from exo.shared.types.tasks import Task
@@ -81,8 +81,7 @@ def _stop_reason(state: State, local: LocalRunner) -> str | None:
     if broken is not None:
         return f"its pipeline broke: {broken}"
     if runner_set == "retiring":
-        zero = rank_zero(shards)
-        bound = zero.runner_id if zero is not None else None
+        bound = rank_zero_runner(shards)
         if not any(
             task.runner_id == bound and task.status in ("pending", "running")
             for task in state.tasks.values()
@@ -114,9 +113,6 @@ def runners_in_use(state: State) -> set[RunnerId]:
     }
 
 
-RUNNER_SETS: tuple[RunnerSet, ...] = ("serving", "incoming", "retiring")
-
-
 def plan(
     state: State, node_id: NodeId, local_runners: Mapping[RunnerId, LocalRunner]
 ) -> list[Action]:
@@ -141,10 +137,7 @@ def plan(
         instance = state.instances.get(task.instance_id)
         if instance is None:
             continue
-        bound = task.runner_id
-        if bound is None:
-            serving_zero = rank_zero(instance.shards)
-            bound = serving_zero.runner_id if serving_zero is not None else None
+        bound = task.runner_id if task.runner_id is not None else rank_zero_runner(instance.shards)
         runner = local_runners.get(bound) if bound is not None else None
         if runner is None:
             continue

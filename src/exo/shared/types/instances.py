@@ -1,7 +1,7 @@
 """Instances (a model placed on devices), their shards and the placement decision."""
 
 from datetime import datetime
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
@@ -108,6 +108,7 @@ RunnerSet = Literal["serving", "incoming", "retiring"]
 """An instance's runners come in sets, one pipeline each: the set that serves new requests,
 the set a change is loading (make before break), and the set that finishes the requests it
 had when a move switched away from it."""
+RUNNER_SETS: tuple[RunnerSet, ...] = get_args(RunnerSet)
 
 
 class PlacementChange(BaseModel):
@@ -179,15 +180,14 @@ class Instance(BaseModel):
 
     def runner_set(self, runner_id: RunnerId) -> RunnerSet | None:
         """Which of the instance's sets the runner belongs to (None: none any more)."""
-        if any(shard.runner_id == runner_id for shard in self.shards):
-            return "serving"
-        if self.incoming is not None and any(
-            shard.runner_id == runner_id for shard in self.incoming.shards
-        ):
-            return "incoming"
-        if any(shard.runner_id == runner_id for shard in self.retiring_shards):
-            return "retiring"
-        return None
+        return next(
+            (
+                runner_set
+                for runner_set in RUNNER_SETS
+                if any(shard.runner_id == runner_id for shard in self.shards_of(runner_set))
+            ),
+            None,
+        )
 
     def shards_of(self, runner_set: RunnerSet) -> list[Shard]:
         match runner_set:
@@ -214,15 +214,12 @@ class Instance(BaseModel):
 
     def all_ring_endpoints(self) -> list[str]:
         """The ring ports every set of the instance holds."""
-        return [
-            *self.ring_endpoints,
-            *self.ring_endpoints_of("incoming"),
-            *self.retiring_ring_endpoints,
-        ]
+        return [endpoint for each in RUNNER_SETS for endpoint in self.ring_endpoints_of(each)]
 
 
 CHANGES_KEPT = 20
 
 
-def rank_zero(shards: list[Shard]) -> Shard | None:
-    return next((shard for shard in shards if shard.rank == 0), None)
+def rank_zero_runner(shards: list[Shard]) -> RunnerId | None:
+    """The runner of the set's rank 0 (the one that takes its requests)."""
+    return next((shard.runner_id for shard in shards if shard.rank == 0), None)
