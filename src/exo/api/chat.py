@@ -45,7 +45,6 @@ CLIENT_CHECK_INTERVAL_S = 0.5
 INSTANCE_WAIT_S = 30.0
 """A request for a model whose instance is loading or healing waits this long for it to be
 ready; then it gets 503 with the instance's status."""
-READY_POLL_S = 0.1
 WAITING_STATUSES = ("loading", "healing")
 NO_PROGRESS_TIMEOUT_S = 120.0
 """A request whose instance produces nothing for this long fails instead of hanging."""
@@ -413,7 +412,7 @@ async def _create_task(
             return result
         with anyio.move_on_after(deadline - anyio.current_time()):
             while _still_waiting(context, request.model):
-                await anyio.sleep(READY_POLL_S)
+                await context.store.changed.wait()
 
 
 def _still_waiting(context: ApiContext, model: str) -> bool:
@@ -515,6 +514,18 @@ async def _sse(
     last); with ``stream_options.include_usage`` a last frame with no choices and the usage;
     then ``[DONE]``. With one choice the finishing frame also carries ``usage``."""
 
+    def envelope(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": request.model,
+            "choices": choices,
+        }
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
     def frame(
         index: int,
         delta: Mapping[str, str],
@@ -528,16 +539,7 @@ async def _sse(
             "logprobs": _logprobs_body(logprobs) if logprobs is not None else None,
             "finish_reason": finish,
         }
-        body: dict[str, Any] = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": request.model,
-            "choices": [choice],
-        }
-        if usage is not None:
-            body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n"
+        return envelope([choice], usage)
 
     choices = [Choice() for _ in task_ids]
     finished = False
@@ -555,15 +557,7 @@ async def _sse(
             yield frame(index, {"content": chunk.text}, chunk.finish_reason, logprobs, usage)
         finished = True
         if request.stream_options is not None and request.stream_options.include_usage:
-            body = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": request.model,
-                "choices": [],
-                "usage": _usage(choices),
-            }
-            yield f"data: {json.dumps(body)}\n\n"
+            yield envelope([], _usage(choices))
         yield "data: [DONE]\n\n"
     except TaskFailedError as error:
         finished = True
