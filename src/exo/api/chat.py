@@ -36,7 +36,7 @@ from exo.shared.apply import FINISHED_TASK_STATUSES
 from exo.shared.runner_sets import instance_health
 from exo.shared.types.commands import CancelTask, CommandResult, CreateChatTask
 from exo.shared.types.events import ChunkGenerated, Event, IndexedEvent
-from exo.shared.types.generation import MAX_TOP_LOGPROBS, TokenLogprob
+from exo.shared.types.generation import MAX_TOP_LOGPROBS, Penalty, TokenLogprob
 from exo.shared.types.ids import TaskId
 from exo.shared.types.models import ModelCard
 from exo.shared.types.tasks import ChatCompletionParams, ChatMessage
@@ -139,8 +139,8 @@ class ChatCompletionRequest(ApiRequest):
     seed: int | None = Field(default=None, ge=-MAX_SEED - 1, le=MAX_SEED)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     response_format: ResponseFormatRequest | None = None
 
     # Accepted without effect (ACCEPTED_WITHOUT_EFFECT).

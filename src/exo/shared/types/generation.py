@@ -3,7 +3,7 @@
 Pure pydantic (no MLX), so the node process can build requests and read chunks without
 loading the runtime that computes them."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -13,6 +13,8 @@ ResponseFormat = Literal["text", "json_object"]
 :mod:`exo.worker.runner.sampling`)."""
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per token a request may ask for (OpenAI's limit)."""
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+"""A presence or frequency penalty, in OpenAI's range."""
 
 
 class SamplingParams(BaseModel):
@@ -27,8 +29,8 @@ class SamplingParams(BaseModel):
     temperature: float = Field(default=0.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     seed: int | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     logprobs: bool = False
     """Report each generated token's log-probability."""
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
@@ -56,8 +58,8 @@ class GenerationRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     logprobs: bool = False
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat = "text"

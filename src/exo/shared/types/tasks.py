@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from exo.shared.types.generation import MAX_TOP_LOGPROBS, ResponseFormat
+from exo.shared.types.generation import MAX_TOP_LOGPROBS, Penalty, ResponseFormat
 from exo.shared.types.ids import CommandId, InstanceId, NodeId, RunnerId, TaskId
 
 TaskStatus = Literal["pending", "running", "complete", "failed", "cancelled"]
@@ -37,8 +37,8 @@ class ChatCompletionParams(BaseModel):
     seed: int | None = None
     """This task's seed (a request for ``n`` choices makes one task per choice, choice
     ``i`` seeded ``seed + i``)."""
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     logprobs: bool = False
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat = "text"
