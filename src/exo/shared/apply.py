@@ -170,9 +170,10 @@ def apply_node_timed_out(state: State, event: NodeTimedOut) -> State:
         instance_id: _without_retiring_on(instance, node_id)
         for instance_id, instance in state.instances.items()
     }
-    state = state.model_copy(update={"tasks": tasks, "instances": instances})
     return state.model_copy(
         update={
+            "tasks": tasks,
+            "instances": instances,
             "members": state.members - {node_id},
             "nodes": _without_node(state.nodes, node_id),
             "gpu_device_info": _without_node(state.gpu_device_info, node_id),
