@@ -39,7 +39,7 @@ from pydantic import ValidationError
 
 from exo.routing import quorum
 from exo.routing.messages import ElectionAnnouncement, VoteReply, VoteRequest
-from exo.routing.router import Router
+from exo.routing.router import NEWEST_PER_KEY, Router
 from exo.routing.term_store import TermStore
 from exo.routing.topics import Topics
 from exo.shared.event_store import EventStore
@@ -203,7 +203,7 @@ class Election:
             self._topics.alive_token(self.node_id, self.started_at_us)
         )
         self._router.watch_liveliness(self._topics.alive_all, self._on_liveliness)
-        self._router.subscribe(self._topics.election, self._on_announcement)
+        self._router.subscribe(self._topics.election_all, self._on_announcement, NEWEST_PER_KEY)
         self._router.declare_queryable(self._topics.vote(self.node_id), self._on_vote_request)
 
     async def run(self) -> None:
@@ -233,7 +233,9 @@ class Election:
             match_idx=self.match_idx if self._master is not None else -1,
             commit_idx=self._commit_idx,
         )
-        self._router.publish(self._topics.election, announcement.model_dump_json().encode())
+        self._router.publish_newest(
+            self._topics.election(self.node_id), announcement.model_dump_json().encode()
+        )
 
     async def _stand_loop(self) -> None:
         while True:

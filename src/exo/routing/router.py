@@ -1,24 +1,24 @@
 """The zenoh session and a bridge from zenoh's callback threads onto the anyio event loop.
 
 Every callback a component registers runs on the event loop thread, so components never
-share state across threads. Blocking zenoh calls (open, get, close) go through
-``anyio.to_thread``.
+share state across threads. Blocking zenoh calls (open, get, put, reply, close) run on
+other threads (:mod:`exo.routing.handoff`, ``anyio.to_thread``): see :class:`Router`.
 """
 
+import asyncio
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
 import anyio.to_thread
 import zenoh
-from loguru import logger
 
 from exo.routing.cluster_secret import CLUSTER_USER
+from exo.routing.handoff import Inbox, Outbox
 
 ENDPOINT_PATTERN = re.compile(r"^(tcp|udp|tls|quic|ws|unixsock-stream)/\S+$")
 TCP_LIKE_PATTERN = re.compile(r"^(tcp|udp|tls|quic|ws)/(\[[0-9a-fA-F:]+\]|[^/:\s]+):(\d{1,5})$")
@@ -128,19 +128,55 @@ QueryHandler = Callable[[str, bytes | None], bytes | None]
 """(query parameters, payload) -> reply payload, or None for no reply."""
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """How a subscription's messages wait for the event loop, and what a full inbox does."""
+
+    capacity: int
+    coalesce: bool = False
+    """Keep only the newest message per key expression (a value, not a history)."""
+
+
+EVERY_MESSAGE = Delivery(capacity=20_000)
+"""Events and commands: delivered in order; a full inbox refuses new ones, which come back
+by their topic's own way (a follower fetches a gap from the log, a worker's outbox resends
+an event the master has not indexed, a querier that gets no answer asks again)."""
+NEWEST_PER_KEY = Delivery(capacity=4096, coalesce=True)
+"""Heartbeats and liveliness: only the newest message of each key waits."""
+QUERY_CAPACITY = 1000
+"""Queries waiting for the loop; one more is finished unanswered (its querier times out)."""
+OUTBOX_CAPACITY = 100_000
+"""Sends waiting for the transport; one more is refused (the topic's way back applies)."""
+
+
+_Received = tuple[str, bytes | None, zenoh.Query | None]
+"""What an inbox holds: (key or query parameters, payload, the query to answer)."""
+
+
 class Router:
-    """Owns the zenoh session. Use ``async with Router(...)`` inside the event loop."""
+    """Owns the zenoh session. Use ``async with Router(...)`` inside the event loop.
+
+    Threading: zenoh calls its callbacks on its own threads; they only put the message
+    into an :class:`~exo.routing.handoff.Inbox`, which the event loop drains. Publishing
+    and replying only put a send into an :class:`~exo.routing.handoff.Outbox`, whose thread
+    performs it. Queries run in a worker thread. So the loop never waits on the network and
+    zenoh's threads never wait on the loop.
+    """
 
     def __init__(self, config: RouterConfig) -> None:
         self._config = config
         self._session: zenoh.Session | None = None
-        self._token: anyio.lowlevel.EventLoopToken | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._declared: list[zenoh.Subscriber[None] | zenoh.Queryable[None]] = []
         self._liveliness_tokens: list[zenoh.LivelinessToken] = []
+        self._inboxes: list[Inbox[Any]] = []
+        self._events_out = Outbox("publish", OUTBOX_CAPACITY)
+        self._newest_out = Outbox("publish-newest", OUTBOX_CAPACITY, coalesce=True)
+        self._replies_out = Outbox("replies", OUTBOX_CAPACITY)
         self._closed = False
 
     async def open(self) -> None:
-        self._token = anyio.lowlevel.current_token()
+        self._loop = asyncio.get_running_loop()
         try:
             self._session = await anyio.to_thread.run_sync(zenoh.open, _zenoh_config(self._config))
         except zenoh.ZError as error:
@@ -152,43 +188,108 @@ class Router:
             raise RuntimeError("router is not open")
         return self._session
 
-    def _on_loop(self, callback: Callable[[], None]) -> None:
-        """Run callback on the event loop thread, from a zenoh thread."""
-        if self._closed:
-            return
-        try:
-            anyio.from_thread.run_sync(callback, token=self._token)
-        except RuntimeError:
-            pass  # the loop is shutting down
-        except Exception as error:  # a component bug must not kill zenoh's thread
-            logger.opt(exception=error).error("error in a transport callback")
+    def _inbox(
+        self,
+        name: str,
+        deliver: Callable[[_Received], None],
+        delivery: Delivery,
+        refused: Callable[[_Received], None] | None = None,
+    ) -> Inbox[_Received]:
+        if self._loop is None:
+            raise RuntimeError("router is not open")
+        inbox = Inbox(name, self._loop, deliver, delivery.capacity, delivery.coalesce, refused)
+        self._inboxes.append(inbox)
+        return inbox
 
-    def subscribe(self, key_expr: str, callback: Callable[[str, bytes], None]) -> None:
+    def queue_counts(self) -> dict[str, tuple[int, int]]:
+        """Each inbox's and outbox's (waiting, refused) counts, by name."""
+        counts = {inbox.name: (inbox.waiting, inbox.dropped) for inbox in self._inboxes}
+        for name, outbox in (
+            ("publish", self._events_out),
+            ("publish-newest", self._newest_out),
+            ("replies", self._replies_out),
+        ):
+            counts[name] = (outbox.waiting, outbox.dropped)
+        return counts
+
+    def subscribe(
+        self,
+        key_expr: str,
+        callback: Callable[[str, bytes], None],
+        delivery: Delivery = EVERY_MESSAGE,
+    ) -> None:
+        """callback(key, payload) on the event loop for every sample matching key_expr."""
+        inbox = self._inbox(key_expr, lambda item: callback(item[0], item[1] or b""), delivery)
+
         def on_sample(sample: zenoh.Sample) -> None:
             key = str(sample.key_expr)
-            payload = sample.payload.to_bytes()
-            self._on_loop(lambda: callback(key, payload))
+            inbox.put(key, (key, sample.payload.to_bytes(), None))
 
         self._declared.append(self.session.declare_subscriber(key_expr, on_sample))
 
     def publish(self, key_expr: str, payload: bytes) -> None:
+        """Send in order, never dropped by zenoh (its BLOCK congestion control, waited on by
+        the outbox's thread, not by the caller)."""
         if self._session is None or self._closed:
             return
-        # BLOCK, not zenoh's default DROP: an event must not vanish under a burst.
-        self._session.put(key_expr, payload, congestion_control=zenoh.CongestionControl.BLOCK)
+        session = self._session
+
+        def send() -> None:
+            session.put(key_expr, payload, congestion_control=zenoh.CongestionControl.BLOCK)
+
+        self._events_out.put(key_expr, send)
+
+    def publish_newest(self, key_expr: str, payload: bytes) -> None:
+        """Send a value whose newer version replaces an unsent older one (a heartbeat): at
+        high priority, express, and dropped by zenoh rather than waited for under
+        congestion (the next one follows soon)."""
+        if self._session is None or self._closed:
+            return
+        session = self._session
+
+        def send() -> None:
+            session.put(
+                key_expr,
+                payload,
+                congestion_control=zenoh.CongestionControl.DROP,
+                priority=zenoh.Priority.INTERACTIVE_HIGH,
+                express=True,
+            )
+
+        self._newest_out.put(key_expr, send)
 
     def declare_queryable(self, key_expr: str, handler: QueryHandler) -> None:
+        """handler(parameters, payload) answers each query on the event loop; the reply goes
+        out from the replies outbox's thread."""
+
+        def answer(item: _Received) -> None:
+            query = item[2]
+            assert query is not None
+            reply = handler(item[0], item[1])
+            if reply is None:
+                self._replies_out.put(key_expr, query.drop)
+                return
+
+            def send() -> None:
+                try:
+                    query.reply(key_expr, reply)
+                finally:
+                    query.drop()
+
+            if not self._replies_out.put(key_expr, send):
+                query.drop()
+
+        def refused(item: _Received) -> None:
+            if item[2] is not None:
+                item[2].drop()
+
+        inbox = self._inbox(
+            f"{key_expr} (queries)", answer, Delivery(QUERY_CAPACITY), refused
+        )
+
         def on_query(query: zenoh.Query) -> None:
-            parameters = str(query.parameters)
             payload = query.payload.to_bytes() if query.payload is not None else None
-            result: list[bytes | None] = [None]
-
-            def answer() -> None:
-                result[0] = handler(parameters, payload)
-
-            self._on_loop(answer)
-            if result[0] is not None:
-                query.reply(query.key_expr, result[0])
+            inbox.put(key_expr, (str(query.parameters), payload, query))
 
         self._declared.append(self.session.declare_queryable(key_expr, on_query))
 
@@ -212,12 +313,17 @@ class Router:
         self._liveliness_tokens.append(self.session.liveliness().declare_token(key_expr))
 
     def watch_liveliness(self, key_expr: str, callback: Callable[[str, bool], None]) -> None:
-        """callback(key, alive) for every token matching key_expr, past and future."""
+        """callback(key, alive) for every token matching key_expr, past and future (a
+        token's changes that wait for the loop together give only the newest)."""
+        inbox = self._inbox(
+            f"{key_expr} (liveliness)",
+            lambda item: callback(item[0], item[1] is not None),
+            NEWEST_PER_KEY,
+        )
 
         def on_sample(sample: zenoh.Sample) -> None:
             key = str(sample.key_expr)
-            alive = sample.kind == zenoh.SampleKind.PUT
-            self._on_loop(lambda: callback(key, alive))
+            inbox.put(key, (key, b"" if sample.kind == zenoh.SampleKind.PUT else None, None))
 
         subscriber = self.session.liveliness().declare_subscriber(key_expr, on_sample, history=True)
         self._declared.append(subscriber)
@@ -226,10 +332,15 @@ class Router:
         if self._session is None or self._closed:
             return
         self._closed = True
+        for inbox in self._inboxes:
+            inbox.closed = True
         session = self._session
         tokens = self._liveliness_tokens
+        outboxes = (self._events_out, self._newest_out, self._replies_out)
 
         def close_session() -> None:
+            for outbox in outboxes:
+                outbox.close()
             for token in tokens:
                 token.undeclare()
             session.close()

@@ -24,10 +24,14 @@ class Topics:
         """API -> master, as a query: the master answers with a CommandResult."""
         return f"{self.namespace}/commands"
 
+    def election(self, node_id: NodeId) -> str:
+        """A node's periodic announcement: start time, log head, the master it follows (one
+        key per node, so a queue keeps each node's newest)."""
+        return f"{self.namespace}/election/{node_id}"
+
     @property
-    def election(self) -> str:
-        """Every node's periodic announcement: start time, log head, the master it follows."""
-        return f"{self.namespace}/election"
+    def election_all(self) -> str:
+        return f"{self.namespace}/election/*"
 
     def vote(self, node_id: NodeId) -> str:
         """Queryable on every node: a candidate asks it for its vote in a term."""
