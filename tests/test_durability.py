@@ -131,3 +131,53 @@ def test_two_nodes_go_on_when_either_is_switched_off(tmp_path: Path) -> None:
         wait_until(both_hold_everything, 20.0, "both nodes to hold every acknowledged write")
         assert nodes[0].state()["master_node_id"] == follower.node_id()
         assert {node.node_id() for node in nodes} == set(ids)
+
+
+def test_a_frozen_master_is_replaced_at_once_and_resumed_says_it_is_not_serving(
+    tmp_path: Path,
+) -> None:
+    """SIGSTOP keeps the master's liveliness token alive (~10 s lease): the others must
+    judge it by its silent heartbeats. Another master serves writes within a few seconds;
+    the frozen node, resumed, says it is not serving writes in its very first answer."""
+    with writable_cluster(tmp_path, 3) as nodes:
+        old_master_id = nodes[0].state()["master_node_id"]
+        old_master = next(node for node in nodes if node.node_id() == old_master_id)
+        writer_node = next(node for node in nodes if node is not old_master)
+        assert old_master.process is not None
+        assert old_master.state()["this_node"]["role"] == "master"
+
+        writer = Writer(writer_node)
+        writer.start()
+        wait_until(lambda: len(writer.acknowledged) >= 3, 15.0, "writes before the freeze")
+        frozen_at = time.monotonic()
+        os.kill(old_master.process.pid, signal.SIGSTOP)
+        try:
+            # 6 s: the liveliness lease alone took 9.4-10.1 s; heartbeats take about 2.
+            wait_until(
+                lambda: len(writer.acknowledged_between(frozen_at + 0.5)) >= 1,
+                6.0,
+                "a write acknowledged by a new master while the old one is frozen",
+            )
+            new_state = writer_node.state()["this_node"]
+            assert new_state["master_node_id"] != old_master_id
+        finally:
+            os.kill(old_master.process.pid, signal.SIGCONT)
+        first = None
+        while first is None:
+            first = old_master.try_get("/state")
+        view = first["this_node"]
+        assert not view["serving_writes"], view
+        assert view["role"] != "master", view
+        wait_until(
+            lambda: old_master.state()["this_node"]["role"] == "follower",
+            15.0,
+            "the resumed node to follow the new master",
+        )
+        writer.stop()
+        for _, status, text in writer.refused:
+            assert status in (0, 503, 504), text
+        wait_until(lambda: converged(nodes, 3), 20.0, "all 3 nodes to hold the same log again")
+        acknowledged = {iid for _, iid in writer.acknowledged}
+        for node in nodes:
+            missing = acknowledged - set(node.state()["instances"])
+            assert not missing, f"{node.node_id()} lost {len(missing)} acknowledged writes"

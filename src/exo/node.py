@@ -18,6 +18,7 @@ from loguru import logger
 from exo.api.app import create_app
 from exo.api.context import ApiContext
 from exo.api.guard import guarded
+from exo.loop_watch import LoopWatch
 from exo.master.commands import handle_command
 from exo.master.main import Master
 from exo.master.replacement import ReplacementConfig
@@ -235,10 +236,13 @@ async def run_node(config: NodeConfig) -> None:
         raise
     logger.info(f"node {node_id} starting (home {config.home}, namespace {config.namespace})")
     topics = Topics(config.namespace)
-    election = Election(router, topics, node_id, now_us(), config.election_settle_s, store, terms)
+    loop_watch = LoopWatch()
+    election = Election(
+        router, topics, node_id, now_us(), config.election_settle_s, store, terms, loop_watch
+    )
     if damage is not None:
         election.stand_from_idx = damage.record_idx
-    cluster = ClusterContext(node_id, router, topics, election, store)
+    cluster = ClusterContext(node_id, router, topics, election, store, loop_watch)
     sync = EventSync(cluster)
     sender = LocalEventSender(cluster)
     master = Master(cluster, handle_command, config.replacement)
@@ -262,6 +266,7 @@ async def run_node(config: NodeConfig) -> None:
     try:
         async with anyio.create_task_group() as group:
             group.start_soon(_stop_on_signal, group.cancel_scope)
+            group.start_soon(loop_watch.run)
             group.start_soon(election.run)
             group.start_soon(sync.run)
             group.start_soon(sender.run)

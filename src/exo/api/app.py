@@ -4,9 +4,9 @@ import time
 import uuid
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import Field
 from starlette.exceptions import HTTPException
 
@@ -15,14 +15,18 @@ from exo.api.context import ApiContext
 from exo.api.dashboard import dashboard_routes
 from exo.api.errors import detail_response, is_openai_path, openai_error, path_error
 from exo.api.metrics import install_metrics
+from exo.api.node_view import node_view
 from exo.api.validation import (
     MAX_ID_LENGTH,
     ApiRequest,
+    PathId,
     describe_errors,
     error_code,
     error_parameter,
+    refuse_unknown_query_parameters,
 )
 from exo.master.planning import plan_instance
+from exo.shared.echo import echoed
 from exo.shared.types.commands import (
     CommandResult,
     DeleteInstance,
@@ -34,6 +38,7 @@ from exo.shared.types.ids import InstanceId
 from exo.shared.types.instances import PlacementObjective, RebalancePolicy
 
 MAX_EVENTS_PER_PAGE = 10_000
+NO_INSTANCE_ID = "no instance id given: the path is /instance/{instance_id}"
 
 
 class PlaceInstanceRequest(ApiRequest):
@@ -51,7 +56,13 @@ def error_response(result: CommandResult) -> JSONResponse:
 
 
 def create_app(context: ApiContext) -> FastAPI:
-    app = FastAPI(title="exo", description="Heterogeneous-GPU cluster runtime")
+    # Every route refuses the query parameters it does not declare (a typo is an error,
+    # not a silently different answer).
+    app = FastAPI(
+        title="exo",
+        description="Heterogeneous-GPU cluster runtime",
+        dependencies=[Depends(refuse_unknown_query_parameters)],
+    )
 
     # Errors: on /v1 OpenAI's shape, {"error": {"message", "type", "param", "code"}}, a bad
     # request 400; elsewhere {"detail": "<reason>", ...}, a bad request 422.
@@ -105,17 +116,40 @@ def create_app(context: ApiContext) -> FastAPI:
 
     @app.get("/state")
     async def get_state() -> JSONResponse:
-        return JSONResponse(context.store.state.model_dump(mode="json"))
+        """The cluster state as this node applied it, and ``this_node``: its own role (a
+        master that lost its majority says so) and how fresh its view is."""
+        view = node_view(context)  # first: it takes note of a stall that just ended
+        return JSONResponse(
+            {**context.store.state.model_dump(mode="json"), "this_node": view.model_dump()}
+        )
 
     @app.get("/events")
     async def get_events(
         since: Annotated[int, Query(ge=-1, description="return events with index > since")] = -1,
         limit: Annotated[int, Query(ge=1, le=MAX_EVENTS_PER_PAGE)] = 1000,
     ) -> dict[str, Any]:
+        """Up to ``limit`` events after ``since``. Events before ``first_kept_idx`` were
+        compacted into the snapshot (``GET /snapshot``, the state after ``snapshot_idx``):
+        a page asked for from before it starts at ``first_kept_idx`` and counts the events
+        it skipped in ``compacted_skipped``."""
         store = context.store
-        events = store.events_between(since + 1, since + limit)
+        first_kept = store.base
+        first = max(since + 1, first_kept)
+        events = store.events_between(first, first + limit - 1)
+        skipped = first - (since + 1)
+        snapshot_idx = first_kept - 1 if first_kept > 0 else None
         return {
             "last_event_idx": store.last_idx,
+            "first_kept_idx": first_kept,
+            "snapshot_idx": snapshot_idx,
+            "compacted_skipped": skipped,
+            "note": (
+                f"events {since + 1}..{first_kept - 1} were compacted into the snapshot at "
+                f"event {snapshot_idx} (GET /snapshot; GET /state includes their effect); "
+                f"the events held start at {first_kept}"
+                if skipped
+                else None
+            ),
             "events": [
                 {
                     "idx": indexed.idx,
@@ -125,6 +159,18 @@ def create_app(context: ApiContext) -> FastAPI:
                 for indexed in events
             ],
         }
+
+    @app.get("/snapshot")
+    async def get_snapshot() -> Response:
+        """The state after event ``idx`` (``{"idx", "term", "state"}``) that the events
+        before ``GET /events``' ``first_kept_idx`` were compacted into; 404 before the
+        first compaction (the log then starts at event 0)."""
+        snapshot = context.store.snapshot()
+        if snapshot is None:
+            return detail_response(
+                404, "no snapshot: nothing was compacted, GET /events?since=-1 starts at event 0"
+            )
+        return Response(snapshot.model_dump_json(), media_type="application/json")
 
     @app.post("/probe", status_code=202)
     async def post_probe() -> dict[str, str | float]:
@@ -165,18 +211,30 @@ def create_app(context: ApiContext) -> FastAPI:
             return error_response(outcome)
         return JSONResponse(content=outcome.model_dump(mode="json"))
 
+    @app.api_route("/instance/", methods=["GET", "DELETE", "POST"], include_in_schema=False)
+    async def instance_without_id(request: Request) -> Response:
+        """``/instance/`` names no instance: a 404 that says so (not a redirect to
+        ``/instance``, which takes only POST); a POST is redirected there, as before."""
+        if request.method == "POST":
+            return RedirectResponse(request.url.replace(path="/instance"), status_code=307)
+        return detail_response(404, NO_INSTANCE_ID)
+
+    @app.post("/instance//replace", include_in_schema=False)
+    async def replace_without_id() -> JSONResponse:
+        return detail_response(404, NO_INSTANCE_ID)
+
     @app.get("/instance/{instance_id}")
-    async def get_instance(instance_id: str) -> JSONResponse:
+    async def get_instance(instance_id: PathId) -> JSONResponse:
         """The instance as placed (``placement.predicted_ms_per_token``, each shard's
         ``predicted_stage_ms``) beside what its runners measured (``measured_ms_per_token``,
         ``measured_time_to_first_token_ms``, each shard's ``measured_stage_ms``)."""
         instance = context.store.state.instances.get(InstanceId(instance_id))
         if instance is None:
-            return detail_response(404, f"no instance {instance_id[:MAX_ID_LENGTH]}")
+            return detail_response(404, f"no instance {echoed(instance_id)}")
         return JSONResponse(content=instance.model_dump(mode="json"))
 
     @app.post("/instance/{instance_id}/replace")
-    async def replace_instance(instance_id: str) -> JSONResponse:
+    async def replace_instance(instance_id: PathId) -> JSONResponse:
         """Decide the instance's placement afresh now (no margin, no hourly limit). 202 with
         the change when the new layout differs (it loads beside the serving one, make
         before break); 200 with ``changed: false`` when the same layout is still best."""
@@ -201,7 +259,7 @@ def create_app(context: ApiContext) -> FastAPI:
         return JSONResponse(status_code=202, content={"changed": True, "change": change})
 
     @app.delete("/instance/{instance_id}")
-    async def delete_instance(instance_id: str) -> JSONResponse:
+    async def delete_instance(instance_id: PathId) -> JSONResponse:
         result = await context.send_command(DeleteInstance(instance_id=InstanceId(instance_id)))
         if not result.ok:
             return error_response(result)

@@ -49,18 +49,22 @@ class ApiContext:
         if self.election.master_node_id is None:
             return CommandResult(ok=False, status_code=503, error="no master elected yet")
         payload = CommandAdapter.dump_json(command)
-        replies = await self.cluster.router.query(
+        # Only the active master answers; the first answer is the one (a frozen node's
+        # queryable would otherwise hold the query until its timeout).
+        result: CommandResult | None = None
+        async for reply in self.cluster.router.query_replies(
             self.cluster.topics.commands, payload, COMMAND_TIMEOUT_S
-        )
-        for reply in replies:
+        ):
             try:
                 result = CommandResult.model_validate_json(reply)
             except ValidationError:
                 continue
-            if result.ok and result.event_indices:
-                return await self._committed(result)
-            return result
-        return CommandResult(ok=False, status_code=503, error="the master did not answer")
+            break
+        if result is None:
+            return CommandResult(ok=False, status_code=503, error="the master did not answer")
+        if result.ok and result.event_indices:
+            return await self._committed(result)
+        return result
 
     async def _committed(self, result: CommandResult) -> CommandResult:
         """The result once its last event is committed (stored by a majority) in the term

@@ -31,12 +31,13 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from fastapi import APIRouter, FastAPI, Request, Response
 from loguru import logger
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from exo.api.context import ApiContext
+from exo.api.node_view import node_view
 from exo.shared.apply import FINISHED_TASK_STATUSES
 from exo.shared.types.events import (
     ChunkGenerated,
@@ -101,16 +102,44 @@ class StateCollector(Collector):
             "Index up to which this node knows the log is stored by a majority.",
             election.commit_idx,
         )
+        view = node_view(context)
         lag = GaugeMetricFamily(
             "exo_event_apply_lag_events",
             "Events the master had indexed (as of its last announcement) not yet applied here.",
         )
-        elected = election.master_node_id
-        if elected == context.node_id:
-            lag.add_metric([], 0)
-        elif elected is not None and (head := election.announced_head(elected)) >= 0:
-            lag.add_metric([], max(0, head - state.last_event_applied_idx))
+        if view.behind_master_events is not None:
+            lag.add_metric([], view.behind_master_events)
         yield lag
+        yield _gauge(
+            "exo_node_serving_writes",
+            "1 when this node is the master and a majority answered it within the lease.",
+            float(view.serving_writes),
+        )
+        yield _gauge(
+            "exo_event_loop_longest_stall_seconds",
+            "The longest this node's event loop went without running since it started.",
+            view.longest_loop_stall_s,
+        )
+        yield _gauge(
+            "exo_event_loop_stalls_total",
+            "Stalls of the event loop of a second or more since the node started.",
+            context.cluster.loop_watch.stall_count,
+        )
+        refused = CounterMetricFamily(
+            "exo_transport_refused_messages",
+            "Messages a full transport queue refused (each topic gets them back its own way).",
+            labels=["queue"],
+        )
+        waiting = GaugeMetricFamily(
+            "exo_transport_waiting_messages",
+            "Messages waiting in a transport queue (zenoh thread to loop, loop to sender).",
+            labels=["queue"],
+        )
+        for queue, (queued, dropped) in context.cluster.router.queue_counts().items():
+            refused.add_metric([queue], dropped)
+            waiting.add_metric([queue], queued)
+        yield refused
+        yield waiting
         applied = GaugeMetricFamily(
             "exo_event_last_applied_timestamp_seconds",
             "When this node applied its last event (Unix time; no sample before the first "

@@ -12,7 +12,8 @@ membership in step with who is alive.
   own term is committed by counting; everything before it is committed with it.
 - **Writes need a quorum.** A command is refused with 503 "no quorum", changing nothing,
   unless a majority of the members answered this master within the last
-  :data:`QUORUM_LEASE_S` seconds. The API acknowledges a write only once its events are
+  :data:`~exo.routing.quorum.QUORUM_LEASE_S` seconds, and not since before its own loop
+  last stalled (:attr:`~exo.routing.election.Election.serving_writes`). The API acknowledges a write only once its events are
   committed (:mod:`exo.api.context`).
 - **Heals and moves.** The :class:`~exo.master.replacement.Rebalancer` heals instances
   that lost a shard and moves those a fresh placement beats (:mod:`exo.master.replacement`).
@@ -47,8 +48,6 @@ from exo.shared.types.state import State
 CommandHandler = Callable[[Command, State], "list[Event] | CommandResult"]
 """Pure: the events a command produces, or a CommandResult carrying the error."""
 
-QUORUM_LEASE_S = 2.5
-"""A follower heard from within this long counts towards the quorum for writes."""
 MEMBERSHIP_TICK_S = 0.25
 DURABILITY_RETRY_S = 1.0
 """How often the master fsyncs again when nothing new was indexed (after a failed fsync)."""
@@ -172,13 +171,11 @@ class Master:
                 break
 
     def has_quorum(self) -> bool:
-        election = self._election
-        answered = election.heard_recently(QUORUM_LEASE_S) | {self._node_id}
-        return election.is_majority(answered)
+        return self._election.serving_writes
 
     def _quorum_error(self) -> CommandResult:
         members = self._election.members
-        answered = (self._election.heard_recently(QUORUM_LEASE_S) | {self._node_id}) & members
+        answered = self._election.answered_within_lease() & members
         return CommandResult(
             ok=False,
             status_code=503,

@@ -24,6 +24,15 @@
   ends every 0.5 s, and as soon as it has stored and fsynced events (the announcement
   doubles as its acknowledgement to the master). The master's announcement carries its
   commit index.
+- **A master is judged by its heartbeats**, not only by its liveliness token: a master not
+  heard for :data:`MASTER_SILENCE_S` is treated as gone (a process frozen with SIGSTOP
+  keeps its token alive until zenoh's lease runs out, ~10 s). Silence this node caused
+  itself (its own loop did not run, :mod:`exo.loop_watch`) does not count.
+- **A stalled master is not serving writes.** It serves writes only while a majority
+  answered within :data:`~exo.routing.quorum.QUORUM_LEASE_S`; after its own loop stalled
+  (frozen, overloaded), what it heard before counts no more, and for
+  :data:`STALL_GRACE_S` nothing does, so it says it is not serving before it has heard
+  whether the others moved on.
 
 The master's side (indexing, commit index, quorum for writes) is in :mod:`exo.master.main`;
 keeping a follower's log equal to the master's is :mod:`exo.routing.event_sync`.
@@ -37,6 +46,7 @@ import anyio
 from loguru import logger
 from pydantic import ValidationError
 
+from exo.loop_watch import LoopWatch
 from exo.routing import quorum
 from exo.routing.messages import ElectionAnnouncement, VoteReply, VoteRequest
 from exo.routing.router import NEWEST_PER_KEY, Router
@@ -49,8 +59,12 @@ ANNOUNCE_INTERVAL_S = 0.5
 TICK_S = 0.1
 STAND_ANYWAY_AFTER_S = 3.0
 """Without a master for this long, a node stands even if another looks better placed."""
-HEARD_RECENTLY_S = 2.0
-"""A master heard from within this long still counts as present to a voter."""
+MASTER_SILENCE_S = 1.5
+"""A master not heard from for this long is gone: a voter no longer counts it as present,
+and a follower stops following it (three announcement intervals)."""
+STALL_GRACE_S = 1.0
+"""After this node's loop stalled, announcements count towards its write quorum only from
+this long after it ran again (the ones that waited in buffers meanwhile are stale)."""
 VOTE_TIMEOUT_S = 1.0
 TERM_WRITE_RETRY_S = 1.0
 """A node that could not store the term it would stand in tries again after this long."""
@@ -71,8 +85,10 @@ class Election:
         settle_s: float,
         store: EventStore,
         terms: TermStore,
+        loop_watch: LoopWatch | None = None,
     ) -> None:
-        """``terms`` is loaded already (its errors are start-up errors)."""
+        """``terms`` is loaded already (its errors are start-up errors); ``loop_watch``
+        tells of this node's own stalls (None: the loop is assumed never to stall)."""
         self._router = router
         self._topics = topics
         self.node_id = node_id
@@ -86,6 +102,12 @@ class Election:
         self._heard: dict[NodeId, ElectionAnnouncement] = {}
         self._heard_at: dict[NodeId, float] = {}
         self._masterless_since = time.monotonic()
+        self._loop_watch = loop_watch
+        self._counted_from = 0.0
+        """Announcements heard before this (monotonic) time do not count for the write
+        quorum or a master's presence: this node stalled after them."""
+        if loop_watch is not None:
+            loop_watch.on_stall(self._on_stall)
         self.match_idx = -1
         """Up to here this node's log equals its master's (set by the log sync/master)."""
         self.stand_from_idx = -1
@@ -161,7 +183,9 @@ class Election:
 
     def heard_recently(self, within_s: float) -> set[NodeId]:
         """Nodes whose announcement in this term, following this node as master, arrived
-        within the last ``within_s`` seconds."""
+        within the last ``within_s`` seconds (and since this node last stalled)."""
+        if self._loop_watch is not None:
+            self._loop_watch.check()
         now = time.monotonic()
         return {
             node
@@ -169,7 +193,41 @@ class Election:
             if announcement.term == self.term
             and announcement.master_node_id == self.node_id
             and now - self._heard_at[node] <= within_s
+            and self._heard_at[node] >= self._counted_from
         }
+
+    def answered_within_lease(self) -> set[NodeId]:
+        """This node and the nodes that answered it as master within the quorum lease."""
+        return self.heard_recently(quorum.QUORUM_LEASE_S) | {self.node_id}
+
+    @property
+    def serving_writes(self) -> bool:
+        """Master of its term with a majority that answered it within the lease: what it
+        needs to accept a write (the write is acknowledged only once committed)."""
+        return self.is_master and self.is_majority(self.answered_within_lease())
+
+    def master_heard_s_ago(self) -> float | None:
+        """Seconds since the followed master's last announcement (0 on the master itself;
+        None without a master or before its first announcement)."""
+        master = self._master
+        if master is None:
+            return None
+        if master == self.node_id:
+            return 0.0
+        heard_at = self._heard_at.get(master)
+        return None if heard_at is None else time.monotonic() - heard_at
+
+    def _on_stall(self, stalled_s: float) -> None:
+        now = time.monotonic()
+        self._counted_from = now + STALL_GRACE_S
+        # Silence while this node did not run is its own: give the master a fresh start.
+        if self._master is not None and self._master != self.node_id:
+            self._heard_at[self._master] = max(self._heard_at.get(self._master, now), now)
+        if self.is_master:
+            logger.warning(
+                f"this master's loop did not run for {stalled_s:.1f} s: not serving writes "
+                "until a majority answers it again"
+            )
 
     def acknowledged(self) -> dict[NodeId, int]:
         """The match index each node announced for this master in this term."""
@@ -240,8 +298,26 @@ class Election:
     async def _stand_loop(self) -> None:
         while True:
             await anyio.sleep(TICK_S)
+            if self._loop_watch is not None:
+                self._loop_watch.check()  # this node's own stall first: it is not the master's
+            self._drop_silent_master()
             if self._master is None and self._should_stand() and not await self._stand():
                 await anyio.sleep(TERM_WRITE_RETRY_S)
+
+    def _drop_silent_master(self) -> None:
+        master = self._master
+        if master is None or master == self.node_id:
+            return
+        silent_s = self.master_heard_s_ago()
+        if silent_s is None:
+            # Followed from a global event before its first announcement came: start now.
+            self._heard_at[master] = time.monotonic()
+        elif silent_s > MASTER_SILENCE_S:
+            logger.warning(
+                f"master {master} has not been heard for {silent_s:.1f} s; "
+                f"no longer following it (term {self.term})"
+            )
+            self._set_master(None)
 
     def _should_stand(self) -> bool:
         if self._store.last_idx < self.stand_from_idx:
@@ -251,9 +327,12 @@ class Election:
         if time.monotonic() - self._masterless_since >= STAND_ANYWAY_AFTER_S:
             return True
         ours = self._standing_key(self.node_id, log_position(self._store), self.started_at_us)
+        now = time.monotonic()
         for node, announcement in self._heard.items():
             if node == self.node_id or self._live.get(node) != announcement.started_at_us:
                 continue
+            if now - self._heard_at[node] > MASTER_SILENCE_S:
+                continue  # silent (frozen, cut off): it will not stand
             theirs = self._standing_key(
                 node,
                 (announcement.last_log_term, announcement.last_event_idx),
@@ -285,20 +364,24 @@ class Election:
         logger.info(
             f"standing for master in term {term} (log ends at {last_idx}, term {last_term})"
         )
-        replies = await self._router.query(
-            self._topics.vote_all, request.model_dump_json().encode(), VOTE_TIMEOUT_S
-        )
         granted = {self.node_id}
         refusals: list[str] = []
-        for payload in replies:
+        # Counted as they come: a node that never answers (frozen) costs nothing once a
+        # majority has granted.
+        async for payload in self._router.query_replies(
+            self._topics.vote_all, request.model_dump_json().encode(), VOTE_TIMEOUT_S
+        ):
             try:
                 reply = VoteReply.model_validate_json(payload)
             except ValidationError:
                 continue
             if reply.term > self.term:
                 self._adopt_term(reply.term, None)
-            elif reply.granted and reply.term == term:
+                break
+            if reply.granted and reply.term == term:
                 granted.add(reply.node_id)
+                if self.is_majority(granted):
+                    break
             elif reply.node_id != self.node_id:
                 refusals.append(f"{reply.node_id}: {reply.reason}")
         if self.term != term or self._master is not None:
@@ -389,12 +472,8 @@ class Election:
     def _master_present(self, master: NodeId) -> bool:
         if master == self.node_id:
             return True
-        heard_at = self._heard_at.get(master)
-        return (
-            master in self._live
-            and heard_at is not None
-            and time.monotonic() - heard_at <= HEARD_RECENTLY_S
-        )
+        silent_s = self.master_heard_s_ago() if master == self._master else None
+        return master in self._live and silent_s is not None and silent_s <= MASTER_SILENCE_S
 
     def _on_liveliness(self, key: str, alive: bool) -> None:
         parsed = self._topics.parse_alive_token(key)

@@ -19,6 +19,9 @@ from collections.abc import Collection, Iterable
 
 from exo.shared.types.ids import NodeId
 
+QUORUM_LEASE_S = 2.5
+"""A member heard from within this long counts towards a master's quorum for writes."""
+
 
 def voters(members: Collection[NodeId], self_id: NodeId) -> frozenset[NodeId]:
     """The members a majority is counted over (this node alone when there are none)."""

@@ -6,9 +6,12 @@ other threads (:mod:`exo.routing.handoff`, ``anyio.to_thread``): see :class:`Rou
 """
 
 import asyncio
+import contextlib
 import json
+import math
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import zenoh
+from loguru import logger
 
 from exo.routing.cluster_secret import CLUSTER_USER
 from exo.routing.handoff import Inbox, Outbox
@@ -145,6 +149,9 @@ NEWEST_PER_KEY = Delivery(capacity=4096, coalesce=True)
 """Heartbeats and liveliness: only the newest message of each key waits."""
 QUERY_CAPACITY = 1000
 """Queries waiting for the loop; one more is finished unanswered (its querier times out)."""
+NO_CONSOLIDATION = zenoh.ConsolidationMode.NONE
+"""Replies are handed over as they come (zenoh's default holds them until every queryable
+has finished, a frozen one included, to keep the latest per key)."""
 OUTBOX_CAPACITY = 100_000
 """Sends waiting for the transport; one more is refused (the topic's way back applies)."""
 
@@ -300,10 +307,47 @@ class Router:
         session = self.session
 
         def run() -> list[bytes]:
-            replies = session.get(selector, payload=payload, timeout=timeout_s)
+            replies = session.get(
+                selector, payload=payload, timeout=timeout_s, consolidation=NO_CONSOLIDATION
+            )
             return [reply.ok.payload.to_bytes() for reply in replies if reply.ok is not None]
 
         return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+
+    async def query_replies(
+        self, selector: str, payload: bytes | None = None, timeout_s: float = 2.0
+    ) -> AsyncIterator[bytes]:
+        """Send a query and yield each successful reply as it arrives, so a caller that has
+        what it needs (the master's answer, a majority of votes) need not wait for a peer
+        that never answers (a frozen node still holds its queryables)."""
+        session = self.session
+        loop = asyncio.get_running_loop()
+        send, receive = anyio.create_memory_object_stream[bytes](math.inf)
+
+        def hand_over(data: bytes | None) -> None:  # on the loop
+            with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+                if data is None:
+                    send.close()
+                else:
+                    send.send_nowait(data)
+
+        def run() -> None:  # a thread of its own: get() blocks until the timeout
+            try:
+                for reply in session.get(
+                    selector, payload=payload, timeout=timeout_s, consolidation=NO_CONSOLIDATION
+                ):
+                    if reply.ok is not None:
+                        loop.call_soon_threadsafe(hand_over, reply.ok.payload.to_bytes())
+            except zenoh.ZError as error:
+                logger.debug(f"query {selector} failed: {error}")
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(hand_over, None)
+
+        threading.Thread(target=run, name="query", daemon=True).start()
+        async with receive:
+            async for data in receive:
+                yield data
 
     def peer_count(self) -> int:
         """zenoh peers this node has a session with right now."""
