@@ -74,7 +74,9 @@ def poll(watch: NodeWatch, expected: int, stop: threading.Event) -> None:
 
 
 def events_dir_bytes(node: ExoNode) -> int:
-    return sum(path.stat().st_size for path in (node.home / "events").glob("**/*") if path.is_file())
+    return sum(
+        path.stat().st_size for path in (node.home / "events").glob("**/*") if path.is_file()
+    )
 
 
 def probe_latencies(nodes: list[ExoNode], count: int) -> list[float]:
@@ -149,8 +151,10 @@ def main() -> int:
             for node in nodes:
                 node.wait_ready(60.0)
             last_api = time.monotonic()
-            print(f"{args.nodes} nodes x {args.devices} devices: every API answered after "
-                  f"{last_api - started:.1f} s")
+            print(
+                f"{args.nodes} nodes x {args.devices} devices: every API answered after "
+                f"{last_api - started:.1f} s"
+            )
             for watch in watches:
                 thread = threading.Thread(target=poll, args=(watch, expected, stop), daemon=True)
                 thread.start()
@@ -163,7 +167,9 @@ def main() -> int:
             burst = [s for w in watches for when, s in w.latencies if when <= burst_end]
             if None in seen:
                 counts = sorted(w.devices_seen for w in watches)
-                print(f"FAILED: after {args.deadline_s:.0f} s nodes see {counts} of {expected} devices")
+                print(
+                    f"FAILED: after {args.deadline_s:.0f} s nodes see {counts} of {expected} devices"
+                )
             else:
                 print(
                     f"every node sees all {expected} devices {max(s for s in seen if s) - last_api:.1f} s "
@@ -183,7 +189,9 @@ def main() -> int:
                 idle_s = time.monotonic() - idle_start
                 cpu = [process.cpu_percent() for process in processes]
                 index_after = nodes[0].state()["last_event_applied_idx"]
-                grown = [events_dir_bytes(node) - b for node, b in zip(nodes, bytes_before, strict=True)]
+                grown = [
+                    events_dir_bytes(node) - b for node, b in zip(nodes, bytes_before, strict=True)
+                ]
                 rate = (index_after - index_before) / idle_s
                 print(
                     f"idle over {idle_s:.0f} s: {rate:.2f} events/s, log growth per node "
@@ -206,7 +214,9 @@ def main() -> int:
             print(f"FAILED: a node did not answer for more than {args.wedge_s:.0f} s")
             for watch in watches:
                 if watch.longest_silence_s > args.wedge_s:
-                    print(f"--- {watch.node.home.name} log tail ---\n{watch.node.log_text()[-1500:]}")
+                    print(
+                        f"--- {watch.node.home.name} log tail ---\n{watch.node.log_text()[-1500:]}"
+                    )
         return 1 if wedged or None in seen else 0
 
 

@@ -290,9 +290,7 @@ class Router:
             if item[2] is not None:
                 item[2].drop()
 
-        inbox = self._inbox(
-            f"{key_expr} (queries)", answer, Delivery(QUERY_CAPACITY), refused
-        )
+        inbox = self._inbox(f"{key_expr} (queries)", answer, Delivery(QUERY_CAPACITY), refused)
 
         def on_query(query: zenoh.Query) -> None:
             payload = query.payload.to_bytes() if query.payload is not None else None
