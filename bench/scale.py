@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -88,21 +89,25 @@ def probe_latencies(nodes: list[ExoNode], count: int) -> list[float]:
         started = time.time()
         probe_id = httpx.post(origin.url + "/probe", timeout=5.0).json()["probe_id"]
         applied: dict[str, float] = {}
-
-        def everywhere(probe: str = probe_id) -> bool:
-            for node in nodes:
-                if node.url in applied:
-                    continue
-                page = node.get(f"/events?since={since[node.url]}&limit=10000")["events"]
-                for entry in page:
-                    event = entry["event"]
-                    if event["kind"] == "ProbeEmitted" and event["probe_id"] == probe:
-                        applied[node.url] = entry["applied_at"]
-            return len(applied) == len(nodes)
-
+        everywhere = partial(applied_everywhere, nodes, since, probe_id, applied)
         wait_until(everywhere, 30.0, f"probe {index} applied on every node")
         latencies.append(max(applied.values()) - started)
     return latencies
+
+
+def applied_everywhere(
+    nodes: list[ExoNode], since: dict[str, int], probe_id: str, applied: dict[str, float]
+) -> bool:
+    """Whether every node applied the probe; ``applied`` keeps each node's applied time."""
+    for node in nodes:
+        if node.url in applied:
+            continue
+        page = node.get(f"/events?since={since[node.url]}&limit=10000")["events"]
+        for entry in page:
+            event = entry["event"]
+            if event["kind"] == "ProbeEmitted" and event["probe_id"] == probe_id:
+                applied[node.url] = entry["applied_at"]
+    return len(applied) == len(nodes)
 
 
 def summary(values: list[float]) -> str:

@@ -3,7 +3,6 @@
 from dataclasses import dataclass, field
 
 from exo.loop_watch import LoopWatch
-
 from exo.routing.election import Election
 from exo.routing.router import Router
 from exo.routing.topics import Topics
