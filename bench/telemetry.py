@@ -24,7 +24,7 @@ import psutil
 from loguru import logger
 
 # The worker has these loaded anyway: they are not telemetry's memory.
-from exo.shared.types.events import DeviceGPUStateUpdated, Event
+from exo.shared.types.events import DeviceGPUStatesUpdated, DeviceGPUStateUpdated, Event
 from exo.shared.types.ids import NodeId
 
 NODE = NodeId("bench-node")
@@ -115,11 +115,16 @@ async def measure(backend_name: str, duration_s: float, interval_s: float, sampl
         simulate_file.parent.rmdir()
 
     overhead_percent = max(0.0, cpu_used / duration_s - idle_cpu_rate) * 100
-    # The first pass always emits every device; count the steady state after it.
-    state_events = sum(isinstance(event, DeviceGPUStateUpdated) for event in events)
-    steady_events = max(0, state_events - len(devices))
+    # The first pass always emits (one event for all devices); count the steady state after.
+    state_events = [
+        event
+        for event in events
+        if isinstance(event, DeviceGPUStateUpdated | DeviceGPUStatesUpdated)
+    ]
+    steady_events = max(0, len(state_events) - 1)
     events_per_minute = steady_events * 60 / duration_s
-    heartbeat_bound = len(devices) * 60 / config.heartbeat_s
+    heartbeat_bound = 60 / config.heartbeat_s  # one event per pass, devices heartbeat together
+    steady_bytes = sum(len(event.model_dump_json()) for event in state_events[1:])
     added_rss_mb = (rss_after - rss_before) / MB
 
     print(f"  (collector ran {duration_s:g} s at a {interval_s:g} s interval)")
@@ -155,6 +160,13 @@ async def measure(backend_name: str, duration_s: float, interval_s: float, sampl
         f"~{heartbeat_bound:g}",
         f"{heartbeat_bound:g}",
         f"{events_per_minute / heartbeat_bound:.2f} x heartbeat bound",
+    )
+    row(
+        "state event bytes per minute (JSON)",
+        f"{steady_bytes * 60 / duration_s:.0f}",
+        "-",
+        "-",
+        f"{steady_bytes / max(steady_events, 1):.0f} bytes per event",
     )
     row(
         "RSS added by telemetry",

@@ -2,8 +2,10 @@
 
 Each node runs the simulated backend at a 0.2 s interval on a device file that this script
 rewrites every 0.25 s (memory use moves by 5 % each time, so every pass has news). For each
-``DeviceGPUStateUpdated`` the latency is the time from the reading (``last_update``, taken
-when the sample was made) to the moment the last of the 3 nodes applied it.
+reading (in a ``DeviceGPUStateUpdated``, or in full in a ``DeviceGPUStatesUpdated``) the
+latency is the time from the reading (``last_update``, taken when the sample was made) to the
+moment the last of the 3 nodes applied its event; a heartbeat by id counts from the pass's
+``sampled_at``.
 
     uv run python bench/telemetry_cluster.py [--seconds 20]
 """
@@ -58,20 +60,31 @@ def main() -> None:
             time.sleep(1.0)
             logs = [node.all_events() for node in nodes]
     applied: dict[str, float] = {}
-    sampled: dict[str, float] = {}
+    sampled: dict[tuple[str, str], float] = {}  # (event id, device id) -> when read
     for log in logs:
         for entry in log:
             event = entry["event"]
-            if event["kind"] != "DeviceGPUStateUpdated":
-                continue
             event_id = event["event_id"]
+            if event["kind"] == "DeviceGPUStateUpdated":
+                readings = [event["device_state"]]
+                unchanged: list[str] = []
+            elif event["kind"] == "DeviceGPUStatesUpdated":
+                readings = event["device_states"]
+                unchanged = event["unchanged_device_ids"]
+            else:
+                continue
             applied[event_id] = max(applied.get(event_id, 0.0), entry["applied_at"])
-            sampled[event_id] = datetime.fromisoformat(
-                event["device_state"]["last_update"]
-            ).timestamp()
+            for reading in readings:
+                when = datetime.fromisoformat(reading["last_update"]).timestamp()
+                sampled[(event_id, reading["device_id"])] = when
+            for device_id in unchanged:
+                when = datetime.fromisoformat(event["sampled_at"]).timestamp()
+                sampled[(event_id, device_id)] = when
     on_every_node = set.intersection(*({e["event"]["event_id"] for e in log} for log in logs))
-    counted = [e for e in applied if e in on_every_node and sampled[e] >= measuring_since]
-    latencies = [(applied[event_id] - sampled[event_id]) * 1000 for event_id in counted]
+    counted = [
+        k for k, when in sampled.items() if k[0] in on_every_node and when >= measuring_since
+    ]
+    latencies = [(applied[key[0]] - sampled[key]) * 1000 for key in counted]
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     print(
         f"{len(latencies)} device readings sampled after the cluster settled, all applied on 3 nodes"

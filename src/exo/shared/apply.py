@@ -7,7 +7,7 @@ Dispatch is a ``match`` over the event union ending in ``assert_never``, so an e
 that is added to the union without a handler fails type checking.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TypeVar, assert_never
 
@@ -17,6 +17,7 @@ from exo.shared.runner_sets import set_breakage
 from exo.shared.types.calibration import DeviceCalibration
 from exo.shared.types.events import (
     ChunkGenerated,
+    DeviceGPUStatesUpdated,
     DeviceGPUStateUpdated,
     Event,
     EventElided,
@@ -40,7 +41,7 @@ from exo.shared.types.events import (
     TaskCreated,
     TaskStatusUpdated,
 )
-from exo.shared.types.gpu import GPULink
+from exo.shared.types.gpu import DeviceGPUState, GPULink
 from exo.shared.types.ids import DeviceId, NodeId, RunnerId, TaskId
 from exo.shared.types.instances import (
     CHANGES_KEPT,
@@ -92,6 +93,8 @@ def apply_event(state: State, event: Event) -> State:
             return apply_gpu_device_info_reported(state, event)
         case DeviceGPUStateUpdated():
             return apply_device_gpu_state_updated(state, event)
+        case DeviceGPUStatesUpdated():
+            return apply_device_gpu_states_updated(state, event)
         case GPUBandwidthMeasured():
             return apply_gpu_bandwidth_measured(state, event)
         case InstanceCreated():
@@ -209,17 +212,41 @@ def apply_gpu_device_info_reported(state: State, event: GPUDeviceInfoReported) -
 
 def apply_device_gpu_state_updated(state: State, event: DeviceGPUStateUpdated) -> State:
     reading = event.device_state
-    node = state.nodes.get(reading.node_id)
+    return _apply_device_readings(state, reading.node_id, [reading], [], reading.last_update)
+
+
+def apply_device_gpu_states_updated(state: State, event: DeviceGPUStatesUpdated) -> State:
+    return _apply_device_readings(
+        state, event.node_id, event.device_states, event.unchanged_device_ids, event.sampled_at
+    )
+
+
+def _apply_device_readings(
+    state: State,
+    node_id: NodeId,
+    readings: Sequence[DeviceGPUState],
+    unchanged_device_ids: Sequence[DeviceId],
+    sampled_at: datetime,
+) -> State:
+    """The one rule for live readings, singular or per pass: a full reading replaces the
+    stored one; an unchanged device's stored reading gets ``last_update = sampled_at`` (when
+    one is stored and ``sampled_at`` is newer); the node's ``last_seen`` moves to the newest
+    time the event carries. Readings of a node not in the state are ignored."""
+    node = state.nodes.get(node_id)
     if node is None:
         return state  # a late reading from a node that timed out
-    devices = {**state.gpu_device_state.get(reading.node_id, {}), reading.device_id: reading}
-    gpu_device_state = {**state.gpu_device_state, reading.node_id: devices}
+    devices = dict(state.gpu_device_state.get(node_id, {}))
+    for reading in readings:
+        devices[reading.device_id] = reading
+    for device_id in unchanged_device_ids:
+        stored = devices.get(device_id)
+        if stored is not None and sampled_at > stored.last_update:
+            devices[device_id] = stored.model_copy(update={"last_update": sampled_at})
+    gpu_device_state = {**state.gpu_device_state, node_id: devices}
+    newest = max([sampled_at, *(reading.last_update for reading in readings)])
     nodes = state.nodes
-    if reading.last_update > node.last_seen:
-        nodes = {
-            **nodes,
-            reading.node_id: node.model_copy(update={"last_seen": reading.last_update}),
-        }
+    if newest > node.last_seen:
+        nodes = {**nodes, node_id: node.model_copy(update={"last_seen": newest})}
     return state.model_copy(update={"gpu_device_state": gpu_device_state, "nodes": nodes})
 
 

@@ -1,10 +1,11 @@
 """GPU telemetry: sample this node's devices on an interval and report what matters.
 
 ``GPUTelemetryCollector`` reports each device's static facts once
-(``GPUDeviceInfoReported``, again only if they change) and a live reading
-(``DeviceGPUStateUpdated``) whenever it changed meaningfully or a heartbeat is due; see
-``emit_reason`` for the rule, which is a pure function of (last emitted reading, new reading,
-now, config).
+(``GPUDeviceInfoReported``, again only if they change) and a live reading whenever it changed
+meaningfully or a heartbeat is due; see ``emit_reason`` for the rule, which is a pure function
+of (last emitted reading, new reading, now, config). A pass emits at most one event for the
+node: ``DeviceGPUStatesUpdated`` with the changed readings in full and the heartbeats by id
+(``DeviceGPUStateUpdated`` when it is a single changed reading).
 
 Each reading also carries ``utilization_median_percent``: the median of the device's last
 ``UTILIZATION_MEDIAN_WINDOW`` utilisation samples, the current one included. Placement uses it
@@ -22,7 +23,12 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from exo.gpu.backend import GPUBackend
-from exo.shared.types.events import DeviceGPUStateUpdated, Event, GPUDeviceInfoReported
+from exo.shared.types.events import (
+    DeviceGPUStatesUpdated,
+    DeviceGPUStateUpdated,
+    Event,
+    GPUDeviceInfoReported,
+)
 from exo.shared.types.gpu import UNKNOWN_TEMPERATURE_C, DeviceGPUState, GPUDeviceInfo
 from exo.shared.types.ids import DeviceId, NodeId
 
@@ -159,12 +165,14 @@ class GPUTelemetryCollector:
         config: TelemetryConfig | None = None,
         *,
         owns_backend: bool = True,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.node_id = node_id
         self.gpu_backend = gpu_backend
         self.event_emitter = event_emitter
         self.config = config or TelemetryConfig()
         self.owns_backend = owns_backend
+        self._clock = clock  # "now" for the change test and a pass's sampled_at
         self._is_running = False
         self._backend_is_shut_down = False
         self._reported_info: dict[DeviceId, GPUDeviceInfo] = {}
@@ -263,10 +271,19 @@ class GPUTelemetryCollector:
                 logger.info("GPU telemetry monitoring stopped")
 
     async def collect_device_state(self) -> list[DeviceGPUState]:
-        """One sampling pass over every device; emits the readings that should be emitted.
+        """One sampling pass over every device; emits what should be emitted, in one event.
 
         Returns every reading taken in this pass (emitted or not). A device whose sample
         raises is logged (once until it recovers) and left out of this pass.
+
+        A device whose ``emit_reason`` is a change goes out in full; one whose reason is
+        "heartbeat" goes out by id only. When the pass emits anything, every other device
+        whose last emission is at least ``heartbeat_s / 2`` old goes along by id too, so a
+        node's devices heartbeat together. The event is ``DeviceGPUStateUpdated`` when the
+        pass has exactly one full reading and no heartbeat, else one
+        ``DeviceGPUStatesUpdated``. A heartbeat is remembered as the previous emitted reading
+        with only ``last_update`` moved (as ``apply`` stores it), never as the current values,
+        so drift below the thresholds adds up until it is emitted.
         """
         devices = await self._refresh_device_info()
         readings: list[DeviceGPUState] = []
@@ -288,15 +305,49 @@ class GPUTelemetryCollector:
             state = self._with_utilization_median(state)
             readings.append(state)
             self._last_readings[device_id] = state
-            now = datetime.now(UTC)
-            reason = emit_reason(self._last_emitted.get(device_id), state, now, self.config)
-            if reason is None:
-                continue
-            logger.trace(f"GPU telemetry: emitting {device_id} ({reason})")
-            event = DeviceGPUStateUpdated(device_state=state, origin_node_id=self.node_id)
-            if await self._emit(event):
-                self._last_emitted[device_id] = state
+        await self._emit_due(readings, self._clock())
         return readings
+
+    async def _emit_due(self, readings: list[DeviceGPUState], now: datetime) -> None:
+        """Emit this pass's due readings as one event (see ``collect_device_state``)."""
+        changed: list[DeviceGPUState] = []
+        unchanged: list[tuple[DeviceGPUState, bool]] = []  # (previous emitted, heartbeat due)
+        for state in readings:
+            previous = self._last_emitted.get(state.device_id)
+            reason = emit_reason(previous, state, now, self.config)
+            if reason is not None:
+                logger.trace(f"GPU telemetry: emitting {state.device_id} ({reason})")
+            if previous is not None and reason in (None, "heartbeat"):
+                unchanged.append((previous, reason == "heartbeat"))
+            elif reason is not None:  # a change, or the first reading
+                changed.append(state)
+        if not changed and not any(due for _, due in unchanged):
+            return
+        align_after_s = self.config.heartbeat_s / 2
+        heartbeats = [
+            previous
+            for previous, due in unchanged
+            if due or (now - previous.last_update).total_seconds() >= align_after_s
+        ]
+        event: Event
+        if len(changed) == 1 and not heartbeats:
+            event = DeviceGPUStateUpdated(device_state=changed[0], origin_node_id=self.node_id)
+        else:
+            event = DeviceGPUStatesUpdated(
+                node_id=self.node_id,
+                device_states=changed,
+                unchanged_device_ids=[previous.device_id for previous in heartbeats],
+                sampled_at=now,
+                origin_node_id=self.node_id,
+            )
+        if not await self._emit(event):
+            return  # nothing is marked emitted: the next pass tries again
+        for state in changed:
+            self._last_emitted[state.device_id] = state
+        for previous in heartbeats:
+            if now > previous.last_update:
+                previous = previous.model_copy(update={"last_update": now})
+            self._last_emitted[previous.device_id] = previous
 
     def _with_utilization_median(self, state: DeviceGPUState) -> DeviceGPUState:
         """``state`` with the median of the device's recent utilisation samples filled in."""

@@ -1,11 +1,12 @@
 import typing
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from exo.shared.apply import EventOutOfOrderError, apply, apply_event
 from exo.shared.tests.instances import single_shard_instance
 from exo.shared.types.events import (
+    DeviceGPUStatesUpdated,
     DeviceGPUStateUpdated,
     Event,
     GPUBandwidthMeasured,
@@ -40,17 +41,21 @@ def node_info(node_id: NodeId) -> NodeInfoReported:
     return NodeInfoReported(node_id=node_id, info=info, ram_available_bytes=600, reported_at=WHEN)
 
 
-def gpu_reading(node_id: NodeId, device: str, used: int) -> DeviceGPUStateUpdated:
-    return DeviceGPUStateUpdated(
-        device_state=DeviceGPUState(
-            device_id=DeviceId(device),
-            node_id=node_id,
-            memory_used_bytes=used,
-            memory_total_bytes=8000,
-            compute_utilization_percent=10,
-            last_update=WHEN,
-        )
+def device_state(node_id: NodeId, device: str, used: int, when: datetime = WHEN) -> DeviceGPUState:
+    return DeviceGPUState(
+        device_id=DeviceId(device),
+        node_id=node_id,
+        memory_used_bytes=used,
+        memory_total_bytes=8000,
+        compute_utilization_percent=10,
+        last_update=when,
     )
+
+
+def gpu_reading(
+    node_id: NodeId, device: str, used: int, when: datetime = WHEN
+) -> DeviceGPUStateUpdated:
+    return DeviceGPUStateUpdated(device_state=device_state(node_id, device, used, when))
 
 
 def apply_all(events: list[Event]) -> State:
@@ -233,3 +238,76 @@ def test_a_nodes_execution_capability_and_a_runners_device_are_kept() -> None:
     assert execution is not None and execution.can_run_on("cpu:0")
     assert state.runners[RunnerId("r")].status == "running"
     assert state.runners[RunnerId("r")].compute_device == cpu
+
+
+def later(seconds: float) -> datetime:
+    return WHEN + timedelta(seconds=seconds)
+
+
+def pass_of(
+    node_id: NodeId, full: list[DeviceGPUState], unchanged: list[str], seconds: float
+) -> DeviceGPUStatesUpdated:
+    return DeviceGPUStatesUpdated(
+        node_id=node_id,
+        device_states=full,
+        unchanged_device_ids=[DeviceId(device) for device in unchanged],
+        sampled_at=later(seconds),
+    )
+
+
+def test_a_pass_replaces_full_readings_and_refreshes_unchanged_ones() -> None:
+    state = apply_all(
+        [
+            node_info(NODE_A),
+            gpu_reading(NODE_A, "cuda:0", 100, later(1)),
+            gpu_reading(NODE_A, "cuda:1", 200, later(1)),
+            pass_of(NODE_A, [device_state(NODE_A, "cuda:1", 700, later(9))], ["cuda:0"], 10),
+        ]
+    )
+    devices = state.gpu_device_state[NODE_A]
+    # The unchanged device keeps its values; only its last_update moves.
+    assert devices[DeviceId("cuda:0")] == device_state(NODE_A, "cuda:0", 100, later(10))
+    assert devices[DeviceId("cuda:1")] == device_state(NODE_A, "cuda:1", 700, later(9))
+    assert state.nodes[NODE_A].last_seen == later(10)
+
+
+def test_an_unchanged_id_needs_a_stored_reading_and_a_newer_time() -> None:
+    base = [node_info(NODE_A), gpu_reading(NODE_A, "cuda:0", 100, later(20))]
+    state = apply_all([*base, pass_of(NODE_A, [], ["cuda:0", "cuda:9"], 15)])
+    # An older sampled_at does not move the reading back, and an id with no reading
+    # stored creates nothing.
+    assert state.gpu_device_state[NODE_A] == {
+        DeviceId("cuda:0"): device_state(NODE_A, "cuda:0", 100, later(20))
+    }
+    assert state.nodes[NODE_A].last_seen == later(20)
+
+
+def test_a_pass_moves_last_seen_to_its_newest_time() -> None:
+    state = apply_all(
+        [
+            node_info(NODE_A),
+            pass_of(NODE_A, [device_state(NODE_A, "cuda:0", 1, later(30))], [], 25),
+        ]
+    )
+    assert state.nodes[NODE_A].last_seen == later(30)
+    state = apply(state, IndexedEvent(idx=2, event=pass_of(NODE_A, [], ["cuda:0"], 40)))
+    assert state.nodes[NODE_A].last_seen == later(40)
+    assert state.gpu_device_state[NODE_A][DeviceId("cuda:0")].last_update == later(40)
+
+
+def test_a_single_reading_and_a_pass_of_it_apply_alike() -> None:
+    reading = device_state(NODE_A, "cuda:0", 300, later(5))
+    single = apply_all([node_info(NODE_A), DeviceGPUStateUpdated(device_state=reading)])
+    as_pass = apply_all([node_info(NODE_A), pass_of(NODE_A, [reading], [], 5)])
+    assert single.model_dump() == as_pass.model_dump()
+
+
+def test_a_pass_of_a_node_not_in_the_state_is_ignored() -> None:
+    state = apply_all([node_info(NODE_B)])
+    after = apply_event(state, pass_of(NODE_A, [device_state(NODE_A, "cuda:0", 1)], ["cuda:1"], 5))
+    assert after == state
+
+
+def test_a_pass_carries_only_its_own_nodes_readings() -> None:
+    with pytest.raises(ValueError, match="another node"):
+        pass_of(NODE_A, [device_state(NODE_B, "cuda:0", 1)], [], 5)

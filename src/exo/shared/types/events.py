@@ -4,9 +4,9 @@ Every event is a pydantic model with a literal ``kind``; ``Event`` is their tagg
 """
 
 from datetime import UTC, datetime
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from exo.shared.types.execution import ComputeDevice
 from exo.shared.types.generation import TokenLogprob
@@ -85,8 +85,40 @@ class GPUDeviceInfoReported(BaseEvent):
 
 
 class DeviceGPUStateUpdated(BaseEvent):
+    """One device's live reading (the seed card's event). The collector sends it when a pass
+    has exactly one reading to report and no heartbeat; otherwise ``DeviceGPUStatesUpdated``."""
+
     kind: Literal["DeviceGPUStateUpdated"] = "DeviceGPUStateUpdated"
     device_state: DeviceGPUState
+
+
+class DeviceGPUStatesUpdated(BaseEvent):
+    """One sampling pass of one node: the readings that changed, in full, and the devices
+    whose reading did not change, by id only (a heartbeat).
+
+    Why: one event per device per pass put a node's every device in the replicated log
+    separately, and an idle node's heartbeats (a full reading each, every ``heartbeat_s``,
+    drifting apart) dominated the log. One event per node per pass, with heartbeats as ids,
+    keeps the event rate per node and the bytes per heartbeat small. Applying an unchanged
+    id moves the stored reading's ``last_update`` to ``sampled_at`` and nothing else; the
+    collector remembers the same, so its view of each device equals the state's.
+    """
+
+    kind: Literal["DeviceGPUStatesUpdated"] = "DeviceGPUStatesUpdated"
+    node_id: NodeId
+    device_states: list[DeviceGPUState] = Field(default_factory=list)
+    """Readings that changed meaningfully (or are a device's first), in full."""
+    unchanged_device_ids: list[DeviceId] = Field(default_factory=list)
+    """Devices whose reading did not change meaningfully since their last emitted reading."""
+    sampled_at: datetime
+    """When the pass sampled; the new ``last_update`` of every unchanged device."""
+
+    @model_validator(mode="after")
+    def _readings_are_this_nodes(self) -> Self:
+        strays = [s.device_id for s in self.device_states if s.node_id != self.node_id]
+        if strays:
+            raise ValueError(f"readings of another node than {self.node_id}: {strays}")
+        return self
 
 
 class GPUBandwidthMeasured(BaseEvent):
@@ -246,6 +278,7 @@ Event = Annotated[
     | NodeTimedOut
     | GPUDeviceInfoReported
     | DeviceGPUStateUpdated
+    | DeviceGPUStatesUpdated
     | GPUBandwidthMeasured
     | InstanceCreated
     | InstanceDeleted

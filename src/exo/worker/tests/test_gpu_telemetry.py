@@ -12,9 +12,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from exo.gpu.backends.simulated import SimulatedBackend
-from exo.shared.types.events import DeviceGPUStateUpdated, Event, GPUDeviceInfoReported
+from exo.shared.apply import apply_event
+from exo.shared.types.events import (
+    DeviceGPUStatesUpdated,
+    DeviceGPUStateUpdated,
+    Event,
+    GPUDeviceInfoReported,
+    NodeInfoReported,
+)
 from exo.shared.types.gpu import DeviceGPUState, GPUBackendName, GPUDeviceInfo
 from exo.shared.types.ids import DeviceId, NodeId
+from exo.shared.types.node import NodeStaticInfo
+from exo.shared.types.state import State
 from exo.worker.gpu_telemetry import (
     UTILIZATION_MEDIAN_WINDOW,
     GPUTelemetryCollector,
@@ -162,7 +171,10 @@ def test_small_changes_within_the_heartbeat_are_never_emitted(
 class ScriptedBackend:
     """A GPUBackend whose readings the test sets; ``failures`` makes the next samples raise."""
 
-    def __init__(self, device_ids: list[str]) -> None:
+    def __init__(
+        self, device_ids: list[str], clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    ) -> None:
+        self.clock = clock
         self.states: dict[DeviceId, DeviceGPUState] = {
             DeviceId(device_id): reading(device_id) for device_id in device_ids
         }
@@ -203,7 +215,7 @@ class ScriptedBackend:
             self.failures[device_id] -= 1
             raise RuntimeError(f"{device_id} fell off the bus")
         return self.states[device_id].model_copy(
-            update={"node_id": node_id, "last_update": datetime.now(UTC)}
+            update={"node_id": node_id, "last_update": self.clock()}
         )
 
     def set(self, device_id: str, **changes: Any) -> None:
@@ -218,13 +230,30 @@ class Recorder:
     async def __call__(self, event: Event) -> None:
         self.events.append(event)
 
-    def states(self, device_id: str | None = None) -> list[DeviceGPUState]:
+    def telemetry(self) -> list[DeviceGPUStateUpdated | DeviceGPUStatesUpdated]:
         return [
-            event.device_state
+            event
             for event in self.events
-            if isinstance(event, DeviceGPUStateUpdated)
-            and (device_id is None or event.device_state.device_id == device_id)
+            if isinstance(event, DeviceGPUStateUpdated | DeviceGPUStatesUpdated)
         ]
+
+    def states(self, device_id: str | None = None) -> list[DeviceGPUState]:
+        """Every full reading emitted (in either kind of event), oldest first."""
+        full: list[DeviceGPUState] = []
+        for event in self.telemetry():
+            if isinstance(event, DeviceGPUStateUpdated):
+                full.append(event.device_state)
+            else:
+                full.extend(event.device_states)
+        return [s for s in full if device_id is None or s.device_id == device_id]
+
+    def heartbeats(self, device_id: str) -> int:
+        """How many times the device went out by id only."""
+        return sum(
+            DeviceId(device_id) in event.unchanged_device_ids
+            for event in self.telemetry()
+            if isinstance(event, DeviceGPUStatesUpdated)
+        )
 
     def infos(self) -> list[GPUDeviceInfo]:
         return [
@@ -334,10 +363,12 @@ async def test_collect_sends_heartbeats() -> None:
     )
     await collector.collect_device_state()
     await collector.collect_device_state()
-    assert len(recorder.states()) == 1
+    assert len(recorder.telemetry()) == 1
     await anyio.sleep(0.06)
     await collector.collect_device_state()
-    assert len(recorder.states()) == 2
+    assert len(recorder.telemetry()) == 2
+    assert len(recorder.states()) == 1  # the heartbeat went out by id only
+    assert recorder.heartbeats("cuda:0") == 1
 
 
 @pytest.mark.anyio
@@ -541,3 +572,190 @@ async def test_end_to_end_with_the_simulated_backend(tmp_path: Path) -> None:
     assert (first.memory_used_bytes, second.memory_used_bytes) == (1 * GIB, 50 * GIB)
     assert second.is_thermal_throttling and second.is_simulated
     assert recorder.infos()[0].is_simulated
+
+
+# --- one event per pass: readings in full, heartbeats by id, aligned ---
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+SIXTEEN = [f"cuda:{index}" for index in range(16)]
+
+
+class Pass:
+    """A collector on a fake clock at the default config (2 s passes, 10 s heartbeat)."""
+
+    def __init__(self, device_ids: list[str]) -> None:
+        self.clock = FakeClock()
+        self.backend = ScriptedBackend(device_ids, self.clock)
+        self.recorder = Recorder()
+        self.collector = GPUTelemetryCollector(
+            NODE, self.backend, self.recorder, CONFIG, clock=self.clock
+        )
+
+    async def at(self, seconds: float) -> list[DeviceGPUStateUpdated | DeviceGPUStatesUpdated]:
+        """Run the pass at T0 + seconds; the telemetry events it emitted."""
+        self.clock.now = T0 + timedelta(seconds=seconds)
+        before = len(self.recorder.telemetry())
+        await self.collector.collect_device_state()
+        return self.recorder.telemetry()[before:]
+
+    def applied(self) -> State:
+        """The cluster state after applying everything the collector emitted."""
+        info = NodeStaticInfo(
+            friendly_name="a", hostname="a", os="Linux", cpu_count=1, ram_total_bytes=1
+        )
+        state = apply_event(
+            State(),
+            NodeInfoReported(node_id=NODE, info=info, ram_available_bytes=1, reported_at=T0),
+        )
+        for event in self.recorder.events:
+            state = apply_event(state, event)
+        return state
+
+
+@pytest.mark.anyio
+async def test_a_pass_over_sixteen_devices_is_one_event() -> None:
+    run = Pass(SIXTEEN)
+    (first,) = await run.at(0)
+    assert isinstance(first, DeviceGPUStatesUpdated)
+    assert [s.device_id for s in first.device_states] == SIXTEEN
+    assert first.unchanged_device_ids == [] and first.node_id == NODE
+    assert first.sampled_at == T0 and first.origin_node_id == NODE
+    assert await run.at(2) == []  # nothing changed, no heartbeat due
+
+    # One device changing alone is the seed's single event.
+    run.backend.set("cuda:7", memory_used_bytes=40 * GIB)
+    (single,) = await run.at(4)
+    assert isinstance(single, DeviceGPUStateUpdated)
+    assert single.device_state.memory_used_bytes == 40 * GIB
+
+
+@pytest.mark.anyio
+async def test_idle_heartbeats_are_one_event_with_ids_only() -> None:
+    run = Pass(SIXTEEN)
+    await run.at(0)
+    heartbeats: list[DeviceGPUStateUpdated | DeviceGPUStatesUpdated] = []
+    for seconds in range(2, 42, 2):
+        heartbeats += await run.at(seconds)
+    assert len(heartbeats) == 4  # at 10, 20, 30 and 40 s: one event per heartbeat
+    for event, seconds in zip(heartbeats, (10, 20, 30, 40), strict=True):
+        assert isinstance(event, DeviceGPUStatesUpdated)
+        assert event.device_states == []
+        assert event.unchanged_device_ids == SIXTEEN
+        assert event.sampled_at == T0 + timedelta(seconds=seconds)
+    # The state holds the first readings, refreshed to the last heartbeat.
+    stored = run.applied().gpu_device_state[NODE]
+    assert set(stored) == set(SIXTEEN)
+    for state in stored.values():
+        assert state.last_update == T0 + timedelta(seconds=40)
+        assert state.memory_used_bytes == 10 * GIB
+    assert run.applied().nodes[NODE].last_seen == T0 + timedelta(seconds=40)
+
+
+@pytest.mark.anyio
+async def test_heartbeats_align_after_one_device_changed_alone() -> None:
+    run = Pass(SIXTEEN)
+    await run.at(0)
+    run.backend.set("cuda:3", memory_used_bytes=30 * GIB)
+    (changed,) = await run.at(4)
+    assert isinstance(changed, DeviceGPUStateUpdated)  # the others' last emission is 4 s old
+    assert await run.at(6) == [] and await run.at(8) == []
+    # At 10 s the 15 others are due; cuda:3 (6 s since its reading, >= heartbeat / 2) goes
+    # along, rather than heartbeating on its own at 14 s.
+    (together,) = await run.at(10)
+    assert isinstance(together, DeviceGPUStatesUpdated)
+    assert together.device_states == [] and together.unchanged_device_ids == SIXTEEN
+    later: list[DeviceGPUStateUpdated | DeviceGPUStatesUpdated] = []
+    for seconds in range(12, 32, 2):
+        later += await run.at(seconds)
+    assert [e.sampled_at for e in later if isinstance(e, DeviceGPUStatesUpdated)] == [
+        T0 + timedelta(seconds=20),
+        T0 + timedelta(seconds=30),
+    ]
+    assert all(
+        isinstance(e, DeviceGPUStatesUpdated) and len(e.unchanged_device_ids) == 16 for e in later
+    )
+
+    # A change at least heartbeat / 2 after the others' last emission takes them along.
+    run.backend.set("cuda:5", memory_used_bytes=30 * GIB)
+    (with_others,) = await run.at(36)
+    assert isinstance(with_others, DeviceGPUStatesUpdated)
+    assert [s.device_id for s in with_others.device_states] == ["cuda:5"]
+    assert with_others.unchanged_device_ids == [d for d in SIXTEEN if d != "cuda:5"]
+    assert await run.at(38) == [] and await run.at(44) == []
+    (next_heartbeat,) = await run.at(46)
+    assert isinstance(next_heartbeat, DeviceGPUStatesUpdated)
+    assert next_heartbeat.unchanged_device_ids == SIXTEEN
+
+
+@pytest.mark.anyio
+async def test_a_heartbeat_does_not_swallow_drift_below_the_threshold() -> None:
+    # Used memory creeps up by 1/8 GiB a pass; 1 % of 80 GiB (0.8 GiB) is news.
+    run = Pass(["cuda:0", "cuda:1"])
+    emitted_at: list[tuple[int, int]] = []
+    for step in range(0, 11):
+        run.backend.set("cuda:0", memory_used_bytes=10 * GIB + step * GIB // 8)
+        for event in await run.at(2 * step):
+            if isinstance(event, DeviceGPUStatesUpdated):
+                full = event.device_states
+                assert DeviceId("cuda:1") in [s.device_id for s in full] or (
+                    DeviceId("cuda:1") in event.unchanged_device_ids
+                )
+            else:
+                full = [event.device_state]
+            emitted_at += [(2 * step, s.memory_used_bytes) for s in full if s.device_id == "cuda:0"]
+        if step == 5:  # the heartbeat at 10 s: the state keeps the emitted 10 GiB
+            assert run.recorder.heartbeats("cuda:0") == 1
+            stored = run.applied().gpu_device_state[NODE][DeviceId("cuda:0")]
+            assert stored.memory_used_bytes == 10 * GIB
+            assert stored.last_update == T0 + timedelta(seconds=10)
+    # Emitted at 0 s, then when the drift since *that* reading passed 0.8 GiB (14 s), not
+    # 0.8 GiB after the values at the heartbeat (24 s).
+    assert emitted_at == [(0, 10 * GIB), (14, 10 * GIB + 7 * GIB // 8)]
+    assert run.applied().gpu_device_state[NODE][DeviceId("cuda:0")].memory_used_bytes == (
+        10 * GIB + 7 * GIB // 8
+    )
+
+
+@pytest.mark.anyio
+async def test_a_refused_pass_is_sent_again_in_full() -> None:
+    clock = FakeClock()
+    backend = ScriptedBackend(["cuda:0", "cuda:1"], clock)
+    delivered: list[Event] = []
+    refuse = [True]
+
+    async def emitter(event: Event) -> None:
+        if refuse[0] and isinstance(event, DeviceGPUStatesUpdated):
+            raise ConnectionError("not now")
+        delivered.append(event)
+
+    collector = GPUTelemetryCollector(NODE, backend, emitter, CONFIG, clock=clock)
+    await collector.collect_device_state()
+    assert not any(isinstance(event, DeviceGPUStatesUpdated) for event in delivered)
+    refuse[0] = False
+    clock.advance(2)
+    await collector.collect_device_state()
+    (event,) = [e for e in delivered if isinstance(e, DeviceGPUStatesUpdated)]
+    assert [s.device_id for s in event.device_states] == ["cuda:0", "cuda:1"]
+
+    # A refused heartbeat is not remembered as sent either: the next pass carries it.
+    refuse[0] = True
+    clock.advance(10)
+    await collector.collect_device_state()
+    refuse[0] = False
+    clock.advance(2)
+    await collector.collect_device_state()
+    heartbeat = delivered[-1]
+    assert isinstance(heartbeat, DeviceGPUStatesUpdated)
+    assert heartbeat.unchanged_device_ids == ["cuda:0", "cuda:1"]
+    assert heartbeat.sampled_at == clock.now
