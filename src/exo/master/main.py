@@ -27,6 +27,7 @@ import contextlib
 from collections.abc import Callable
 
 import anyio
+import anyio.to_thread
 from loguru import logger
 from pydantic import ValidationError
 
@@ -81,7 +82,7 @@ class Master:
 
     def start(self) -> None:
         self._router.subscribe(self._topics.local_events, self._on_local_event)
-        self._router.declare_queryable(self._topics.commands, self._on_command)
+        self._commands = self._router.queries(self._topics.commands)
         self._election.on_master_change(self._on_master_change)
         self._election.on_node_departed(self._on_node_departed)
         self._election.on_announcement(self._on_announcement)
@@ -97,6 +98,7 @@ class Master:
             group.start_soon(self._membership_loop)
             group.start_soon(self._durability_loop)
             group.start_soon(self.rebalancer.run)
+            group.start_soon(self._command_loop)
             while True:
                 await self._role_changed.wait()
                 self._role_changed = anyio.Event()
@@ -239,22 +241,32 @@ class Master:
         with contextlib.suppress(LogWriteError):  # the worker's outbox sends it again
             self.index(message.event)
 
-    def _on_command(self, parameters: str, payload: bytes | None) -> bytes | None:
-        if not self._active:
-            return None
-        result = self.execute(payload or b"")
-        return result.model_dump_json().encode()
+    async def _command_loop(self) -> None:
+        """Commands one at a time (each decided on the state its predecessor left); only
+        the active master answers."""
+        async with self._commands:
+            async for query in self._commands:
+                if not self._active:
+                    query.answer(None)
+                    continue
+                result = await self.execute(query.payload or b"")
+                query.answer(result.model_dump_json().encode() if self._active else None)
 
-    def execute(self, payload: bytes) -> CommandResult:
+    async def execute(self, payload: bytes) -> CommandResult:
         try:
             command = CommandAdapter.validate_json(payload)
         except ValidationError as error:
             return CommandResult(ok=False, status_code=422, error=f"invalid command: {error}")
         if not self.has_quorum():
             return self._quorum_error()
-        outcome = self._handle_command(command, self._store.state)
+        # Decided in a thread: placement may load a model card (importing mlx-lm the first
+        # time, seconds) and must not stall the loop. The state may gain events meanwhile
+        # (telemetry); apply copes with a command's events landing after them.
+        outcome = await anyio.to_thread.run_sync(self._handle_command, command, self._store.state)
         if isinstance(outcome, CommandResult):
             return outcome
+        if not self._active or not self.has_quorum():
+            return self._quorum_error()
         try:
             indices = [self.index(event) for event in outcome]
         except LogWriteError as error:

@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import zenoh
+from anyio.streams.memory import MemoryObjectReceiveStream
 from loguru import logger
 
 from exo.routing.cluster_secret import CLUSTER_USER
@@ -156,6 +157,16 @@ OUTBOX_CAPACITY = 100_000
 """Sends waiting for the transport; one more is refused (the topic's way back applies)."""
 
 
+@dataclass(frozen=True)
+class IncomingQuery:
+    """A query waiting for its answer (see :meth:`Router.queries`)."""
+
+    parameters: str
+    payload: bytes | None
+    answer: Callable[[bytes | None], None]
+    """Send the reply (None: finish the query without one); from the loop, never waits."""
+
+
 _Received = tuple[str, bytes | None, zenoh.Query | None]
 """What an inbox holds: (key or query parameters, payload, the query to answer)."""
 
@@ -268,29 +279,54 @@ class Router:
     def declare_queryable(self, key_expr: str, handler: QueryHandler) -> None:
         """handler(parameters, payload) answers each query on the event loop; the reply goes
         out from the replies outbox's thread."""
+        self._declare_queryable(
+            key_expr, lambda query: query.answer(handler(query.parameters, query.payload))
+        )
 
-        def answer(item: _Received) -> None:
-            query = item[2]
-            assert query is not None
-            reply = handler(item[0], item[1])
-            if reply is None:
-                self._replies_out.put(key_expr, query.drop)
-                return
+    def queries(self, key_expr: str) -> MemoryObjectReceiveStream[IncomingQuery]:
+        """The queries on key_expr, for a task that answers them one by one and may await
+        meanwhile (work in a thread, say); each must be answered (None: no reply)."""
+        send, receive = anyio.create_memory_object_stream[IncomingQuery](math.inf)
 
-            def send() -> None:
-                try:
-                    query.reply(key_expr, reply)
-                finally:
+        def hand_over(query: IncomingQuery) -> None:
+            try:
+                send.send_nowait(query)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                query.answer(None)
+
+        self._declare_queryable(key_expr, hand_over)
+        return receive
+
+    def _declare_queryable(self, key_expr: str, deliver: Callable[[IncomingQuery], None]) -> None:
+        replies = self._replies_out
+
+        def answer_with(query: zenoh.Query) -> Callable[[bytes | None], None]:
+            def answer(reply: bytes | None) -> None:
+                if reply is None:
+                    replies.put(key_expr, query.drop)
+                    return
+
+                def send() -> None:
+                    try:
+                        query.reply(key_expr, reply)
+                    finally:
+                        query.drop()
+
+                if not replies.put(key_expr, send):
                     query.drop()
 
-            if not self._replies_out.put(key_expr, send):
-                query.drop()
+            return answer
+
+        def on_loop(item: _Received) -> None:
+            query = item[2]
+            assert query is not None
+            deliver(IncomingQuery(item[0], item[1], answer_with(query)))
 
         def refused(item: _Received) -> None:
             if item[2] is not None:
                 item[2].drop()
 
-        inbox = self._inbox(f"{key_expr} (queries)", answer, Delivery(QUERY_CAPACITY), refused)
+        inbox = self._inbox(f"{key_expr} (queries)", on_loop, Delivery(QUERY_CAPACITY), refused)
 
         def on_query(query: zenoh.Query) -> None:
             payload = query.payload.to_bytes() if query.payload is not None else None
