@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -51,6 +52,9 @@ class NodeWatch:
     all_devices_at: float | None = None
     last_answer: float = 0.0
     longest_silence_s: float = 0.0
+    path: str = "/gpus"
+    """What the poller reads: ``/gpus`` until every device is seen, then ``/node_id`` (a
+    read that costs the node next to nothing, so the idle CPU is the node's own)."""
 
 
 def poll(watch: NodeWatch, expected: int, stop: threading.Event) -> None:
@@ -59,15 +63,18 @@ def poll(watch: NodeWatch, expected: int, stop: threading.Event) -> None:
         while not stop.is_set():
             started = time.monotonic()
             with contextlib.suppress(httpx.HTTPError, ValueError):
-                response = client.get(watch.node.url + "/gpus")
+                path = watch.path
+                response = client.get(watch.node.url + path)
                 if response.status_code == 200:
                     now = time.monotonic()
                     watch.latencies.append((now, now - started))
                     watch.longest_silence_s = max(watch.longest_silence_s, now - watch.last_answer)
                     watch.last_answer = now
-                    watch.devices_seen = len(response.json())
-                    if watch.devices_seen >= expected and watch.all_devices_at is None:
-                        watch.all_devices_at = now
+                    if path == "/gpus":
+                        watch.devices_seen = len(response.json())
+                        if watch.devices_seen >= expected and watch.all_devices_at is None:
+                            watch.all_devices_at = now
+                            watch.path = "/node_id"
             watch.longest_silence_s = max(
                 watch.longest_silence_s, time.monotonic() - watch.last_answer
             )
@@ -194,6 +201,8 @@ def main() -> int:
                 idle_s = time.monotonic() - idle_start
                 cpu = [process.cpu_percent() for process in processes]
                 index_after = nodes[0].state()["last_event_applied_idx"]
+                page = nodes[0].get(f"/events?since={index_before}&limit=10000")["events"]
+                kinds = Counter(entry["event"]["kind"] for entry in page)
                 grown = [
                     events_dir_bytes(node) - b for node, b in zip(nodes, bytes_before, strict=True)
                 ]
@@ -203,6 +212,10 @@ def main() -> int:
                     f"{max(grown) / idle_s * 3600 / 1e6:.2f} MB/h max "
                     f"({sum(grown) / len(grown) / idle_s * 86400 / 1e6:.1f} MB/day mean), CPU per "
                     f"node {statistics_line(cpu)}"
+                )
+                print(
+                    "idle events by kind (per minute): "
+                    + ", ".join(f"{k} {n / idle_s * 60:.1f}" for k, n in kinds.most_common())
                 )
                 idle = [s for w in watches for when, s in w.latencies if when > burst_end]
                 print(f"API latency at idle: {summary(idle)}")
