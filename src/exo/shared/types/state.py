@@ -10,6 +10,7 @@ from exo.shared.types.ids import DeviceId, InstanceId, NodeId, RunnerId, TaskId
 from exo.shared.types.instances import Instance
 from exo.shared.types.node import NodeInfo
 from exo.shared.types.runners import RunnerState
+from exo.shared.types.sets import SortedFrozenSet
 from exo.shared.types.tasks import Task
 
 
@@ -17,9 +18,9 @@ class State(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     master_node_id: NodeId | None = None
-    members: frozenset[NodeId] = frozenset()
+    members: SortedFrozenSet[NodeId] = frozenset()
     """The nodes every majority is counted over (``MemberJoined`` adds, ``NodeTimedOut``
-    removes); empty until the first master adds itself."""
+    removes); empty until the first master adds itself. Serialised sorted."""
     last_event_applied_idx: int = -1
     nodes: dict[NodeId, NodeInfo] = Field(default_factory=dict)
     gpu_device_info: dict[NodeId, dict[DeviceId, GPUDeviceInfo]] = Field(default_factory=dict)
