@@ -29,10 +29,11 @@ from pydantic_core import PydanticCustomError
 
 from exo.api.context import ApiContext
 from exo.api.errors import error_type_for, openai_error
-from exo.api.validation import MAX_ID_LENGTH, ApiRequest
+from exo.api.validation import MAX_ID_LENGTH, ApiRequest, PathId
 from exo.master.commands import instances_for_model
 from exo.models.cards import get_model_card, known_model_cards
 from exo.shared.apply import FINISHED_TASK_STATUSES
+from exo.shared.echo import echoed
 from exo.shared.runner_sets import instance_health
 from exo.shared.types.commands import CancelTask, CommandResult, CreateChatTask
 from exo.shared.types.events import ChunkGenerated, Event, IndexedEvent
@@ -255,7 +256,7 @@ def error_from_result(result: CommandResult) -> JSONResponse:
 def model_not_found(model_id: str) -> JSONResponse:
     return openai_error(
         404,
-        f"The model '{model_id[:MAX_ID_LENGTH]}' does not exist here (GET /v1/models lists "
+        f"The model '{echoed(model_id)}' does not exist here (GET /v1/models lists "
         "the models this cluster can run)",
         "invalid_request_error",
         code="model_not_found",
@@ -325,7 +326,16 @@ def chat_routes(context: ApiContext) -> APIRouter:
         }
 
     @router.get("/v1/models/{model_id:path}")
-    async def retrieve_model(model_id: str) -> JSONResponse:
+    async def retrieve_model(model_id: PathId) -> JSONResponse:
+        if not model_id:
+            return openai_error(
+                404,
+                "no model id given: the path is /v1/models/{model_id} (GET /v1/models lists "
+                "the models)",
+                "invalid_request_error",
+                code="model_not_found",
+                param="model",
+            )
         card = get_model_card(model_id)
         if card is None or card.source == "planning_only":
             return model_not_found(model_id)

@@ -10,6 +10,11 @@ Every JSON body the API takes is an :class:`ApiRequest`:
   cannot be encoded, stored or sent on);
 * unknown fields are refused, except where an OpenAI-compatible endpoint must ignore them.
 
+Every endpoint refuses a query parameter it does not declare the same way
+(:func:`refuse_unknown_query_parameters`, one check for all routes, derived from each
+route's own parameters), and an id in a path is at most :data:`MAX_ID_LENGTH` characters
+(:data:`PathId`).
+
 Validation errors name the field and the problem but never echo the value, so a large
 body never comes back in the answer. The field names themselves come from the body too
 (an unknown key is its own location), so each part of a location is cut to
@@ -18,8 +23,12 @@ are described: the reason stays under about 2 KB whatever the body.
 """
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
+from fastapi import Path, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, model_validator
 
 MAX_ID_LENGTH = 256
@@ -30,6 +39,10 @@ MAX_MESSAGE_LENGTH = 200
 """Longest error message described (pydantic's own; a custom one may quote a location)."""
 MAX_ERRORS_DESCRIBED = 5
 """Errors described one by one; the rest are counted."""
+
+PathId = Annotated[str, Path(max_length=MAX_ID_LENGTH)]
+"""An id in a request's path (instance, model): longer than :data:`MAX_ID_LENGTH` is a
+validation error that says so (and, like every other, does not echo it)."""
 
 
 def has_lone_surrogate(text: str) -> bool:
@@ -114,3 +127,42 @@ def error_code(errors: Sequence[Any]) -> str:
     if kind == "missing":
         return "missing_required_parameter"
     return "invalid_value"
+
+
+UNCHECKED_QUERY_PATHS = ("/", "/dashboard/")
+"""The dashboard page and its files take no parameters but are left alone: a browser or a
+link may add its own (``?utm_source``), and they hold no data to get wrong."""
+
+
+def _declared_query_names(dependant: Dependant) -> frozenset[str]:
+    names = {field.alias for field in dependant.query_params}
+    for dependency in dependant.dependencies:
+        names |= _declared_query_names(dependency)
+    return frozenset(names)
+
+
+def declared_query_parameters(route: APIRoute) -> frozenset[str]:
+    """The query parameters ``route`` takes (its own and its dependencies')."""
+    return _declared_query_names(route.dependant)
+
+
+async def refuse_unknown_query_parameters(request: Request) -> None:
+    """An app-wide dependency: a query parameter the matched route does not declare is a
+    validation error (``unknown_parameter``, at ``query.<name>``) naming it and the ones the
+    route takes, answered like any other bad input (422 ``{"detail"}``; on ``/v1`` 400 in
+    OpenAI's shape) instead of being silently ignored."""
+    route = request.scope.get("route")
+    path = request.url.path
+    if not isinstance(route, APIRoute) or path == UNCHECKED_QUERY_PATHS[0]:
+        return
+    if path.startswith(UNCHECKED_QUERY_PATHS[1]):
+        return
+    allowed = declared_query_parameters(route)
+    unknown = [name for name in dict.fromkeys(request.query_params.keys()) if name not in allowed]
+    if not unknown:
+        return
+    takes = ", ".join(sorted(allowed)) or "none"
+    message = f"unknown query parameter (this endpoint takes: {takes})"
+    raise RequestValidationError(
+        [{"type": "extra_forbidden", "loc": ("query", name), "msg": message} for name in unknown]
+    )

@@ -5,6 +5,7 @@ from typing import assert_never
 from exo.master.planning import plan_instance
 from exo.master.replacement import manual_replacement
 from exo.models.cards import get_model_card
+from exo.shared.echo import echoed
 from exo.shared.runner_sets import instance_health
 from exo.shared.types.commands import (
     CancelTask,
@@ -41,13 +42,13 @@ def handle_command(command: Command, state: State) -> list[Event] | CommandResul
             instance = state.instances.get(command.instance_id)
             if instance is None:
                 return CommandResult(
-                    ok=False, status_code=404, error=f"no instance {command.instance_id}"
+                    ok=False, status_code=404, error=f"no instance {echoed(command.instance_id)}"
                 )
             return manual_replacement(instance, state)
         case DeleteInstance():
             if command.instance_id not in state.instances:
                 return CommandResult(
-                    ok=False, status_code=404, error=f"no instance {command.instance_id}"
+                    ok=False, status_code=404, error=f"no instance {echoed(command.instance_id)}"
                 )
             return [InstanceDeleted(instance_id=command.instance_id)]
         case CreateChatTask():
@@ -55,7 +56,9 @@ def handle_command(command: Command, state: State) -> list[Event] | CommandResul
         case CancelTask():
             task = state.tasks.get(command.task_id)
             if task is None:
-                return CommandResult(ok=False, status_code=404, error=f"no task {command.task_id}")
+                return CommandResult(
+                    ok=False, status_code=404, error=f"no task {echoed(command.task_id)}"
+                )
             if task.status in ("complete", "failed", "cancelled"):
                 return []
             return [TaskStatusUpdated(task_id=task.task_id, status="cancelled")]
@@ -92,12 +95,13 @@ def instances_for_model(state: State, model: str) -> list[Instance]:
 def create_chat_task(command: CreateChatTask, state: State) -> list[Event] | CommandResult:
     """Assign the task to the least busy ready instance serving the model."""
     candidates = instances_for_model(state, command.params.model)
+    model = echoed(command.params.model)
     if not candidates:
         return CommandResult(
             ok=False,
             status_code=404,
-            error=f"no instance serves model '{command.params.model}'; "
-            f'create one with POST /instance {{"model_id": "{command.params.model}"}}',
+            error=f"no instance serves model '{model}'; "
+            f'create one with POST /instance {{"model_id": "{model}"}}',
         )
     health = {instance.instance_id: instance_health(state, instance) for instance in candidates}
     ready = [instance for instance in candidates if health[instance.instance_id][0] == "ready"]
@@ -106,7 +110,7 @@ def create_chat_task(command: CreateChatTask, state: State) -> list[Event] | Com
         return CommandResult(
             ok=False,
             status_code=503,
-            error=f"the instance for '{command.params.model}' is not ready ({status}): {why}",
+            error=f"the instance for '{model}' is not ready ({status}): {why}",
             detail={"instance_status": status},
         )
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from exo.master.placement import PlacementError, place_instance
 from exo.models.cards import get_model_card, known_model_cards, unavailable_reason
+from exo.shared.echo import echoed
 from exo.shared.types.commands import CommandResult, PlaceInstance
 from exo.shared.types.ids import DeviceId, InstanceId, NodeId
 from exo.shared.types.instances import Instance
@@ -30,14 +31,14 @@ def plan_instance(
         return CommandResult(
             ok=False,
             status_code=503,
-            error=f"'{command.model_id}' cannot be placed from this node now: {reason}",
+            error=f"'{echoed(command.model_id)}' cannot be placed from this node now: {reason}",
         )
     if card is None:
         known = ", ".join(sorted(known_model_cards()))
         return CommandResult(
             ok=False,
             status_code=404,
-            error=f"unknown model '{command.model_id}'; known models: {known}",
+            error=f"unknown model '{echoed(command.model_id)}'; known models: {known}",
             detail={"known_models": sorted(known_model_cards())},
         )
     try:
