@@ -145,7 +145,9 @@ def poll_loop(cluster: Cluster, index: int, outcomes: Outcomes) -> None:
                 except httpx.HTTPError:
                     pass
             silence = time.monotonic() - last
-            outcomes.longest_silence_s[index] = max(outcomes.longest_silence_s.get(index, 0), silence)
+            outcomes.longest_silence_s[index] = max(
+                outcomes.longest_silence_s.get(index, 0), silence
+            )
             cluster.stop.wait(0.5)
 
 
@@ -178,10 +180,14 @@ def main() -> int:
                 node.wait_ready(60.0)
             wait_until(lambda: converged(nodes, args.nodes), 120.0, "the cluster to converge")
             placed = httpx.post(
-                nodes[0].url + "/instance", json={"model_id": CHAT_MODEL, "min_nodes": 2}, timeout=30
+                nodes[0].url + "/instance",
+                json={"model_id": CHAT_MODEL, "min_nodes": 2},
+                timeout=30,
             )
             placed.raise_for_status()
-            print(f"{args.nodes} nodes x {args.devices} devices up; {CHAT_MODEL} placed over 2 nodes")
+            print(
+                f"{args.nodes} nodes x {args.devices} devices up; {CHAT_MODEL} placed over 2 nodes"
+            )
             wait_until(lambda: stream_once(nodes[1]) == "completed", 180.0, "the first chat")
             for target in (write_loop, stream_loop):
                 threads.append(threading.Thread(target=target, args=(cluster, outcomes)))
@@ -225,7 +231,9 @@ def main() -> int:
 
             lost = False
             try:
-                wait_until(all_hold_every_write, 60.0, "every node to hold every acknowledged write")
+                wait_until(
+                    all_hold_every_write, 60.0, "every node to hold every acknowledged write"
+                )
             except AssertionError:
                 lost = True
         finally:
@@ -233,9 +241,13 @@ def main() -> int:
             for node in nodes:
                 node.kill()
     silence = max(outcomes.longest_silence_s.values(), default=0.0)
-    print(f"writes: {len(outcomes.acknowledged)} acknowledged, refused {dict(outcomes.write_refusals)}")
+    print(
+        f"writes: {len(outcomes.acknowledged)} acknowledged, refused {dict(outcomes.write_refusals)}"
+    )
     print(f"acknowledged writes lost: {'SOME (FAILED)' if lost else 'none'}")
-    print(f"streams: {dict(outcomes.streams)}; ended without finish or error frame: {len(outcomes.bad_streams)}")
+    print(
+        f"streams: {dict(outcomes.streams)}; ended without finish or error frame: {len(outcomes.bad_streams)}"
+    )
     for bad in outcomes.bad_streams[:5]:
         print(f"  {bad}")
     print(f"longest a running node went without answering GET /state: {silence:.1f} s")

@@ -5,6 +5,7 @@ Before the router's hand-offs (:mod:`exo.routing.handoff`) this wedged within se
 event loop blocked in a zenoh put while zenoh's threads waited for the loop.
 """
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -122,7 +123,7 @@ def test_sixteen_devices_per_node_and_a_streaming_chat_keep_every_api_answering(
             for poller in pollers:
                 poller.stop()
     assert len(answers) >= 3, f"only {len(answers)} chats in {STREAM_FOR_S:.0f} s"
-    for before, after in zip(index_samples, index_samples[1:], strict=False):
+    for before, after in itertools.pairwise(index_samples):
         assert all(b < a for b, a in zip(before, after, strict=True)), (
             f"an event index stood still across a chat: {before} -> {after}"
         )

@@ -30,6 +30,10 @@ from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, model_validator
+from starlette.exceptions import HTTPException
+
+from exo.api.errors import is_openai_path
+from exo.shared.echo import echoed
 
 MAX_ID_LENGTH = 256
 """Longest model id or other identifier a request may carry."""
@@ -163,6 +167,13 @@ async def refuse_unknown_query_parameters(request: Request) -> None:
         return
     takes = ", ".join(sorted(allowed)) or "none"
     message = f"unknown query parameter (this endpoint takes: {takes})"
+    if not is_openai_path(path):
+        names = ", ".join(echoed(name) for name in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        noun = "parameters" if len(unknown) > 1 else "parameter"
+        raise HTTPException(
+            400, f"unknown query {noun} {names}{more} (this endpoint takes: {takes})"
+        )
     raise RequestValidationError(
         [{"type": "extra_forbidden", "loc": ("query", name), "msg": message} for name in unknown]
     )

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exo.api.app import create_app
 from exo.api.context import ApiContext
 from exo.api.metrics import RequestMetrics
+from exo.loop_watch import LoopWatch
 from exo.master.tests.placement_helpers import gpu_info, gpu_state, node_info
 from exo.shared.event_store import EventStore
 from exo.shared.snapshot import Snapshot
@@ -44,17 +45,40 @@ class FakeElection:
     commit_idx: int = 7
     heads: dict[NodeId, int] = field(default_factory=dict[NodeId, int])
 
+    term: int = 1
+    serving_writes: bool = False
+
+    @property
+    def is_master(self) -> bool:
+        return self.master_node_id == HERE
+
     def announced_head(self, node: NodeId) -> int:
         return self.heads.get(node, -1)
+
+    def master_heard_s_ago(self) -> float | None:
+        return None if self.master_node_id is None else 0.2
+
+
+class FakeRouter:
+    def queue_counts(self) -> dict[str, tuple[int, int]]:
+        return {"test/global_events": (3, 2)}
+
+
+@dataclass
+class FakeCluster:
+    loop_watch: LoopWatch = field(default_factory=LoopWatch)
+    router: FakeRouter = field(default_factory=FakeRouter)
 
 
 @dataclass
 class FakeContext:
-    """What the metrics read of the node: its id, its store and its election."""
+    """What the metrics read of the node: its id, its store, its election, its loop watch
+    and its transport queues."""
 
     store: EventStore
     election: FakeElection
     node_id: NodeId = HERE
+    cluster: FakeCluster = field(default_factory=FakeCluster)
 
 
 def cluster_state() -> State:

@@ -154,21 +154,19 @@ ends when it disconnects, so it is not here.)"""
 def test_an_unknown_query_parameter_is_refused_naming_it(client: TestClient, path: str) -> None:
     separator = "&" if "?" in path else "?"
     response = client.get(f"{path}{separator}sincee=3")
-    assert response.status_code == 422, response.text
+    assert response.status_code == 400, response.text
     detail = response.json()["detail"]
-    assert "query.sincee: unknown query parameter" in detail, detail
+    assert "unknown query parameter sincee" in detail, detail
 
 
 def test_the_refusal_lists_what_the_endpoint_takes(client: TestClient) -> None:
     assert client.get("/events?since=5&limit=1").status_code == 200  # declared: fine
     detail = client.get("/events?since=1&limits=2").json()["detail"]
-    assert detail == (
-        "invalid request: query.limits: unknown query parameter (this endpoint takes: limit, since)"
-    )
+    assert detail == "unknown query parameter limits (this endpoint takes: limit, since)"
     detail = client.get("/node_id?x=1").json()["detail"]
     assert "(this endpoint takes: none)" in detail
     detail = client.get("/instance/placement?model_id=m&min_node=2").json()["detail"]
-    assert "query.min_node" in detail and "min_nodes, model_id, objective" in detail
+    assert "min_node " in detail and "min_nodes, model_id, objective" in detail
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/models/some-model"])
@@ -186,21 +184,21 @@ def test_a_write_with_an_unknown_query_parameter_is_refused_before_it_is_sent(
     client: TestClient, context: FakeContext
 ) -> None:
     response = client.delete("/instance/some-id?force=true")
-    assert response.status_code == 422
-    assert "query.force" in response.json()["detail"]
+    assert response.status_code == 400
+    assert "force" in response.json()["detail"]
     assert context.sent == []
 
 
 def test_only_the_dashboard_page_ignores_query_parameters(client: TestClient) -> None:
     assert client.get("/?utm_source=x").status_code == 200
     assert client.get("/dashboard/dashboard.js?v=2").status_code == 200
-    assert client.get("/gpus?utm_source=x").status_code == 422
+    assert client.get("/gpus?utm_source=x").status_code == 400
 
 
 def test_many_unknown_names_give_a_bounded_answer(client: TestClient) -> None:
     query = "&".join(f"{'q' * 500}{index}=1" for index in range(100))
     response = client.get(f"/gpus?{query}")
-    assert response.status_code == 422
+    assert response.status_code == 400
     assert len(response.content) < 2048
     assert "and 95 more" in response.json()["detail"]
 
