@@ -4,6 +4,7 @@ import time
 import uuid
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
@@ -203,7 +204,9 @@ def create_app(context: ApiContext) -> FastAPI:
         objective: PlacementObjective = "latency",
     ) -> JSONResponse:
         """Dry run: the placement this node would get now; nothing is created."""
-        outcome = plan_instance(
+        # In a thread, as the master decides commands: a first placement may import mlx-lm.
+        outcome = await anyio.to_thread.run_sync(
+            plan_instance,
             PlaceInstance(model_id=model_id, min_nodes=min_nodes, objective=objective),
             context.store.state,
         )
