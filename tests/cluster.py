@@ -232,16 +232,67 @@ def running_cluster(
             node.kill()
 
 
-def converged(nodes: list[ExoNode], expected_nodes: int) -> bool:
+def disagreement(nodes: list[ExoNode], expected_nodes: int) -> str | None:
+    """What keeps these nodes from agreeing (each must know expected_nodes nodes, follow
+    one master and have applied the same last event), or None when they agree."""
     states = [node.state() for node in nodes]
     masters = {state["master_node_id"] for state in states}
     indices = {state["last_event_applied_idx"] for state in states}
-    return (
+    if (
         all(len(state["nodes"]) == expected_nodes for state in states)
         and len(masters) == 1
         and None not in masters
         and len(indices) == 1
+    ):
+        return None
+    return "; ".join(
+        f"{node.url}: {len(state['nodes'])} nodes, master {state['master_node_id']}, "
+        f"last event {state['last_event_applied_idx']}"
+        for node, state in zip(nodes, states, strict=True)
     )
+
+
+def converged(nodes: list[ExoNode], expected_nodes: int) -> bool:
+    return disagreement(nodes, expected_nodes) is None
+
+
+CONVERGE_WITHIN_S = 30.0
+"""A generous deadline for nodes to agree: on a loaded 2-core machine an election and a
+catch-up can take several seconds, a broken one never ends."""
+
+
+def wait_converged(
+    nodes: list[ExoNode], expected_nodes: int, what: str, timeout_s: float = CONVERGE_WITHIN_S
+) -> float:
+    """Wait until the nodes agree (:func:`disagreement`); on timeout the failure says what
+    differed last and quotes each node's warnings and elections."""
+    last: list[str] = ["no node answered"]
+
+    def agreed() -> bool:
+        try:
+            reason = disagreement(nodes, expected_nodes)
+        except httpx.HTTPError as error:
+            last[0] = f"a read failed: {error!r}"
+            raise
+        if reason is not None:
+            last[0] = reason
+        return reason is None
+
+    try:
+        return wait_until(agreed, timeout_s, what)
+    except AssertionError as error:
+        notes = "\n".join(
+            f"--- {node.url} ---\n" + "\n".join(_notable(node.log_text())[-15:]) for node in nodes
+        )
+        raise AssertionError(f"{error}; last seen: {last[0]}\n{notes}") from None
+
+
+def _notable(log: str) -> list[str]:
+    return [
+        line[:300]
+        for line in log.splitlines()
+        if "WARNING" in line or "ERROR" in line or "elected" in line or "master" in line
+    ]
 
 
 def zenoh_peer(

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cluster import ExoNode, converged, running_cluster, wait_until
+from tests.cluster import ExoNode, running_cluster, wait_converged
 
 pytestmark = pytest.mark.cluster
 
@@ -53,7 +53,7 @@ BAD_INPUTS: list[tuple[str, str, str]] = [
 
 def test_every_bad_input_is_a_4xx_with_a_reason(tmp_path: Path) -> None:
     with running_cluster(tmp_path, 1) as (node,):
-        wait_until(lambda: converged([node], 1), 10.0, "the node to elect itself")
+        wait_converged([node], 1, "the node to elect itself")
         before = len(node.all_events())
         for path, body, field in BAD_INPUTS:
             response = post_raw(node, path, body)
@@ -77,7 +77,7 @@ def test_every_bad_input_is_a_4xx_with_a_reason(tmp_path: Path) -> None:
 
 def test_large_bodies_get_413_and_nothing_is_echoed(tmp_path: Path) -> None:
     with running_cluster(tmp_path, 1) as (node,):
-        wait_until(lambda: converged([node], 1), 10.0, "the node to elect itself")
+        wait_converged([node], 1, "the node to elect itself")
         declared = post_raw(node, "/instance", '{"model_id": "' + "a" * (5 << 20) + '"}')
         assert declared.status_code == 413 and len(declared.content) < 200
 

@@ -9,14 +9,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster import ExoNode, converged, free_port, running_cluster, wait_until, zenoh_peer
+from tests.cluster import (
+    ExoNode,
+    free_port,
+    running_cluster,
+    wait_converged,
+    wait_until,
+    zenoh_peer,
+)
 
 pytestmark = pytest.mark.cluster
 
 
 def test_three_nodes_converge(tmp_path: Path) -> None:
     with running_cluster(tmp_path, 3) as nodes:
-        wait_until(lambda: converged(nodes, 3), 5.0, "3 nodes to agree")
+        wait_converged(nodes, 3, "3 nodes to agree")
         states = [node.state() for node in nodes]
         node_ids = {node.node_id() for node in nodes}
         assert set(states[0]["nodes"]) == node_ids
@@ -51,7 +58,7 @@ def test_nodes_find_each_other_without_flags(tmp_path: Path) -> None:
             node.start()
         for node in nodes:
             node.wait_ready()
-        wait_until(lambda: converged(nodes, 2), 10.0, "2 nodes to find each other")
+        wait_converged(nodes, 2, "2 nodes to find each other")
     finally:
         for node in nodes:
             node.kill()
@@ -59,7 +66,7 @@ def test_nodes_find_each_other_without_flags(tmp_path: Path) -> None:
 
 def test_master_killed_with_events_in_flight(tmp_path: Path) -> None:
     with running_cluster(tmp_path, 3) as nodes:
-        wait_until(lambda: converged(nodes, 3), 5.0, "3 nodes to agree")
+        wait_converged(nodes, 3, "3 nodes to agree")
         master_id = nodes[0].state()["master_node_id"]
         master = next(node for node in nodes if node.node_id() == master_id)
         survivors = [node for node in nodes if node is not master]
@@ -119,7 +126,7 @@ def test_master_killed_with_events_in_flight(tmp_path: Path) -> None:
             return set(accepted) <= logged
 
         wait_until(all_probes_logged, 10.0, "every accepted probe to be in the log")
-        wait_until(lambda: converged(survivors, 2), 5.0, "survivors to converge")
+        wait_converged(survivors, 2, "survivors to converge")
         logs = [node.all_events() for node in survivors]
         _identical_prefixes(logs)
         # Nothing reset: what the survivor had before the kill is still there.
@@ -148,7 +155,7 @@ def test_master_killed_with_events_in_flight(tmp_path: Path) -> None:
 
 def test_restart_keeps_id_and_catches_up(tmp_path: Path) -> None:
     with running_cluster(tmp_path, 3) as nodes:
-        wait_until(lambda: converged(nodes, 3), 5.0, "3 nodes to agree")
+        wait_converged(nodes, 3, "3 nodes to agree")
         master_id = nodes[0].state()["master_node_id"]
         follower = next(node for node in nodes if node.node_id() != master_id)
         others = [node for node in nodes if node is not follower]
@@ -157,18 +164,18 @@ def test_restart_keeps_id_and_catches_up(tmp_path: Path) -> None:
         # The cluster moves on while the node is down.
         for _ in range(20):
             httpx.post(others[0].url + "/probe", timeout=2.0)
-        wait_until(lambda: converged(others, 2), 5.0, "the rest to drop the stopped node")
+        wait_converged(others, 2, "the rest to drop the stopped node")
         follower.start()
         follower.wait_ready()
         assert follower.node_id() == old_id
-        wait_until(lambda: converged(nodes, 3), 10.0, "the restarted node to catch up")
+        wait_converged(nodes, 3, "the restarted node to catch up")
         _identical_prefixes([node.all_events() for node in nodes])
         assert "reloaded" in follower.log_text()
 
 
 def test_garbage_and_forged_messages_change_nothing(tmp_path: Path) -> None:
     with running_cluster(tmp_path, 3) as nodes:
-        wait_until(lambda: converged(nodes, 3), 5.0, "3 nodes to agree")
+        wait_converged(nodes, 3, "3 nodes to agree")
         master_id = nodes[0].state()["master_node_id"]
         before_nodes = set(nodes[0].state()["nodes"])
         # A peer holding the cluster secret (strangers are kept out at the transport, see
@@ -225,7 +232,7 @@ def test_garbage_and_forged_messages_change_nothing(tmp_path: Path) -> None:
             assert set(state["nodes"]) == before_nodes
             logged = {entry["event"]["event_id"] for entry in node.all_events()}
             assert forged_event_id not in logged
-        wait_until(lambda: converged(nodes, 3), 5.0, "nodes still agree")
+        wait_converged(nodes, 3, "nodes still agree")
         assert "dropped" in "".join(node.log_text() for node in nodes)
 
 

@@ -24,6 +24,7 @@ from tests.cluster import (
     converged,
     free_port,
     running_cluster,
+    wait_converged,
     wait_until,
     zenoh_peer,
 )
@@ -110,7 +111,7 @@ def test_a_stranger_can_neither_read_nor_change_anything(
     tmp_path: Path, stranger_secret: str | None
 ) -> None:
     with running_cluster(tmp_path / "cluster", 3) as nodes:
-        wait_until(lambda: converged(nodes, 3), 10.0, "3 nodes to agree")
+        wait_converged(nodes, 3, "3 nodes to agree")
         state = nodes[0].state()
         master_id = state["master_node_id"]
         node_ids = set(state["nodes"])
@@ -198,7 +199,7 @@ def test_nodes_with_different_secrets_never_meet(tmp_path: Path) -> None:
     try:
         for node in (a, b):
             node.wait_ready()
-        wait_until(lambda: converged([a], 1) and converged([b], 1), 10.0, "each to elect itself")
+        wait_until(lambda: converged([a], 1) and converged([b], 1), 30.0, "each to elect itself")
         wait_until(
             lambda: "cluster secret" in a.log_text() and "no peer" in a.log_text(),
             20.0,
@@ -327,7 +328,7 @@ def test_nodes_join_over_mutual_tls_and_refuse_a_foreign_certificate(tmp_path: P
     try:
         for node in nodes:
             node.wait_ready()
-        wait_until(lambda: converged(nodes, 2), 15.0, "2 nodes to agree over TLS")
+        wait_converged(nodes, 2, "2 nodes to agree over TLS")
 
         # A peer with the secret and a certificate from the cluster's CA joins (the
         # evidence that a TLS peer reaches the node); one whose certificate another CA

@@ -26,18 +26,23 @@ pytestmark = pytest.mark.cluster
 NODES = 4
 DEVICES = 16
 STREAM_FOR_S = 60.0
-ANSWER_WITHIN_S = 1.0
+ANSWER_WITHIN_S = 5.0
+"""A generous deadline: a wedged node never answers, and a busy 2-core machine can delay a
+healthy one past a second (the latencies themselves are measured by bench/scale.py)."""
+DEVICES_WITHIN_S = 60.0
 MAX_TOKENS = 24
+READ_PATHS = ("/state", "/gpus", "/metrics", "/")
 
 
 @dataclass
 class Poller:
-    """Reads one node's ``GET /state`` five times a second; every read must answer 200
-    within ANSWER_WITHIN_S."""
+    """Reads one node's ``GET /state``, ``/gpus``, ``/metrics`` and dashboard in turn, five
+    reads a second; every read must answer 200 within ANSWER_WITHIN_S."""
 
     node: ExoNode
     reads: int = 0
     failures: list[str] = field(default_factory=list[str])
+    slowest_s: dict[str, float] = field(default_factory=dict[str, float])
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -53,13 +58,16 @@ class Poller:
     def _run(self) -> None:
         with httpx.Client(timeout=ANSWER_WITHIN_S) as client:
             while not self._stop.is_set():
+                path = READ_PATHS[self.reads % len(READ_PATHS)]
                 started = time.monotonic()
                 try:
-                    status = client.get(self.node.url + "/state").status_code
+                    status = client.get(self.node.url + path).status_code
                     if status != 200:
-                        self.failures.append(f"{status} at {started:.1f}")
+                        self.failures.append(f"{path}: {status} at {started:.1f}")
                 except httpx.HTTPError as error:
-                    self.failures.append(f"{type(error).__name__} at {started:.1f}")
+                    self.failures.append(f"{path}: {type(error).__name__} at {started:.1f}")
+                took = time.monotonic() - started
+                self.slowest_s[path] = max(took, self.slowest_s.get(path, 0.0))
                 self.reads += 1
                 self._stop.wait(max(0.0, 0.2 - (time.monotonic() - started)))
 
@@ -95,11 +103,12 @@ def test_sixteen_devices_per_node_and_a_streaming_chat_keep_every_api_answering(
         for poller in pollers:
             poller.start()
         try:
-            remaining = 30.0 - (time.monotonic() - started)
+            remaining = DEVICES_WITHIN_S - (time.monotonic() - started)
             wait_until(
                 lambda: all(len(node.get_list("/gpus")) == NODES * DEVICES for node in nodes),
                 remaining,
-                f"all {NODES * DEVICES} devices in every node's state within 30 s of start",
+                f"all {NODES * DEVICES} devices in every node's state within "
+                f"{DEVICES_WITHIN_S:.0f} s of start",
             )
             instance = place(nodes[0], 2, rebalance="off")
             assert len({shard["node_id"] for shard in instance["shards"]}) >= 2
@@ -127,6 +136,9 @@ def test_sixteen_devices_per_node_and_a_streaming_chat_keep_every_api_answering(
         assert all(b < a for b, a in zip(before, after, strict=True)), (
             f"an event index stood still across a chat: {before} -> {after}"
         )
+    for poller in pollers:
+        slowest = ", ".join(f"{path} {took:.2f} s" for path, took in poller.slowest_s.items())
+        print(f"{poller.node.url}: {poller.reads} reads, slowest {slowest}")
     for poller in pollers:
         assert poller.reads >= STREAM_FOR_S * 2, f"{poller.node.url}: {poller.reads} reads"
         assert not poller.failures, (

@@ -24,7 +24,7 @@ from exo.api.dashboard import EventStreamResponse, dashboard_routes, state_frame
 from exo.shared.event_store import EventStore
 from exo.shared.types.events import IndexedEvent, MasterElected
 from exo.shared.types.ids import NodeId
-from tests.cluster import converged, running_cluster, wait_until
+from tests.cluster import running_cluster, wait_converged, wait_until
 from tests.simulated import device, write_devices
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -244,7 +244,7 @@ def test_the_dashboard_in_a_browser(tmp_path: Path, browser: Any) -> None:
         return found[0]["text"] if found else ""
 
     with running_cluster(tmp_path, 3, args) as nodes:
-        wait_until(lambda: converged(nodes, 3), 15.0, "the cluster to agree")
+        wait_converged(nodes, 3, "the cluster to agree")
         ids = [node.node_id() for node in nodes]
         node = nodes[0]
         driver.get(node.url + "/")

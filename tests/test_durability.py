@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import converged, wait_until
+from tests.cluster import converged, wait_converged, wait_until
 from tests.writes import Writer, writable_cluster
 
 pytestmark = pytest.mark.cluster
@@ -105,7 +105,7 @@ def test_two_nodes_go_on_when_either_is_switched_off(tmp_path: Path) -> None:
             # the newer history instead of erasing it.
             master.start()
             master.wait_ready()
-            wait_until(lambda: converged(nodes, 2), 20.0, "the returning node to catch up")
+            wait_converged(nodes, 2, "the returning node to catch up")
 
             # Now the follower's machine goes off: the master goes on alone.
             master.kill()
@@ -118,7 +118,7 @@ def test_two_nodes_go_on_when_either_is_switched_off(tmp_path: Path) -> None:
             assert follower.state()["master_node_id"] == follower.node_id()
             master.start()
             master.wait_ready()
-            wait_until(lambda: converged(nodes, 2), 20.0, "the follower to catch up again")
+            wait_converged(nodes, 2, "the follower to catch up again")
         finally:
             writer.stop()
         for _, status, text in writer.refused:
@@ -176,7 +176,7 @@ def test_a_frozen_master_is_replaced_at_once_and_resumed_says_it_is_not_serving(
         writer.stop()
         for _, status, text in writer.refused:
             assert status in (0, 503, 504), text
-        wait_until(lambda: converged(nodes, 3), 20.0, "all 3 nodes to hold the same log again")
+        wait_converged(nodes, 3, "all 3 nodes to hold the same log again")
         acknowledged = {iid for _, iid in writer.acknowledged}
         for node in nodes:
             missing = acknowledged - set(node.state()["instances"])

@@ -6,7 +6,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster import converged, running_cluster, wait_until
+from tests.cluster import running_cluster, wait_converged, wait_until
 from tests.simulated import device, write_devices
 
 pytestmark = pytest.mark.cluster
@@ -93,7 +93,7 @@ def test_every_node_sees_every_device_and_live_changes(tmp_path: Path) -> None:
             return all(ids[2] not in node.state()["gpu_device_state"] for node in survivors)
 
         wait_until(devices_gone, 5.0, "the dead node's devices to disappear")
-        wait_until(lambda: converged(survivors, 2), 5.0, "survivors to agree")
+        wait_converged(survivors, 2, "survivors to agree")
         assert all(entry["node_id"] != ids[2] for entry in survivors[0].get_list("/gpus"))
 
 
@@ -102,7 +102,7 @@ def test_a_model_placed_on_a_simulated_gpu_computes_on_the_nodes_cpu(tmp_path: P
     # has, and says so. A node's own execution report lists only real devices.
     gpus = write_devices(tmp_path / "gpus.json", [device("cuda:0", "Sim RTX 4090", 24, 1008)])
     with running_cluster(tmp_path, 1, lambda _: ["--simulate-gpus", str(gpus)]) as (node,):
-        wait_until(lambda: converged([node], 1), 10.0, "the node to elect itself")
+        wait_converged([node], 1, "the node to elect itself")
         wait_until(
             lambda: bool(node.state()["gpu_device_state"]), 10.0, "the simulated GPU to appear"
         )

@@ -14,7 +14,13 @@ import pytest
 from exo.models.locate import model_directory
 from exo.shared.types.generation import GenerationRequest
 from exo.worker.runner.generate import load_local_engine
-from tests.cluster import SHARED_WEIGHTS_CACHE, ExoNode, converged, running_cluster, wait_until
+from tests.cluster import (
+    SHARED_WEIGHTS_CACHE,
+    ExoNode,
+    running_cluster,
+    wait_converged,
+    wait_until,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -94,7 +100,7 @@ def test_three_node_pipeline_matches_single_node(tmp_path: Path) -> None:
     assert "Paris" in reference
 
     with running_cluster(tmp_path / "cluster", 3) as nodes:
-        wait_until(lambda: converged(nodes, 3), 10.0, "3 nodes to agree")
+        wait_converged(nodes, 3, "3 nodes to agree")
         # Not healed when a runner dies below: this test shows the failure as it reaches
         # clients (tests/test_replacement_cluster.py shows healing).
         instance = place(nodes[0], 3, rebalance="off")
@@ -209,7 +215,7 @@ def test_a_model_directory_of_another_family_runs_split_over_two_nodes(
         GenerationRequest(messages=messages, max_tokens=8)
     )
     with running_cluster(tmp_path / "cluster", 2, lambda _: ["--models-dir", str(models)]) as nodes:
-        wait_until(lambda: converged(nodes, 2), 10.0, "2 nodes to agree")
+        wait_converged(nodes, 2, "2 nodes to agree")
         listed = {model["id"]: model for model in nodes[1].get("/v1/models")["data"]}
         assert "Tiny-Qwen3" in listed, nodes[1].log_text()[-2000:]
         assert listed["Tiny-Qwen3"]["family"] == "qwen3"
@@ -240,7 +246,7 @@ def test_a_prompt_travels_to_its_runner_and_stays_out_of_the_log(tmp_path: Path)
     """The request goes to the node without the runner: its prompt reaches the runner
     point to point, and no node's log or state holds it (only its size)."""
     with running_cluster(tmp_path, 2) as nodes:
-        wait_until(lambda: converged(nodes, 2), 10.0, "2 nodes to agree")
+        wait_converged(nodes, 2, "2 nodes to agree")
         instance = place(nodes[0], 1)
         serving = {shard["node_id"] for shard in instance["shards"]}
         requester = next(node for node in nodes if node.node_id() not in serving)

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cluster import ExoNode, converged, running_cluster, wait_until
+from tests.cluster import ExoNode, running_cluster, wait_converged, wait_until
 from tests.simulated import device, write_devices
 
 pytestmark = pytest.mark.cluster
@@ -134,13 +134,13 @@ def test_a_damaged_record_is_refetched_from_the_cluster(tmp_path: Path) -> None:
     with running_cluster(
         tmp_path / "cluster", 3, lambda index: ["--simulate-gpus", str(files[index])]
     ) as nodes:
-        wait_until(lambda: converged(nodes, 3), 20.0, "3 nodes to agree")
+        wait_converged(nodes, 3, "3 nodes to agree")
         master_id = str(nodes[0].state()["master_node_id"])
         master = node_with_id(nodes, master_id)
         follower = next(node for node in nodes if node is not master)
         wait_until(lambda: placeable(master), 15.0, "the GPUs to be in the state")
         instances = {create_instance(master) for _ in range(3)}
-        wait_until(lambda: converged(nodes, 3), 15.0, "the writes to reach every node")
+        wait_converged(nodes, 3, "the writes to reach every node")
 
         stop_cleanly(follower)
         records = log_records(follower)
@@ -171,7 +171,7 @@ def test_a_damaged_record_is_refetched_from_the_cluster(tmp_path: Path) -> None:
         assert f"moved the damaged file to {aside[0]}" in warning, warning
         assert aside[0].read_bytes() == damaged_bytes, "the damaged file was not kept as it was"
 
-        wait_until(lambda: converged(nodes, 3), 30.0, "the repaired node to rejoin")
+        wait_converged(nodes, 3, "the repaired node to rejoin")
 
         def same_log_as_master() -> bool:
             # On disk: every record, term included; through the API: every event's place.

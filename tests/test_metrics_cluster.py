@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster import converged, running_cluster, wait_until
+from tests.cluster import running_cluster, wait_converged, wait_until
 from tests.simulated import device, write_devices
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -43,7 +43,7 @@ def test_metrics_of_a_running_node(tmp_path: Path) -> None:
     )
     args = ["--simulate-gpus", str(gpus), "--log-format", "json"]
     with running_cluster(tmp_path, 1, lambda _: args) as (node,):
-        wait_until(lambda: converged([node], 1), 10.0, "the node to elect itself")
+        wait_converged([node], 1, "the node to elect itself")
         wait_until(lambda: len(node.get_list("/gpus")) == 2, 10.0, "the simulated GPUs")
         listed: list[dict[str, Any]] = node.get_list("/gpus")
         found = scrape(node.url)

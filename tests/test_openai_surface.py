@@ -16,7 +16,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.cluster import ExoNode, converged, running_cluster, wait_until
+from tests.cluster import ExoNode, running_cluster, wait_converged, wait_until
 from tests.test_inference_cluster import QUESTION, ask, ask_streaming, chat_body
 
 pytestmark = pytest.mark.cluster
@@ -30,7 +30,7 @@ HELLO: Any = [{"role": "user", "content": "Say hello."}]
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ExoNode]:
     base: Path = tmp_path_factory.mktemp("openai")
     with running_cluster(base, 1) as (started,):
-        wait_until(lambda: converged([started], 1), 10.0, "the node to elect itself")
+        wait_converged([started], 1, "the node to elect itself")
         placed: list[dict[str, Any]] = []
 
         def place() -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cluster import ExoNode, converged, running_cluster, wait_until
+from tests.cluster import ExoNode, running_cluster, wait_converged, wait_until
 from tests.simulated import device, write_devices
 from tests.test_inference_cluster import QUESTION, ask, ask_streaming, place, runners_ready
 
@@ -94,7 +94,7 @@ class Served:
 
 
 def serve_over_two(nodes: list[ExoNode], ready_timeout_s: float = 90.0) -> Served:
-    wait_until(lambda: converged(nodes, 3), 10.0, "3 nodes to agree")
+    wait_converged(nodes, 3, "3 nodes to agree")
     placed_at = time.monotonic()
     instance = place(nodes[0], 2)
     wait_until(
@@ -240,7 +240,7 @@ def test_a_faster_node_takes_the_model_only_past_the_margin(tmp_path: Path) -> N
     try:
         first.start()
         first.wait_ready()
-        wait_until(lambda: converged([first], 1), 10.0, "the first node to elect itself")
+        wait_converged([first], 1, "the first node to elect itself")
         instance = place(first, 1)
         wait_until(lambda: runners_ready(first, instance), 90.0, "the runner to be ready")
         reference = answer(ask(first, QUESTION))
@@ -254,7 +254,7 @@ def test_a_faster_node_takes_the_model_only_past_the_margin(tmp_path: Path) -> N
             joined.append(node)
             node.start()
             node.wait_ready()
-            wait_until(lambda: converged(joined, len(joined)), 20.0, f"node {index} to join")
+            wait_converged(joined, len(joined), f"node {index} to join")
             return node
 
         # 10 % faster: under the 25 % margin, the instance stays.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.cluster import ExoNode, converged, running_cluster, wait_until
+from tests.cluster import ExoNode, running_cluster, wait_converged
 from tests.simulated import device, write_devices
 
 MODEL = "Llama-3.1-8B-Instruct-4bit"
@@ -73,5 +73,5 @@ def writable_cluster(base: Path, count: int) -> Generator[list[ExoNode]]:
     with running_cluster(
         base / "cluster", count, lambda index: ["--simulate-gpus", str(files[index])]
     ) as nodes:
-        wait_until(lambda: converged(nodes, count), 15.0, f"{count} nodes to agree")
+        wait_converged(nodes, count, f"{count} nodes to agree")
         yield nodes
