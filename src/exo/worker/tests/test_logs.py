@@ -186,7 +186,9 @@ def test_json_log_lines(capsys: pytest.CaptureFixture[str]) -> None:
         logging.getLogger("httpx").info("HTTP Request: GET /")
     finally:
         logger.remove()
-        logger.add(sys.stderr)
+        # Whatever sys.stderr is when a record comes (each later test's capture), not this
+        # test's captured stream, which pytest closes.
+        logger.add(_to_current_stderr)
         root.handlers[:] = root_handlers
         root.setLevel(root_level)
     lines = capsys.readouterr().err.splitlines()
@@ -199,3 +201,7 @@ def test_json_log_lines(capsys: pytest.CaptureFixture[str]) -> None:
     assert first["logger"] == __name__
     assert "T" in first["time"] and first["time"][-6] in "+-"
     assert second["level"] == "ERROR" and "ValueError: bad" in second["exception"]
+
+
+def _to_current_stderr(message: str) -> None:
+    sys.stderr.write(message)
