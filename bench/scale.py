@@ -11,7 +11,7 @@ second:
 - **event propagation**: a probe event (``POST /probe``) on a node, until every node has
   applied it (p50/p99 over ``--probes`` probes);
 - **idle**: events per second and log bytes per hour per node (the events directory), and
-  CPU per node (% of one core), over ``--idle-s`` seconds.
+  CPU per node (% of one core), over ``--idle-s`` seconds (after ``--settle-s``).
 
     uv run python bench/scale.py --nodes 16 --devices 16
     uv run python bench/scale.py --nodes 32 --devices 1
@@ -131,6 +131,13 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--devices", type=int, default=16)
     parser.add_argument("--idle-s", type=float, default=60.0)
+    parser.add_argument(
+        "--settle-s",
+        type=float,
+        default=0.0,
+        help="wait this long before the idle window (a node measures its links to at most "
+        "4 peers a minute, so at 16 nodes the first measurements take about 4 minutes)",
+    )
     parser.add_argument("--probes", type=int, default=20)
     parser.add_argument("--deadline-s", type=float, default=120.0)
     parser.add_argument("--wedge-s", type=float, default=5.0)
@@ -191,6 +198,9 @@ def main() -> int:
             if None not in seen:
                 probes = probe_latencies(nodes, args.probes)
                 print(f"event propagation to all {args.nodes} nodes: {summary(probes)}")
+                if args.settle_s > 0:
+                    print(f"settling for {args.settle_s:.0f} s before the idle window")
+                    time.sleep(args.settle_s)
                 processes = [psutil.Process(node.process.pid) for node in nodes if node.process]
                 for process in processes:
                     process.cpu_percent()

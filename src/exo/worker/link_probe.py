@@ -151,7 +151,12 @@ class LinkProber:
         elapsed = time.perf_counter() - started
         if not replies or replies[0] != str(len(payload)).encode():
             return None
-        transfer_s = max(elapsed - latency_s, 1e-6)
+        transfer_s = elapsed - latency_s
+        if transfer_s <= 0:
+            # The large query came back faster than the median small one: scheduling noise
+            # swamped the transfer, and any bandwidth from it would be made up.
+            logger.debug(f"link probe to {peer}: transfer time lost in noise")
+            return None
         return LinkReading(
             latency_ms=latency_s * 1000 / 2,
             bandwidth_mbps=len(payload) * 8 / transfer_s / 1e6,

@@ -2,8 +2,11 @@
 
 from typing import cast
 
+import anyio
+
 from exo.routing.context import ClusterContext
 from exo.routing.local_events import LocalEventSender
+from exo.routing.topics import Topics
 from exo.shared.types.ids import NodeId
 from exo.worker.link_probe import (
     LinkProbeConfig,
@@ -58,3 +61,32 @@ def test_latency_jitter_below_the_floor_is_not_news() -> None:
     assert link_changed_meaningfully(before, slower, 0.2, latency_floor_ms=1.0)
     assert link_changed_meaningfully(before, narrower, 0.2, latency_floor_ms=1.0)
     assert link_changed_meaningfully(None, before, 0.2, latency_floor_ms=1.0)
+
+
+class TimedRouter:
+    """Answers a ping like a peer would, after a delay that depends on the payload's size."""
+
+    def __init__(self, small_s: float, large_s: float) -> None:
+        self.small_s = small_s
+        self.large_s = large_s
+
+    async def query(self, selector: str, payload: bytes, timeout_s: float) -> list[bytes]:
+        await anyio.sleep(self.large_s if len(payload) > 1 else self.small_s)
+        return [str(len(payload)).encode()]
+
+
+def timed_prober(router: TimedRouter) -> LinkProber:
+    context = Context({NodeId("me"), NodeId("peer")})
+    context.router = router  # pyright: ignore[reportAttributeAccessIssue]
+    context.topics = Topics("exo")  # pyright: ignore[reportAttributeAccessIssue]
+    return LinkProber(cast(ClusterContext, context), cast(LocalEventSender, None))
+
+
+def test_a_transfer_faster_than_a_round_trip_is_no_measurement() -> None:
+    async def measure(router: TimedRouter) -> LinkReading | None:
+        return await timed_prober(router).measure(NodeId("peer"))
+
+    honest = anyio.run(measure, TimedRouter(small_s=0.001, large_s=0.2))
+    assert honest is not None
+    assert 0 < honest.bandwidth_mbps < 45  # 1 MiB in at least 0.2 s less a round trip
+    assert anyio.run(measure, TimedRouter(small_s=0.02, large_s=0.0)) is None
