@@ -262,6 +262,9 @@ class Election:
         )
         self._router.watch_liveliness(self._topics.alive_all, self._on_liveliness)
         self._router.subscribe(self._topics.election_all, self._on_announcement, NEWEST_PER_KEY)
+        self._router.subscribe(
+            self._topics.acknowledgements_to(self.node_id), self._on_announcement, NEWEST_PER_KEY
+        )
         self._router.declare_queryable(self._topics.vote(self.node_id), self._on_vote_request)
 
     async def run(self) -> None:
@@ -280,6 +283,21 @@ class Election:
 
     def announce(self) -> None:
         """Publish this node's heartbeat now (also its acknowledgement to the master)."""
+        self._router.publish_newest(self._topics.election(self.node_id), self._announcement())
+
+    def acknowledge(self) -> None:
+        """Tell the master at once how far this node's log matches its own and is stored:
+        the announcement goes to the master alone (a burst of events would otherwise make
+        every follower announce to every node for every fsync)."""
+        master = self._master
+        if master is None or master == self.node_id:
+            self.announce()
+            return
+        self._router.publish_newest(
+            self._topics.acknowledgement(master, self.node_id), self._announcement()
+        )
+
+    def _announcement(self) -> bytes:
         last_term, last_idx = log_position(self._store)
         announcement = ElectionAnnouncement(
             node_id=self.node_id,
@@ -291,9 +309,7 @@ class Election:
             match_idx=self.match_idx if self._master is not None else -1,
             commit_idx=self._commit_idx,
         )
-        self._router.publish_newest(
-            self._topics.election(self.node_id), announcement.model_dump_json().encode()
-        )
+        return announcement.model_dump_json().encode()
 
     async def _stand_loop(self) -> None:
         while True:
@@ -430,6 +446,18 @@ class Election:
         node = announcement.node_id
         if node == self.node_id:
             return
+        previous = self._heard.get(node)
+        if (
+            previous is not None
+            and previous.started_at_us == announcement.started_at_us
+            and previous.term == announcement.term
+            and previous.master_node_id == announcement.master_node_id
+            and previous.match_idx > announcement.match_idx
+        ):
+            # An acknowledgement and a periodic announcement travel on different keys and
+            # may arrive swapped; a running node's match index only grows under one master
+            # in one term.
+            announcement = announcement.model_copy(update={"match_idx": previous.match_idx})
         self._heard[node] = announcement
         self._heard_at[node] = time.monotonic()
         claims_master = announcement.master_node_id == node

@@ -140,7 +140,7 @@ class EventSync:
         durable = self._store.make_durable()
         if self._election.match_idx != durable:
             self._election.match_idx = durable
-            self._election.announce()
+            self._election.acknowledge()
 
     def _buffer_event(self, indexed: IndexedEvent) -> None:
         if len(self._buffer) < MAX_BUFFERED_EVENTS:

@@ -33,6 +33,14 @@ class Topics:
     def election_all(self) -> str:
         return f"{self.namespace}/election/*"
 
+    def acknowledgement(self, master: NodeId, node_id: NodeId) -> str:
+        """A follower's announcement right after it stored events, for its master alone
+        (the others hear the same match index in its next periodic announcement)."""
+        return f"{self.namespace}/ack/{master}/{node_id}"
+
+    def acknowledgements_to(self, master: NodeId) -> str:
+        return f"{self.namespace}/ack/{master}/*"
+
     def vote(self, node_id: NodeId) -> str:
         """Queryable on every node: a candidate asks it for its vote in a term."""
         return f"{self.namespace}/vote/{node_id}"

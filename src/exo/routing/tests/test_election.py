@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from exo.routing.election import Election
-from exo.routing.messages import VoteRequest
+from exo.routing.messages import ElectionAnnouncement, VoteRequest
 from exo.routing.quorum import is_majority
 from exo.routing.router import Router, RouterConfig
 from exo.routing.term_store import TermStore, TermStoreError
@@ -103,3 +103,57 @@ def test_a_damaged_term_file_is_a_start_up_error(tmp_path: Path) -> None:
     (tmp_path / "term.json").write_text('{"term": "many"}')
     with pytest.raises(TermStoreError, match=r"term\.json"):
         TermStore(tmp_path).load()
+
+
+def recorded_publishes(node: Election, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The key expressions the node publishes its announcements on (zenoh is never opened)."""
+    keys: list[str] = []
+    router = node._router  # pyright: ignore[reportPrivateUsage]
+
+    def publish_newest(key: str, payload: bytes) -> None:
+        keys.append(key)
+
+    monkeypatch.setattr(router, "publish_newest", publish_newest)
+    return keys
+
+
+def test_an_acknowledgement_goes_to_the_master_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = election(tmp_path, A, [])
+    keys = recorded_publishes(node, monkeypatch)
+    node.acknowledge()  # no master yet: a plain announcement, for everyone
+    assert node.observe_term(2, B)
+    node.acknowledge()
+    node.announce()
+    assert keys == ["test/election/a", "test/ack/b/a", "test/election/a"]
+
+
+def announcement(started_at_us: int, match_idx: int, master: NodeId = A) -> bytes:
+    return (
+        ElectionAnnouncement(
+            node_id=B,
+            started_at_us=started_at_us,
+            term=0,
+            master_node_id=master,
+            last_event_idx=match_idx,
+            match_idx=match_idx,
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+def test_a_late_periodic_announcement_does_not_take_back_an_acknowledgement(
+    tmp_path: Path,
+) -> None:
+    master = election(tmp_path, A, [])
+    hear = master._on_announcement  # pyright: ignore[reportPrivateUsage]
+    hear("test/ack/a/b", announcement(7, 5))
+    hear("test/election/b", announcement(7, 3))  # sent before the acknowledgement
+    assert master.acknowledged() == {B: 5}
+    hear("test/election/b", announcement(8, 3))  # B restarted: what it says now is all
+    assert master.acknowledged() == {B: 3}
+    hear("test/election/b", announcement(8, 9, master=C))  # B follows another master
+    hear("test/election/b", announcement(8, 2))
+    assert master.acknowledged() == {B: 2}
