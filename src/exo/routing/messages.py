@@ -32,10 +32,10 @@ class GlobalEventMessage(BaseModel):
 
 
 class ElectionAnnouncement(BaseModel):
-    """Every node's heartbeat, every 0.5 s and after it stores events: its term, the master
-    it follows, where its log ends, and (as an acknowledgement to the master) up to which
-    index its log matches that master's. The master's own announcement carries its commit
-    index."""
+    """Every node's heartbeat, every 0.5 s (and, to its master alone, after it stores
+    events): its term, the master it follows, where its log ends, and (as an
+    acknowledgement to the master) up to which index its log matches that master's. The
+    master's own announcement carries its commit index."""
 
     model_config = ConfigDict(frozen=True)
 
