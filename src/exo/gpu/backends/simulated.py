@@ -162,7 +162,7 @@ class SimulatedBackend:
         return None
 
     async def list_devices(self, node_id: NodeId) -> list[GPUDeviceInfo]:
-        await anyio.to_thread.run_sync(self._refresh)
+        await self._refresh()
         return [
             GPUDeviceInfo(
                 device_id=device.device_id,
@@ -183,7 +183,7 @@ class SimulatedBackend:
         ]
 
     async def sample(self, node_id: NodeId, device_id: DeviceId) -> DeviceGPUState:
-        await anyio.to_thread.run_sync(self._refresh)
+        await self._refresh()
         device = self._devices.get(device_id)
         if device is None:
             raise GPUDeviceNotFoundError(
@@ -205,14 +205,17 @@ class SimulatedBackend:
             is_simulated=True,
         )
 
-    def _refresh(self) -> None:
-        """Re-read the file if it changed; on failure log once and keep the last good one."""
+    async def _refresh(self) -> None:
+        """Re-read the file if it changed; on failure log once and keep the last good one.
+        The signature is a ``stat`` of a local file, microseconds, so it is taken on the
+        loop instead of one thread hop per device sample; reading and parsing a changed
+        file happens in a thread."""
         signature = _signature(self._path)
         if signature == self._seen_signature:
             return
         self._seen_signature = signature
         try:
-            parsed = load_simulated_file(self._path)
+            parsed = await anyio.to_thread.run_sync(load_simulated_file, self._path)
         except GPUBackendError as error:
             logger.warning(f"{error}; keeping the last good simulated GPU readings")
             return
