@@ -3,15 +3,16 @@
 Every ``interval_s`` (default 60 s), and never while a runner of this node is loading or
 running a model, the worker sends up to ``peers_per_round`` live peers (those not measured
 yet first, then the longest ago) a few small queries (round-trip latency, median) and one
-large one (throughput), and emits ``GPUBandwidthMeasured`` when a value moved meaningfully
-since the last report (or none was made). So a node's probing costs the same at 16 nodes as
-at 4 (a link is measured every ``interval_s x ceil(peers / peers_per_round)``), rather than
-growing with the cluster: at 16 nodes, every node measuring all 15 peers every minute was
+large one (throughput), and emits ``GPUBandwidthMeasured`` when the link's value (the
+median of its last 3 measurements) moved meaningfully since the last report (or none was
+made). So a node's probing costs the same at 16 nodes as at 4 (a link is measured every
+``interval_s x ceil(peers / peers_per_round)``), rather than growing with the cluster: at 16 nodes, every node measuring all 15 peers every minute was
 240 MB of probe payload a minute.
 """
 
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import anyio
@@ -39,6 +40,9 @@ class LinkProbeConfig:
     """Latency must also move by this much to count: sub-millisecond loopback or LAN round
     trips jitter by more than ``change_fraction`` on a busy machine."""
     timeout_s: float = 2.0
+    history: int = 3
+    """A link's value is the median of its last this-many measurements: one probe on a busy
+    machine can be off by several times, and each such outlier was an event in the log."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class LinkProber:
         self._node_id = context.node_id
         self._config = config or LinkProbeConfig()
         self._reported: dict[NodeId, LinkReading] = {}
+        self._recent: dict[NodeId, deque[LinkReading]] = {}
         self._measured_at: dict[NodeId, float] = {}
 
     def start(self) -> None:
@@ -112,9 +117,10 @@ class LinkProber:
     async def measure_all(self) -> None:
         for peer in self.next_peers():
             self._measured_at[peer] = time.monotonic()
-            reading = await self.measure(peer)
-            if reading is None:
+            measured = await self.measure(peer)
+            if measured is None:
                 continue
+            reading = self.smoothed(peer, measured)
             if link_changed_meaningfully(
                 self._reported.get(peer),
                 reading,
@@ -133,6 +139,15 @@ class LinkProber:
                         measurement_count=self._config.latency_samples + 1,
                     )
                 )
+
+    def smoothed(self, peer: NodeId, measured: LinkReading) -> LinkReading:
+        """The link's value after this measurement: the median of its recent ones."""
+        recent = self._recent.setdefault(peer, deque(maxlen=self._config.history))
+        recent.append(measured)
+        return LinkReading(
+            latency_ms=statistics.median(reading.latency_ms for reading in recent),
+            bandwidth_mbps=statistics.median(reading.bandwidth_mbps for reading in recent),
+        )
 
     async def measure(self, peer: NodeId) -> LinkReading | None:
         selector = self._topics.ping(peer)

@@ -90,3 +90,26 @@ def test_a_transfer_faster_than_a_round_trip_is_no_measurement() -> None:
     assert honest is not None
     assert 0 < honest.bandwidth_mbps < 45  # 1 MiB in at least 0.2 s less a round trip
     assert anyio.run(measure, TimedRouter(small_s=0.02, large_s=0.0)) is None
+
+
+def test_one_outlying_measurement_is_no_news_and_a_lasting_change_is() -> None:
+    probe = prober(peers=1, per_round=1)
+    peer = NodeId("peer00")
+    config = LinkProbeConfig()
+
+    def news(previous: LinkReading | None, bandwidth_mbps: float) -> LinkReading | None:
+        value = probe.smoothed(peer, LinkReading(latency_ms=0.3, bandwidth_mbps=bandwidth_mbps))
+        changed = link_changed_meaningfully(
+            previous, value, config.change_fraction, config.latency_change_floor_ms
+        )
+        return value if changed else None
+
+    reported = news(None, 1000)
+    assert reported is not None and reported.bandwidth_mbps == 1000
+    assert news(reported, 1000) is None
+    assert news(reported, 150) is None  # one busy moment: the median of 1000, 1000, 150
+    assert news(reported, 1000) is None
+    assert news(reported, 1000) is None
+    assert news(reported, 100) is None
+    moved = news(reported, 100)  # the link really is slower now: 1000, 100, 100
+    assert moved is not None and moved.bandwidth_mbps == 100
