@@ -11,12 +11,13 @@ Checks, and prints:
   2 nodes, healed when a kill takes a shard) through a random node other than the master;
   each stream must finish (``finish_reason``) or end with an error frame, never just stop.
 
-    uv run python bench/soak.py [--minutes 10] [--nodes 8] [--devices 8] [--kills 2]
+    uv run python bench/soak.py [--minutes 10] [--nodes 8] [--devices 8] [--kills 2] [--keep DIR]
 
 Exits 1 when any check fails.
 """
 
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -157,9 +158,16 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--kills", type=int, default=2)
+    parser.add_argument(
+        "--keep", type=Path, help="put the nodes' homes and logs here and keep them afterwards"
+    )
     args = parser.parse_args()
     outcomes = Outcomes()
-    with tempfile.TemporaryDirectory() as directory:
+    with (
+        contextlib.nullcontext(str(args.keep))
+        if args.keep is not None
+        else tempfile.TemporaryDirectory()
+    ) as directory:
         base = Path(directory)
         nodes: list[ExoNode] = []
         for index in range(args.nodes):
