@@ -6,8 +6,9 @@ yet first, then the longest ago) a few small queries (round-trip latency, median
 large one (throughput), and emits ``GPUBandwidthMeasured`` when the link's value (the
 median of its last 3 measurements) moved meaningfully since the last report (or none was
 made). So a node's probing costs the same at 16 nodes as at 4 (a link is measured every
-``interval_s x ceil(peers / peers_per_round)``), rather than growing with the cluster: at 16 nodes, every node measuring all 15 peers every minute was
-240 MB of probe payload a minute.
+``interval_s x ceil(peers / peers_per_round)``), rather than growing with the cluster: at
+16 nodes, every node measuring all 15 peers every minute was 240 MB of probe payload a
+minute.
 """
 
 import statistics
