@@ -169,6 +169,7 @@ def main() -> int:
         else tempfile.TemporaryDirectory()
     ) as directory:
         base = Path(directory)
+        base.mkdir(parents=True, exist_ok=True)  # a --keep directory may not exist yet
         nodes: list[ExoNode] = []
         for index in range(args.nodes):
             gpus = write_devices(
