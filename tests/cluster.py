@@ -227,6 +227,14 @@ def running_cluster(
         for node in nodes:
             node.wait_ready()
         yield nodes
+    except BaseException:
+        # Shown with the failure (pytest prints a failed test's output): what each node
+        # warned about and how its elections went.
+        for node in nodes:
+            print(
+                f"--- {node.url} ({node.log_path}) ---", *_notable(node.log_text())[-25:], sep="\n"
+            )
+        raise
     finally:
         for node in nodes:
             node.kill()

@@ -327,7 +327,20 @@ def test_the_dashboard_in_a_browser(tmp_path: Path, browser: Any) -> None:
         # Place it: the instance's layer map shows which layers sit on which device.
         find("#place-submit")[0].click()
         card = f'.instance[data-model="{MODEL}"]'
-        wait_until(lambda: len(shown(f"{card} .layer-map .segment")) == 3, 15.0, "the layer map")
+        try:
+            wait_until(
+                lambda: len(shown(f"{card} .layer-map .segment")) == 3, 30.0, "the layer map"
+            )
+        except AssertionError as error:
+            held = {
+                key: [(s["node_id"], s["device_id"]) for s in value["shards"]]
+                for key, value in node.state()["instances"].items()
+            }
+            raise AssertionError(
+                f"{error}: the form says {text_of('#place-result')[:300]!r}; the page shows "
+                f"{[s['data-device'] for s in shown('.instance .layer-map .segment')]}; "
+                f"the state has {held}; browser log {driver.get_log('browser')}"
+            ) from error
         (instance,) = node.state()["instances"].values()
         placed = {
             (shard["node_id"], shard["device_id"], f"{shard['start_layer']}-{shard['end_layer']}")
