@@ -22,6 +22,7 @@ when not every node saw every device within ``--deadline-s``.
 
 import argparse
 import contextlib
+import re
 import sys
 import tempfile
 import threading
@@ -235,6 +236,8 @@ def main() -> int:
                 thread.join(10)
             for node in nodes:
                 node.kill()
+        stands, highest = elections(nodes)
+        print(f"elections: {stands} candidacies, highest term {highest}")
         silences = [w.longest_silence_s for w in watches]
         print(f"longest a node went without answering: {max(silences):.1f} s")
         wedged = max(silences) > args.wedge_s
@@ -246,6 +249,16 @@ def main() -> int:
                         f"--- {watch.node.home.name} log tail ---\n{watch.node.log_text()[-1500:]}"
                     )
         return 1 if wedged or None in seen else 0
+
+
+STANDING = re.compile(r"standing for master in term (\d+)")
+
+
+def elections(nodes: list[ExoNode]) -> tuple[int, int]:
+    """(how many times a node stood for master, the highest term any stood in), from the
+    nodes' logs."""
+    terms = [int(m.group(1)) for node in nodes for m in STANDING.finditer(node.log_text())]
+    return len(terms), max(terms, default=0)
 
 
 def statistics_line(values: list[float]) -> str:

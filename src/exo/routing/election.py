@@ -11,12 +11,14 @@
   candidate whose log is at least as up to date as its own (last term, then last index),
   and never while it still hears from a live master. A majority of the members
   (:mod:`~exo.routing.quorum`) makes the candidate master of that term; a split vote is
-  retried after a random pause.
+  retried after a random pause that doubles with each failed round in a row (bounded).
 - **Who stands.** To avoid split votes, a node stands only when, among the live nodes it
   has heard from, none has a more up-to-date log or (equal logs) an earlier start; after a
-  few seconds without a master it stands anyway. A node that cannot see a majority of the
-  members alive does not stand at all (it could not win), so a cut-off node does not
-  inflate its term.
+  few seconds without a master (a random number of them, so that not all at once) it
+  stands anyway. A node that has just granted its vote to another candidate does not stand
+  for a while: the election it voted in gets the time to finish. A node that cannot see a
+  majority of the members alive does not stand at all (it could not win), so a cut-off node
+  does not inflate its term.
 - **A disk that refuses the term file** (full, failing): the node neither votes nor stands
   until it can write it again (a vote must be on disk before it is given); it still
   follows a newer term and notes commits, in memory until the file can be written.
@@ -58,7 +60,10 @@ from exo.shared.types.ids import NodeId
 ANNOUNCE_INTERVAL_S = 0.5
 TICK_S = 0.1
 STAND_ANYWAY_AFTER_S = 3.0
-"""Without a master for this long, a node stands even if another looks better placed."""
+"""Without a master for this long (plus a random part of :data:`STAND_ANYWAY_JITTER_S`), a
+node stands even if another looks better placed."""
+STAND_ANYWAY_JITTER_S = 2.0
+"""Spreads the nodes that stand anyway, so that one asks for votes before the others do."""
 MASTER_SILENCE_S = 1.5
 """A master not heard from for this long is gone: a voter no longer counts it as present,
 and a follower stops following it (three announcement intervals)."""
@@ -66,6 +71,16 @@ STALL_GRACE_S = 1.0
 """After this node's loop stalled, announcements count towards its write quorum only from
 this long after it ran again (the ones that waited in buffers meanwhile are stale)."""
 VOTE_TIMEOUT_S = 1.0
+AFTER_VOTE_QUIET_S = (VOTE_TIMEOUT_S, 2 * VOTE_TIMEOUT_S)
+"""After granting its vote to another candidate, a node does not stand itself for a random
+time in this range: the candidate it voted for gets the time to collect the others'
+(Raft's reset of the election timer on a granted vote). Standing at once would move every
+voter to the next term and undo the election it just took part in."""
+RETRY_PAUSE_S = (0.2, 0.8)
+"""After a round without a majority, a candidate pauses a random time in this range..."""
+RETRY_PAUSE_GROWTH_LIMIT = 8
+"""...times 2 for each further failed round in a row, up to this factor (a machine too busy
+to finish a round in one pause gets longer ones rather than ever more terms)."""
 TERM_WRITE_RETRY_S = 1.0
 """A node that could not store the term it would stand in tries again after this long."""
 
@@ -86,9 +101,12 @@ class Election:
         store: EventStore,
         terms: TermStore,
         loop_watch: LoopWatch | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``terms`` is loaded already (its errors are start-up errors); ``loop_watch``
-        tells of this node's own stalls (None: the loop is assumed never to stall)."""
+        tells of this node's own stalls (None: the loop is assumed never to stall);
+        ``clock``: seconds, monotonic."""
+        self._clock = clock
         self._router = router
         self._topics = topics
         self.node_id = node_id
@@ -101,7 +119,12 @@ class Election:
         self._master: NodeId | None = None
         self._heard: dict[NodeId, ElectionAnnouncement] = {}
         self._heard_at: dict[NodeId, float] = {}
-        self._masterless_since = time.monotonic()
+        self._masterless_since = clock()
+        self._stand_anyway_after_s = _stand_anyway_after_s()
+        self._quiet_until = 0.0
+        """This node does not stand before this (monotonic) time: it granted its vote."""
+        self._failed_rounds = 0
+        """Rounds in a row this node stood in and found no majority."""
         self._loop_watch = loop_watch
         self._counted_from = 0.0
         """Announcements heard before this (monotonic) time do not count for the write
@@ -186,7 +209,7 @@ class Election:
         within the last ``within_s`` seconds (and since this node last stalled)."""
         if self._loop_watch is not None:
             self._loop_watch.check()
-        now = time.monotonic()
+        now = self._clock()
         return {
             node
             for node, announcement in self._heard.items()
@@ -215,10 +238,10 @@ class Election:
         if master == self.node_id:
             return 0.0
         heard_at = self._heard_at.get(master)
-        return None if heard_at is None else time.monotonic() - heard_at
+        return None if heard_at is None else self._clock() - heard_at
 
     def _on_stall(self, stalled_s: float) -> None:
-        now = time.monotonic()
+        now = self._clock()
         self._counted_from = now + STALL_GRACE_S
         # Silence while this node did not run is its own: give the master a fresh start.
         if self._master is not None and self._master != self.node_id:
@@ -327,7 +350,7 @@ class Election:
         silent_s = self.master_heard_s_ago()
         if silent_s is None:
             # Followed from a global event before its first announcement came: start now.
-            self._heard_at[master] = time.monotonic()
+            self._heard_at[master] = self._clock()
         elif silent_s > MASTER_SILENCE_S:
             logger.warning(
                 f"master {master} has not been heard for {silent_s:.1f} s; "
@@ -340,10 +363,12 @@ class Election:
             return False
         if not self.is_majority([*self._live, self.node_id]):
             return False
-        if time.monotonic() - self._masterless_since >= STAND_ANYWAY_AFTER_S:
+        now = self._clock()
+        if now < self._quiet_until:
+            return False
+        if now - self._masterless_since >= self._stand_anyway_after_s:
             return True
         ours = self._standing_key(self.node_id, log_position(self._store), self.started_at_us)
-        now = time.monotonic()
         for node, announcement in self._heard.items():
             if node == self.node_id or self._live.get(node) != announcement.started_at_us:
                 continue
@@ -407,11 +432,14 @@ class Election:
             self._set_master(self.node_id)
             self.announce()
         else:
+            self._failed_rounds += 1
+            pause_s = retry_pause_s(self._failed_rounds)
             logger.info(
                 f"no majority in term {term} ({len(granted)} of {len(self.members)} members"
-                f"{'; ' + '; '.join(refusals) if refusals else ''}); trying again"
+                f"{'; ' + '; '.join(refusals) if refusals else ''}); trying again in "
+                f"{pause_s:.1f} s"
             )
-            await anyio.sleep(random.uniform(0.2, 0.8))
+            await anyio.sleep(pause_s)
         return True
 
     # ---- what arrives -----------------------------------------------------------------
@@ -459,7 +487,7 @@ class Election:
             # in one term.
             announcement = announcement.model_copy(update={"match_idx": previous.match_idx})
         self._heard[node] = announcement
-        self._heard_at[node] = time.monotonic()
+        self._heard_at[node] = self._clock()
         claims_master = announcement.master_node_id == node
         if not self.observe_term(announcement.term, node if claims_master else None):
             return
@@ -495,6 +523,8 @@ class Election:
             return reply(False, "its log is behind this node's")
         if not self._terms.save(self._terms.record.model_copy(update={"voted_for": candidate})):
             return reply(False, f"this node cannot store its vote ({self._terms.write_error})")
+        if candidate != self.node_id:
+            self._quiet_until = self._clock() + random.uniform(*AFTER_VOTE_QUIET_S)
         return reply(True)
 
     def _master_present(self, master: NodeId) -> bool:
@@ -529,10 +559,23 @@ class Election:
         old, self._master = self._master, master
         self.match_idx = -1
         if master is None:
-            self._masterless_since = time.monotonic()
+            self._masterless_since = self._clock()
+            self._stand_anyway_after_s = _stand_anyway_after_s()
+        else:
+            self._failed_rounds = 0
         logger.info(f"master is now {master} (was {old}, term {self.term})")
         for listener in self._listeners:
             listener(old, master)
+
+
+def _stand_anyway_after_s() -> float:
+    return STAND_ANYWAY_AFTER_S + random.uniform(0.0, STAND_ANYWAY_JITTER_S)
+
+
+def retry_pause_s(failed_rounds: int) -> float:
+    """The pause after the ``failed_rounds``-th round in a row without a majority."""
+    growth = min(2 ** max(failed_rounds - 1, 0), RETRY_PAUSE_GROWTH_LIMIT)
+    return random.uniform(*RETRY_PAUSE_S) * growth
 
 
 def now_us() -> int:

@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from exo.routing.election import Election
+from exo.routing.election import (
+    AFTER_VOTE_QUIET_S,
+    RETRY_PAUSE_GROWTH_LIMIT,
+    RETRY_PAUSE_S,
+    STAND_ANYWAY_AFTER_S,
+    STAND_ANYWAY_JITTER_S,
+    Election,
+    retry_pause_s,
+)
 from exo.routing.messages import ElectionAnnouncement, VoteRequest
 from exo.routing.quorum import is_majority
 from exo.routing.router import Router, RouterConfig
@@ -157,3 +165,66 @@ def test_a_late_periodic_announcement_does_not_take_back_an_acknowledgement(
     hear("test/election/b", announcement(8, 9, master=C))  # B follows another master
     hear("test/election/b", announcement(8, 2))
     assert master.acknowledged() == {B: 2}
+
+
+class Clock:
+    """Seconds that pass only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def clocked(tmp_path: Path, node: NodeId, clock: Clock) -> Election:
+    terms = TermStore(tmp_path)
+    terms.load()
+    router = Router(RouterConfig([], [], discovery=False))
+    return Election(router, Topics("test"), node, 1, 0.0, EventStore(None), terms, clock=clock)
+
+
+def test_a_node_that_granted_its_vote_lets_that_election_finish(tmp_path: Path) -> None:
+    clock = Clock()
+    voter = clocked(tmp_path, A, clock)
+    should_stand = voter._should_stand  # pyright: ignore[reportPrivateUsage]
+    clock.now += STAND_ANYWAY_AFTER_S + STAND_ANYWAY_JITTER_S  # masterless long enough
+    assert should_stand()
+    assert voter._vote(ask(B, 1, -1, 0)).granted  # pyright: ignore[reportPrivateUsage]
+    assert not should_stand(), "it would move everyone to the next term mid-election"
+    clock.now += AFTER_VOTE_QUIET_S[0] - 0.01
+    assert not should_stand()
+    clock.now += AFTER_VOTE_QUIET_S[1] - AFTER_VOTE_QUIET_S[0] + 0.02
+    assert should_stand(), "B's election had its time; without a master A stands"
+
+
+def test_a_node_waits_for_the_better_placed_one_only_so_long(tmp_path: Path) -> None:
+    """A (started first, equal logs) is the one to stand while it is heard; when it never
+    does, the others stand anyway, each at its own random moment of a window."""
+    clock = Clock()
+    nodes = [clocked(tmp_path / str(n), NodeId(f"n{n}"), clock) for n in range(10)]
+    heard = ElectionAnnouncement(node_id=A, started_at_us=0, master_node_id=None, last_event_idx=-1)
+
+    def standing() -> int:
+        count = 0
+        for node in nodes:
+            node._on_liveliness("test/alive/a/0", True)  # pyright: ignore[reportPrivateUsage]
+            node._on_announcement("test/election/a", heard.model_dump_json().encode())  # pyright: ignore[reportPrivateUsage]
+            count += node._should_stand()  # pyright: ignore[reportPrivateUsage]
+        return count
+
+    assert standing() == 0
+    clock.now += STAND_ANYWAY_AFTER_S - 0.01
+    assert standing() == 0
+    clock.now += STAND_ANYWAY_JITTER_S / 4
+    assert standing() < len(nodes), "not all at once (1 in a million that all drew early)"
+    clock.now += STAND_ANYWAY_JITTER_S
+    assert standing() == len(nodes)
+
+
+def test_the_pause_after_a_failed_round_doubles_up_to_a_limit() -> None:
+    low, high = RETRY_PAUSE_S
+    for rounds, factor in [(1, 1), (2, 2), (3, 4), (4, 8), (9, RETRY_PAUSE_GROWTH_LIMIT)]:
+        pauses = [retry_pause_s(rounds) for _ in range(200)]
+        assert low * factor <= min(pauses) and max(pauses) <= high * factor, rounds
+        assert max(pauses) - min(pauses) > (high - low) * factor / 2, "the pause is random"
