@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import re
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -38,6 +37,7 @@ import httpx
 import psutil
 
 from bench.timing import percentile
+from bench.workdir import KEEP_HELP, work_directory
 from tests.cluster import ExoNode, wait_until
 from tests.simulated import device, write_devices
 
@@ -142,10 +142,10 @@ def main() -> int:
     parser.add_argument("--probes", type=int, default=20)
     parser.add_argument("--deadline-s", type=float, default=120.0)
     parser.add_argument("--wedge-s", type=float, default=5.0)
+    parser.add_argument("--keep", type=Path, help=KEEP_HELP)
     args = parser.parse_args()
     expected = args.nodes * args.devices
-    with tempfile.TemporaryDirectory() as directory:
-        base = Path(directory)
+    with work_directory(args.keep) as base:
         nodes: list[ExoNode] = []
         for index in range(args.nodes):
             gpus = write_devices(
@@ -190,6 +190,14 @@ def main() -> int:
                 print(
                     f"FAILED: after {args.deadline_s:.0f} s nodes see {counts} of {expected} devices"
                 )
+                for watch in watches:
+                    with contextlib.suppress(httpx.HTTPError):
+                        state = watch.node.state()
+                        print(
+                            f"  {watch.node.home.name}: {watch.devices_seen} devices, "
+                            f"{len(state['nodes'])} nodes, master {state['master_node_id']}, "
+                            f"last event {state['last_event_applied_idx']}"
+                        )
             else:
                 print(
                     f"every node sees all {expected} devices {max(s for s in seen if s) - last_api:.1f} s "

@@ -17,11 +17,9 @@ Exits 1 when any check fails.
 """
 
 import argparse
-import contextlib
 import json
 import random
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -32,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 
+from bench.workdir import KEEP_HELP, work_directory
 from tests.cluster import ExoNode, converged, wait_until
 from tests.simulated import device, write_devices
 
@@ -158,18 +157,10 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--kills", type=int, default=2)
-    parser.add_argument(
-        "--keep", type=Path, help="put the nodes' homes and logs here and keep them afterwards"
-    )
+    parser.add_argument("--keep", type=Path, help=KEEP_HELP)
     args = parser.parse_args()
     outcomes = Outcomes()
-    with (
-        contextlib.nullcontext(str(args.keep))
-        if args.keep is not None
-        else tempfile.TemporaryDirectory()
-    ) as directory:
-        base = Path(directory)
-        base.mkdir(parents=True, exist_ok=True)  # a --keep directory may not exist yet
+    with work_directory(args.keep) as base:
         nodes: list[ExoNode] = []
         for index in range(args.nodes):
             gpus = write_devices(
