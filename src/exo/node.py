@@ -344,4 +344,4 @@ async def _require_repair(store: EventStore, damage: LogDamagedError) -> None:
 async def _sync_disk_periodically(store: EventStore) -> None:
     while True:
         await anyio.sleep(FSYNC_INTERVAL_S)
-        store.sync()
+        await store.make_durable_in_thread()

@@ -150,7 +150,7 @@ class Master:
             with anyio.move_on_after(DURABILITY_RETRY_S):
                 await self._durable_due.wait()
             self._durable_due = anyio.Event()
-            self._store.make_durable()
+            await self._store.make_durable_in_thread()
             self._advance_commit()
 
     def _advance_commit(self) -> None:

@@ -132,15 +132,22 @@ class EventSync:
         before it runs, then announces the match index."""
         self._acknowledge_due.set()
 
-    def acknowledge_now(self) -> None:
+    async def acknowledge_now(self) -> None:
         """Tell the master how far this log now matches its own (if it is aligned) and is
-        on stable storage: fsync first (one fsync for all events not yet synced)."""
-        if self._verified_master is None or self._verified_master != self._election.master_node_id:
+        on stable storage: fsync first (one fsync for all events not yet synced, on a
+        worker thread)."""
+        if not self._aligned():
             return
-        durable = self._store.make_durable()
+        durable = await self._store.make_durable_in_thread()
+        if not self._aligned():
+            return  # the master changed during the fsync: its match index starts afresh
         if self._election.match_idx != durable:
             self._election.match_idx = durable
             self._election.acknowledge()
+
+    def _aligned(self) -> bool:
+        verified = self._verified_master
+        return verified is not None and verified == self._election.master_node_id
 
     def _buffer_event(self, indexed: IndexedEvent) -> None:
         if len(self._buffer) < MAX_BUFFERED_EVENTS:
@@ -285,7 +292,7 @@ class EventSync:
             with anyio.move_on_after(ACKNOWLEDGE_RETRY_S):
                 await self._acknowledge_due.wait()
             self._acknowledge_due = anyio.Event()
-            self.acknowledge_now()
+            await self.acknowledge_now()
 
     async def _follow_loop(self) -> None:
         while True:

@@ -36,6 +36,12 @@ counts as not stored, and ``LogWriteError`` is raised. When an fsync fails, the 
 written since the last good one stay in the file and the next ``sync`` writes them again
 before it fsyncs, because the kernel may have dropped them while reporting the error only
 once.
+
+``sync`` blocks its caller for the fsync. An owner that must not block (a node's event
+loop) splits it: ``begin_sync`` (on the owner's thread: what an fsync now covers, on a
+duplicate of the descriptor), ``PendingSync.fsync`` (any thread), ``finish_sync`` (the
+owner's thread again). Appends may go on meanwhile; a cut, compaction or reopen meanwhile
+makes the result count for nothing (the next sync covers what is left).
 """
 
 import errno
@@ -211,6 +217,31 @@ def _fsync_directory(directory: Path) -> None:
         logger.warning(f"cannot fsync the directory {directory}: {error}")
 
 
+@dataclass(frozen=True)
+class PendingSync:
+    """An fsync begun by :meth:`DiskEventLog.begin_sync`: run :meth:`fsync` (on any thread),
+    then hand the outcome to :meth:`DiskEventLog.finish_sync`."""
+
+    descriptor: int
+    """A duplicate of the log's descriptor, closed by :meth:`fsync`."""
+    end: int
+    """The file's length of whole records when it began."""
+    last_idx: int
+    """The last record it covers."""
+    layout: int
+    """The log's layout count when it began (a cut, compaction or reopen changes it)."""
+
+    def fsync(self) -> OSError | None:
+        """fsync and close the duplicate; the error, if any."""
+        try:
+            os.fsync(self.descriptor)
+        except OSError as error:
+            return error
+        finally:
+            os.close(self.descriptor)
+        return None
+
+
 class DiskEventLog:
     """Append-only, checksummed, index-checked file of IndexedEvents. Not thread-safe; one
     owner."""
@@ -236,6 +267,8 @@ class DiskEventLog:
         """The file may hold bytes past _end (a failed write that could not be cut off)."""
         self._durable_idx = -1
         """The last record a good fsync covered (base - 1: none)."""
+        self._layout = 0
+        """Counts cuts, compactions and reopens: a sync begun before one covers nothing."""
 
     @property
     def path(self) -> Path:
@@ -315,6 +348,7 @@ class DiskEventLog:
         # fsync): the first sync covers it before it counts as durable.
         self._dirty = bool(offsets)
         self._durable_idx = base - 1
+        self._layout += 1
         return scan.events
 
     def _warn_cut(self, scan: _Scan) -> None:
@@ -424,6 +458,7 @@ class DiskEventLog:
         except OSError as error:
             raise LogWriteError(self._path, error) from error
         del self._offsets[keep:]
+        self._layout += 1
         self._end = cut_at
         self._durable_idx = min(self._durable_idx, last_kept_idx)
         self._tail_dirty = False
@@ -441,21 +476,42 @@ class DiskEventLog:
     def sync(self) -> None:
         """fsync pending appends; called periodically and on close. Raises LogWriteError
         when the fsync fails; the records stay, and the next sync writes them again."""
+        pending = self.begin_sync()
+        if pending is not None:
+            self.finish_sync(pending, pending.fsync())
+
+    def begin_sync(self) -> PendingSync | None:
+        """Write again what a failed fsync may have lost, cut a partly written tail, and
+        return the fsync that makes every record written so far durable (None: nothing to
+        sync). Raises LogWriteError when those writes fail."""
         descriptor = self._descriptor
         if descriptor is None or not (self._dirty or self._sync_failed or self._tail_dirty):
-            return
+            return None
         try:
             self._cut_dirty_tail(descriptor)
             if self._sync_failed and self._unsynced:
                 self._write_at(descriptor, self._synced_end, bytes(self._unsynced))
-            os.fsync(descriptor)
+            duplicate = os.dup(descriptor)
         except OSError as error:
             self._sync_failed = True
             raise LogWriteError(self._path, error) from error
-        self._dirty = self._sync_failed = False
-        self._synced_end = self._end
-        self._unsynced.clear()
-        self._durable_idx = self._base + len(self._offsets) - 1
+        return PendingSync(duplicate, self._end, self._base + len(self._offsets) - 1, self._layout)
+
+    def finish_sync(self, pending: PendingSync, error: OSError | None) -> None:
+        """Count what ``pending`` covered as durable; raises LogWriteError when its fsync
+        failed (the records stay, and the next sync writes them again)."""
+        if pending.layout != self._layout:
+            return  # cut, compacted or reopened meanwhile: the next sync covers what is left
+        if error is not None:
+            self._sync_failed = True
+            raise LogWriteError(self._path, error) from error
+        covered = pending.end - self._synced_end
+        if covered > 0:  # (else a later sync finished first, or nothing was written since open)
+            del self._unsynced[:covered]
+            self._synced_end = pending.end
+        self._dirty = self._end > pending.end
+        self._sync_failed = False
+        self._durable_idx = max(self._durable_idx, pending.last_idx)
 
     def compact(self, first_kept_idx: int) -> None:
         """Drop the records before first_kept_idx (a snapshot holds their effect now): the
@@ -491,6 +547,7 @@ class DiskEventLog:
         self._unsynced.clear()
         self._dirty = self._sync_failed = self._tail_dirty = False
         self._durable_idx = base + len(offsets) - 1  # _replace_file fsynced it
+        self._layout += 1
 
     def _file_range(self, start: int, end: int) -> Iterator[bytes]:
         with self._path.open("rb") as handle:
@@ -512,6 +569,7 @@ class DiskEventLog:
             self.sync()
         finally:
             self._descriptor = None
+            self._layout += 1
             try:
                 os.close(descriptor)
             except OSError as error:

@@ -13,8 +13,11 @@ from there; ``base`` is the first index still held as an event.
 Appends are not fsynced one by one: the disk log is fsynced on a timer and by
 :meth:`EventStore.make_durable`, which a node calls before it counts or acknowledges events
 as stored (Raft's stable storage); :attr:`EventStore.durable_idx` is how far that holds.
+A node's event loop uses :meth:`EventStore.make_durable_in_thread`, which waits for the
+fsync on a worker thread.
 
-Single-threaded by design: it is only touched from the event loop thread.
+Single-threaded by design: it is only touched from the event loop thread (the worker
+thread of an fsync only fsyncs a duplicate of the log's descriptor).
 """
 
 import time
@@ -55,6 +58,7 @@ class EventStore:
         self._subscribers: list[MemoryObjectSendStream[IndexedEvent]] = []
         self._write_error: str | None = None
         self._write_error_source: Literal["write", "sync"] = "write"
+        self._fsync_in_thread = anyio.Lock()
 
     def load(self, *, salvage: bool = False) -> None:
         """Open the disk log and rebuild state from it. Raises LogDamagedError when a record
@@ -290,6 +294,23 @@ class EventStore:
         fsync failed (logged once and kept in write_error, as for :meth:`sync`). Call it
         before counting or acknowledging events as stored."""
         self.sync()
+        return self.durable_idx
+
+    async def make_durable_in_thread(self) -> int:
+        """:meth:`make_durable` with the fsync on a worker thread: the event loop goes on
+        meanwhile (appends too; they count from the next sync). One at a time."""
+        disk = self._disk
+        if disk is None:
+            return self.durable_idx
+        async with self._fsync_in_thread:
+            try:
+                pending = disk.begin_sync()
+                if pending is not None:
+                    disk.finish_sync(pending, await anyio.to_thread.run_sync(pending.fsync))
+            except LogWriteError as error:
+                self._write_failed(error, "sync")
+                return self.durable_idx
+            self._write_succeeded("sync")
         return self.durable_idx
 
     def sync(self) -> None:

@@ -407,3 +407,54 @@ def test_store_keeps_only_recent_chunk_bodies_in_memory(monkeypatch: pytest.Monk
     kinds = [event.event.kind for event in store.events_between(0, 5)]
     assert kinds == ["EventElided"] * 3 + ["ChunkGenerated"] * 3
     assert store.contains_event(store.events_between(0, 0)[0].event.event_id)
+
+
+def test_appends_go_on_while_an_fsync_runs_and_count_from_the_next_one(tmp_path: Path) -> None:
+    log = DiskEventLog(tmp_path)
+    log.open()
+    for index in range(3):
+        log.append(probe(index))
+    pending = log.begin_sync()
+    assert pending is not None and pending.last_idx == 2
+    log.append(probe(3))  # while the fsync runs elsewhere
+    log.finish_sync(pending, pending.fsync())
+    assert log.durable_idx == 2, "the append after the fsync began is not covered by it"
+    log.sync()
+    assert log.durable_idx == 3
+    assert log.begin_sync() is None, "nothing left to sync"
+    log.close()
+    assert [event.idx for event in DiskEventLog(tmp_path).open()] == [0, 1, 2, 3]
+
+
+def test_an_fsync_begun_before_a_cut_or_a_reset_counts_for_nothing(tmp_path: Path) -> None:
+    log = DiskEventLog(tmp_path)
+    log.open()
+    for index in range(4):
+        log.append(probe(index))
+    before_cut = log.begin_sync()
+    assert before_cut is not None
+    log.truncate_after(1)  # divergence repair while the fsync ran
+    log.finish_sync(before_cut, before_cut.fsync())
+    assert log.durable_idx == 1, "records 2 and 3 are gone; they cannot be durable"
+    log.append(probe(2))
+    before_reset = log.begin_sync()
+    assert before_reset is not None
+    log.reset(10)  # a snapshot from the master replaced the log meanwhile
+    log.finish_sync(before_reset, before_reset.fsync())
+    assert log.durable_idx == 9
+    log.close()
+
+
+def test_a_failed_fsync_on_another_thread_is_written_again(tmp_path: Path) -> None:
+    log = DiskEventLog(tmp_path)
+    log.open()
+    log.append(probe(0))
+    pending = log.begin_sync()
+    assert pending is not None
+    pending.fsync()  # closes its duplicate; the outcome handed over is a failure
+    with pytest.raises(LogWriteError, match="Input/output error"):
+        log.finish_sync(pending, OSError(errno.EIO, os.strerror(errno.EIO)))
+    assert log.sync_failed and log.durable_idx == -1
+    log.sync()
+    assert not log.sync_failed and log.durable_idx == 0
+    log.close()

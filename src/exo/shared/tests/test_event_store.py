@@ -1,6 +1,7 @@
 import errno
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -260,3 +261,39 @@ def test_make_durable_fsyncs_once_for_all_and_reports_how_far_the_disk_holds(
     calls.clear()
     assert again.make_durable() == 3 and len(calls) == 1
     again.close()
+
+
+def test_the_loop_goes_on_while_an_fsync_waits_on_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fsync = os.fsync
+    entered, release = threading.Event(), threading.Event()
+    threads: list[str] = []
+
+    def slow_fsync(descriptor: int) -> None:
+        threads.append(threading.current_thread().name)
+        entered.set()
+        assert release.wait(10)
+        real_fsync(descriptor)
+
+    store = started_store(tmp_path)
+    store.append(probe(1))
+
+    async def scenario() -> None:
+        monkeypatch.setattr(os, "fsync", slow_fsync)
+        durable: list[int] = []
+        async with anyio.create_task_group() as group:
+
+            async def make_durable() -> None:
+                durable.append(await store.make_durable_in_thread())
+
+            group.start_soon(make_durable)
+            await anyio.to_thread.run_sync(entered.wait, 10)
+            store.append(probe(2))  # the loop runs meanwhile
+            release.set()
+        assert durable == [1]
+        assert await store.make_durable_in_thread() == 2
+
+    anyio.run(scenario)
+    assert threads and threading.main_thread().name not in threads
+    store.close()
