@@ -8,8 +8,7 @@ membership in step with who is alive.
 
 - **Commit.** An event is committed once a majority of the members (counted by
   :mod:`exo.routing.quorum`) has stored it: the master counts the match index every
-  follower acknowledges in its announcements. As in Raft, only an event of the master's
-  own term is committed by counting; everything before it is committed with it.
+  follower acknowledges in its announcements (the rule: :mod:`exo.master.commit`).
 - **Writes need a quorum.** A command is refused with 503 "no quorum", changing nothing,
   unless a majority of the members answered this master within the last
   :data:`~exo.routing.quorum.QUORUM_LEASE_S` seconds, and not since before its own loop
@@ -31,6 +30,7 @@ import anyio.to_thread
 from loguru import logger
 from pydantic import ValidationError
 
+from exo.master.commit import next_commit_idx
 from exo.master.replacement import Rebalancer, ReplacementConfig
 from exo.routing.context import ClusterContext
 from exo.routing.messages import ElectionAnnouncement, GlobalEventMessage, LocalEventMessage
@@ -161,16 +161,22 @@ class Master:
         election = self._election
         acknowledged = election.acknowledged()
         acknowledged[self._node_id] = self._store.durable_idx
-        for idx in range(self._store.last_idx, election.commit_idx, -1):
+
+        def term_at(idx: int) -> int | None:
             held = self._store.event_at(idx)
-            if held is None or held.term != self._term:
-                break  # earlier terms' events commit only with one of this term
-            stored = [node for node, match in acknowledged.items() if match >= idx]
-            if election.is_majority(stored):
-                if idx > election.commit_idx:
-                    election.note_commit(idx)
-                    election.announce()
-                break
+            return None if held is None else held.term
+
+        committed = next_commit_idx(
+            acknowledged,
+            self._store.last_idx,
+            election.commit_idx,
+            self._term,
+            term_at,
+            election.is_majority,
+        )
+        if committed is not None:
+            election.note_commit(committed)
+            election.announce()
 
     def has_quorum(self) -> bool:
         return self._election.serving_writes
