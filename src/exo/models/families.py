@@ -13,8 +13,10 @@ Families are keyed by the mlx-lm module that implements them (``mistral`` is imp
 ``llama``), so :func:`family_for` takes that module's name.
 """
 
+import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # MLX is imported where a stage runs, not where cards are read
@@ -89,7 +91,12 @@ def mlx_lm_module(config: Mapping[str, Any]) -> str:
     """The mlx-lm module that builds the model config.json describes (``llama`` for
     ``mistral``: mlx-lm's own remapping); raises :class:`UnsupportedFamilyError`.
 
-    Imports mlx-lm (and through it transformers: a few seconds, once per process)."""
+    A family of :data:`FAMILIES` is its own module: that needs only to find the module's
+    file. Any other imports mlx-lm (and through it transformers: a few seconds of CPU,
+    once per process) to ask mlx-lm's own rule."""
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type in FAMILIES and _has_module_file(model_type):
+        return model_type
     from mlx_lm.utils import _get_classes  # pyright: ignore[reportPrivateUsage]
 
     try:
@@ -99,3 +106,11 @@ def mlx_lm_module(config: Mapping[str, Any]) -> str:
             f"mlx-lm has no model for model_type {config.get('model_type')!r}"
         ) from error
     return str(model_class.__module__).rsplit(".", 1)[-1]
+
+
+def _has_module_file(module_name: str) -> bool:
+    """Whether ``mlx_lm/models/<module_name>.py`` exists (found without importing mlx-lm)."""
+    spec = importlib.util.find_spec("mlx_lm")
+    if spec is None or spec.origin is None:
+        return False
+    return (Path(spec.origin).parent / "models" / f"{module_name}.py").is_file()

@@ -3,6 +3,8 @@
 import itertools
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from exo.master.placement import place_instance
 from exo.master.tests.placement_helpers import node_info
 from exo.models.config import ModelConfig, ModelConfigError
 from exo.models.directory import ModelDirectoryError, card_from_directory, scan_models_dir
-from exo.models.families import UnsupportedFamilyError
+from exo.models.families import FAMILIES, UnsupportedFamilyError, mlx_lm_module
 from exo.models.safetensors import tensor_index
 from exo.models.tests.tiny_models import FAMILY_CONFIGS
 from exo.shared.types.commands import PlaceInstance
@@ -158,3 +160,33 @@ def test_errors_are_value_errors_naming_the_file(
         card_from_directory(_with_config(good, tmp_path / "x", model_type="nope"))
     assert issubclass(ModelDirectoryError, ValueError)
     assert issubclass(UnsupportedFamilyError, ValueError)
+
+
+@pytest.mark.parametrize("module_name", sorted(FAMILIES))
+def test_a_known_family_is_the_module_mlx_lm_itself_picks(module_name: str) -> None:
+    """The short way (no mlx-lm import) gives what mlx-lm's own rule gives."""
+    from mlx_lm.utils import _get_classes  # pyright: ignore[reportPrivateUsage]
+
+    model_class, _ = _get_classes({"model_type": module_name})
+    assert mlx_lm_module({"model_type": module_name}) == model_class.__module__.rsplit(".", 1)[-1]
+    assert mlx_lm_module({"model_type": "mistral"}) == "llama"  # the long way: mlx-lm's remap
+
+
+def test_reading_a_known_familys_card_does_not_import_mlx_lm(
+    tiny_models: dict[tuple[str, bool], Path],
+) -> None:
+    """A node reads the bundled model's card at start: importing mlx-lm (and transformers)
+    there would cost seconds of CPU on every start."""
+    directory = tiny_models[("llama", False)]
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from exo.models.directory import card_from_directory\n"
+        f"card = card_from_directory(Path({str(directory)!r}))\n"
+        "print(card.family, sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('mlx_lm', 'transformers')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.split(None, 1) == ["llama", "[]\n"], result.stdout + result.stderr
