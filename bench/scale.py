@@ -10,8 +10,10 @@ second:
   the longest any node went without an answer;
 - **event propagation**: a probe event (``POST /probe``) on a node, until every node has
   applied it (p50/p99 over ``--probes`` probes);
-- **idle**: events per second and log bytes per hour per node (the events directory), and
-  CPU per node (% of one core), over ``--idle-s`` seconds (after ``--settle-s``).
+- **idle**: events per second, log bytes per hour per node (the events directory) and CPU
+  per node (% of one core) over ``--idle-s`` seconds (after ``--settle-s``) with the
+  pollers paused (nothing asks the nodes anything); then API latency and CPU over another
+  ``--idle-s`` seconds with the pollers reading again.
 
     uv run python bench/scale.py --nodes 16 --devices 16
     uv run python bench/scale.py --nodes 32 --devices 1
@@ -58,11 +60,16 @@ class NodeWatch:
     read that costs the node next to nothing, so the idle CPU is the node's own)."""
 
 
-def poll(watch: NodeWatch, expected: int, stop: threading.Event) -> None:
+def poll(watch: NodeWatch, expected: int, stop: threading.Event, quiet: threading.Event) -> None:
+    """Read the node four times a second until ``stop``; nothing while ``quiet``."""
     with httpx.Client(timeout=5.0) as client:
         watch.last_answer = time.monotonic()
         while not stop.is_set():
             started = time.monotonic()
+            if quiet.is_set():
+                watch.last_answer = started
+                stop.wait(0.25)
+                continue
             with contextlib.suppress(httpx.HTTPError, ValueError):
                 path = watch.path
                 response = client.get(watch.node.url + path)
@@ -161,7 +168,7 @@ def main() -> int:
             )
         for node in nodes:
             node.peers = [other.endpoint for other in nodes]
-        stop = threading.Event()
+        stop, quiet = threading.Event(), threading.Event()
         watches = [NodeWatch(node) for node in nodes]
         pollers: list[threading.Thread] = []
         try:
@@ -176,7 +183,9 @@ def main() -> int:
                 f"{last_api - started:.1f} s"
             )
             for watch in watches:
-                thread = threading.Thread(target=poll, args=(watch, expected, stop), daemon=True)
+                thread = threading.Thread(
+                    target=poll, args=(watch, expected, stop, quiet), daemon=True
+                )
                 thread.start()
                 pollers.append(thread)
             deadline = last_api + args.deadline_s
@@ -211,6 +220,7 @@ def main() -> int:
                     print(f"settling for {args.settle_s:.0f} s before the idle window")
                     time.sleep(args.settle_s)
                 processes = [psutil.Process(node.process.pid) for node in nodes if node.process]
+                quiet.set()  # idle: nothing asks the nodes anything
                 for process in processes:
                     process.cpu_percent()
                 index_before = nodes[0].state()["last_event_applied_idx"]
@@ -236,8 +246,17 @@ def main() -> int:
                     "idle events by kind (per minute): "
                     + ", ".join(f"{k} {n / idle_s * 60:.1f}" for k, n in kinds.most_common())
                 )
-                idle = [s for w in watches for when, s in w.latencies if when > burst_end]
-                print(f"API latency at idle: {summary(idle)}")
+                quiet.clear()
+                for process in processes:
+                    process.cpu_percent()
+                polled_from = time.monotonic()
+                time.sleep(args.idle_s)
+                cpu = [process.cpu_percent() for process in processes]
+                idle = [s for w in watches for when, s in w.latencies if when > polled_from]
+                print(
+                    f"API latency at idle (each node read 4 times a second): {summary(idle)}; "
+                    f"CPU per node meanwhile {statistics_line(cpu)}"
+                )
         finally:
             stop.set()
             for thread in pollers:
