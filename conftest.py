@@ -1,4 +1,11 @@
-"""Fixtures shared by every test directory."""
+"""Fixtures shared by every test directory, and how the suite runs in parallel.
+
+``uv run pytest`` runs on two xdist workers (``-n 2 --dist loadgroup`` in pyproject.toml).
+Every test under ``tests/`` starts real node processes; they all go to one worker, one at
+a time (the ``nodes`` group), so that no two clusters share the machine's cores and a
+cluster test sees the load it was written for. The unit tests under ``src/`` spread over
+the workers beside them. ``-n 0`` runs everything in one process, as before.
+"""
 
 import os
 from collections.abc import Iterator
@@ -7,6 +14,14 @@ from typing import Any
 
 import pytest
 from loguru import logger
+
+NODE_TESTS = Path(__file__).parent / "tests"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if NODE_TESTS in item.path.parents:
+            item.add_marker(pytest.mark.xdist_group("nodes"))
 
 
 @pytest.fixture(scope="session", autouse=True)

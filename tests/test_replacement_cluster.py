@@ -127,9 +127,8 @@ def test_a_killed_node_is_healed_and_serves_the_same_text(tmp_path: Path) -> Non
             text = answer(ask(survivor, QUESTION))
             time.sleep(1.0)
         assert text == reference
-        # Within 15 s, or the model's load time plus 5 s on a slow machine.
-        limit_s = max(15.0, load_s + 5.0)
-        assert healed_s < limit_s, f"serving again took {healed_s:.1f}s (limit {limit_s:.1f}s)"
+        # How fast (goal: 15 s, or the load time plus 5 s) is bench/replacement.py's to say.
+        print(f"serving again {healed_s:.1f} s after the kill (the first load took {load_s:.1f} s)")
         assert victim_id not in serving_nodes(survivor)
         heal = changes(survivor, "heal")[-1]
         assert f"node {victim_id}" in heal["reason"] and "left the cluster" in heal["reason"]
