@@ -1,6 +1,7 @@
 """Fixtures shared by every test directory, and how the suite runs in parallel.
 
-``uv run pytest`` runs on two xdist workers (``-n 2 --dist loadgroup`` in pyproject.toml).
+``uv run pytest`` runs on two xdist workers (``-n 2 --dist loadgroup`` in pyproject.toml;
+pytest stays below 9.2, where xdist's groups silently stop working: pytest-xdist#1386).
 Every test under ``tests/`` starts real node processes; they all go to one worker, one at
 a time (the ``nodes`` group), so that no two clusters share the machine's cores and a
 cluster test sees the load it was written for. The unit tests under ``src/`` spread over
@@ -15,13 +16,14 @@ from typing import Any
 import pytest
 from loguru import logger
 
-NODE_TESTS = Path(__file__).parent / "tests"
+NODE_TESTS = Path(__file__).resolve().parent / "tests"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if NODE_TESTS in item.path.parents:
-            item.add_marker(pytest.mark.xdist_group("nodes"))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Marks each node test as it is collected (xdist reads the groups at the end of
+    collection)."""
+    if NODE_TESTS in item.path.resolve().parents:
+        item.add_marker(pytest.mark.xdist_group("nodes"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,9 +12,11 @@ from exo.shared.types.ids import DeviceId, InstanceId, NodeId
 from exo.shared.types.instances import Instance
 from exo.shared.types.state import State
 
-RING_BASE_PORT = 52500
+RING_BASE_PORT = 18500
 """Runner ranks listen for the MLX ring backend on ports from here up, one per rank,
-never reusing a port a set of an instance in the cluster holds."""
+never reusing a port a set of an instance in the cluster holds. Below every system's
+ephemeral range (Linux 32768+, macOS and Windows 49152+), so no outgoing connection and no
+port the OS hands out holds one (a rank once joined another program's ring there)."""
 
 
 def plan_instance(
