@@ -1,7 +1,7 @@
 from datetime import UTC, datetime
 
 from exo.master.commands import handle_command
-from exo.master.planning import ring_endpoints
+from exo.master.planning import RING_BASE_PORT, ring_endpoints
 from exo.shared.tests.instances import GREEDY
 from exo.shared.types.commands import (
     CancelTask,
@@ -73,20 +73,23 @@ def chat(task_id: str = "t") -> CreateChatTask:
 
 
 def test_place_instance_creates_an_instance_with_a_free_ring_port() -> None:
-    state = with_instances(node_state(), instance("old", [52500]))
+    state = with_instances(node_state(), instance("old", [RING_BASE_PORT]))
     events = handle_command(PlaceInstance(model_id=MODEL), state)
     assert isinstance(events, list)
     (created,) = events
     assert isinstance(created, InstanceCreated)
-    assert created.instance.ring_endpoints == ["127.0.0.1:52501"]
+    assert created.instance.ring_endpoints == [f"127.0.0.1:{RING_BASE_PORT + 1}"]
 
 
 def test_ring_ports_never_collide_with_other_instances() -> None:
-    state = with_instances(node_state(), instance("a", [52500, 52502]))
+    state = with_instances(node_state(), instance("a", [RING_BASE_PORT, RING_BASE_PORT + 2]))
     two_ranks = instance("b", []).model_copy(
         update={"shards": [*instance("b", []).shards, instance("c", []).shards[0]]}
     )
-    assert ring_endpoints(two_ranks, state) == ["127.0.0.1:52501", "127.0.0.1:52503"]
+    assert ring_endpoints(two_ranks, state) == [
+        f"127.0.0.1:{RING_BASE_PORT + 1}",
+        f"127.0.0.1:{RING_BASE_PORT + 3}",
+    ]
 
 
 def test_unknown_model_and_unknown_instance_are_404() -> None:
@@ -102,18 +105,18 @@ def test_chat_task_needs_a_ready_instance() -> None:
     assert isinstance(none, CommandResult) and none.status_code == 404
     assert "POST /instance" in (none.error or "")
     loading = handle_command(
-        chat(), with_instances(node_state(), instance("a", [52500]), status="loading")
+        chat(), with_instances(node_state(), instance("a", [RING_BASE_PORT]), status="loading")
     )
     assert isinstance(loading, CommandResult) and loading.status_code == 503
     failed = handle_command(
-        chat(), with_instances(node_state(), instance("a", [52500]), status="failed")
+        chat(), with_instances(node_state(), instance("a", [RING_BASE_PORT]), status="failed")
     )
     assert isinstance(failed, CommandResult) and failed.status_code == 503
     assert "failed" in (failed.error or "")
 
 
 def test_chat_task_goes_to_the_least_busy_instance() -> None:
-    busy, idle = instance("busy", [52500]), instance("idle", [52501])
+    busy, idle = instance("busy", [RING_BASE_PORT]), instance("idle", [RING_BASE_PORT + 1])
     state = with_instances(node_state(), busy, idle)
     params = chat().params
     running = Task(
