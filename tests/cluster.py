@@ -32,6 +32,15 @@ PORT_RANGE = (20000, 32000)
 """Below Linux's ephemeral range (32768+), so outgoing connections never take our ports."""
 
 
+def ring_port() -> int:
+    """Where this test process's nodes put their ranks' ring ports (``--ring-port``): one
+    range per xdist worker, each below PORT_RANGE, so that two clusters running at once on
+    two workers never join each other's rings (each worker runs one cluster at a time)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker.removeprefix("gw")) if worker.removeprefix("gw").isdigit() else 0
+    return 10000 + 1000 * (index % 10)
+
+
 def free_port() -> int:
     """A port in PORT_RANGE that is free right now."""
     while True:
@@ -103,6 +112,8 @@ class ExoNode:
             str(self.home),
             "--election-settle",
             "1.0",
+            "--ring-port",
+            str(ring_port()),
             *[arg for peer in self.peers if peer != self.endpoint for arg in ("--connect", peer)],
             *(["--api-key", self.api_key] if self.api_key else []),
             *(["--cluster-secret", self.cluster_secret] if self.cluster_secret else []),

@@ -258,6 +258,7 @@ def test_bad_startup_arguments_exit_with_a_sentence(tmp_path: Path) -> None:
             (["--simulate-gpus", str(tmp_path / "missing.json")], "cannot read simulated GPU"),
             (["--simulate-gpus", str(bad_devices)], "memory_total_bytes: Field required"),
             (["--telemetry-interval", "0"], "--telemetry-interval must be positive"),
+            (["--ring-port", "80"], "--ring-port 80 is not a port from 1024"),
             (["--home", str(busy.home)], "is in use by another exo node"),
             (["--api-host", "0.0.0.0"], "without a key"),
             (["--listen", f"tls/127.0.0.1:{free_port()}"], "needs --tls-cert and --tls-key"),

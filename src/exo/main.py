@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from exo.api.guard import ApiExposureError, check_api_exposure
 from exo.gpu.backend import GPUBackendError
 from exo.gpu.backends.simulated import load_simulated_file
+from exo.master.planning import RING_BASE_PORT, RING_PORTS_PER_NODE
 from exo.master.replacement import ReplacementConfig
 from exo.node import NodeConfig, StartupError, run_node
 from exo.routing.router import TlsFiles, TransportError, check_tls, validate_endpoint
@@ -62,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_API_PORT,
         help=f"HTTP API port (default {DEFAULT_API_PORT})",
+    )
+    parser.add_argument(
+        "--ring-port",
+        type=int,
+        default=RING_BASE_PORT,
+        help="first port this node's runner ranks listen on for the MLX ring, one per rank "
+        f"from there up (default {RING_BASE_PORT})",
     )
     parser.add_argument(
         "--listen",
@@ -271,6 +279,11 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         ) from error
     if not 0 < args.api_port < 65536:
         raise StartupError(f"--api-port {args.api_port} is not a port number (1-65535)")
+    if not 1024 <= args.ring_port <= 65535 - RING_PORTS_PER_NODE:
+        raise StartupError(
+            f"--ring-port {args.ring_port} is not a port from 1024 to "
+            f"{65535 - RING_PORTS_PER_NODE} (ranks take the ports above it)"
+        )
     if args.link_probe_interval <= 0 or args.election_settle < 0:
         raise StartupError(
             "--link-probe-interval must be positive and --election-settle not negative"
@@ -308,6 +321,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         discovery=not args.no_discovery,
         api_host=args.api_host,
         api_port=args.api_port,
+        ring_port=args.ring_port,
         api_key=api_key,
         cluster_secret=args.cluster_secret,
         tls=tls,

@@ -21,6 +21,7 @@ from exo.api.guard import guarded
 from exo.loop_watch import LoopWatch
 from exo.master.commands import handle_command
 from exo.master.main import Master
+from exo.master.planning import RING_BASE_PORT
 from exo.master.replacement import ReplacementConfig
 from exo.models.cards import known_model_cards, register_model_card, use_weights_cache
 from exo.models.directory import scan_models_dir
@@ -67,6 +68,8 @@ class NodeConfig:
     discovery: bool = True
     api_host: str = "127.0.0.1"
     api_port: int = 52415
+    ring_port: int = RING_BASE_PORT
+    """The first port this node's runner ranks listen on for the MLX ring."""
     api_key: str | None = None
     """Every API request must carry ``Authorization: Bearer <api_key>`` when set."""
     cluster_secret: str | None = None
@@ -284,6 +287,7 @@ async def run_node(config: NodeConfig) -> None:
                     home=config.home,
                     friendly_name=config.friendly_name,
                     api_port=config.api_port,
+                    ring_port=config.ring_port,
                     gpu_backend=config.gpu_backend,
                     simulate_gpus_file=config.simulate_gpus_file,
                     telemetry_interval_s=config.telemetry_interval_s,

@@ -16,7 +16,10 @@ RING_BASE_PORT = 18500
 """Runner ranks listen for the MLX ring backend on ports from here up, one per rank,
 never reusing a port a set of an instance in the cluster holds. Below every system's
 ephemeral range (Linux 32768+, macOS and Windows 49152+), so no outgoing connection and no
-port the OS hands out holds one (a rank once joined another program's ring there)."""
+port the OS hands out holds one (a rank once joined another program's ring there). A node
+started with ``--ring-port`` says where its own ranks' ports start instead."""
+RING_PORTS_PER_NODE = 1000
+"""How many ports above its ``--ring-port`` a node must leave for its ranks."""
 
 
 def plan_instance(
@@ -60,7 +63,8 @@ def plan_instance(
 
 
 def ring_endpoints(instance: Instance, state: State) -> list[str]:
-    """host:port for each rank, in rank order."""
+    """host:port for each rank, in rank order: the first port from the rank's node's own
+    ring port up that no set of an instance in the cluster holds (nor an earlier rank)."""
     used_ports = {
         int(endpoint.rsplit(":", 1)[1])
         for other in state.instances.values()
@@ -70,8 +74,9 @@ def ring_endpoints(instance: Instance, state: State) -> list[str]:
     hostnames = {state.nodes[node].hostname for node in shard_nodes if node in state.nodes}
     same_machine = len(set(shard_nodes)) == 1 or len(hostnames) == 1
     endpoints: list[str] = []
-    port = RING_BASE_PORT
     for node_id in shard_nodes:
+        node = state.nodes.get(node_id)
+        port = RING_BASE_PORT if node is None or node.ring_port is None else node.ring_port
         while port in used_ports:
             port += 1
         host = "127.0.0.1" if same_machine else node_address(state, node_id)

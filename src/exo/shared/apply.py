@@ -142,6 +142,7 @@ def apply_node_info_reported(state: State, event: NodeInfoReported) -> State:
         ram_available_bytes=event.ram_available_bytes,
         network_interfaces=info.network_interfaces,
         api_port=info.api_port,
+        ring_port=info.ring_port,
         execution=info.execution,
         last_seen=event.reported_at,
     )

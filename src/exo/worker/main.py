@@ -42,6 +42,7 @@ class WorkerConfig:
     home: Path
     friendly_name: str | None = None
     api_port: int | None = None
+    ring_port: int | None = None
     gpu_backend: str = "auto"
     simulate_gpus_file: Path | None = None
     telemetry_interval_s: float = 2.0
@@ -88,7 +89,10 @@ class Worker:
         if warning is not None:
             logger.warning(warning)
         info = await anyio.to_thread.run_sync(
-            gather_static_info, self._config.friendly_name, self._config.api_port
+            gather_static_info,
+            self._config.friendly_name,
+            self._config.api_port,
+            self._config.ring_port,
         )
         info = info.model_copy(update={"execution": execution})
         try:

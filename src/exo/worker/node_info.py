@@ -8,7 +8,9 @@ import psutil
 from exo.shared.types.node import NetworkInterface, NodeStaticInfo
 
 
-def gather_static_info(friendly_name: str | None, api_port: int | None) -> NodeStaticInfo:
+def gather_static_info(
+    friendly_name: str | None, api_port: int | None, ring_port: int | None = None
+) -> NodeStaticInfo:
     hostname = socket.gethostname()
     interfaces = [
         NetworkInterface(
@@ -29,6 +31,7 @@ def gather_static_info(friendly_name: str | None, api_port: int | None) -> NodeS
         ram_total_bytes=psutil.virtual_memory().total,
         network_interfaces=interfaces,
         api_port=api_port,
+        ring_port=ring_port,
     )
 
 

@@ -92,6 +92,26 @@ def test_ring_ports_never_collide_with_other_instances() -> None:
     ]
 
 
+def test_each_rank_takes_its_ring_port_from_its_own_node() -> None:
+    """A node started with --ring-port says where its ranks' ports start; a node that did
+    not say gets the default. Ports held by another instance are still skipped."""
+    other = NodeId("node-b")
+    base = node_state()
+    state = base.model_copy(
+        update={
+            "nodes": {
+                NODE: base.nodes[NODE].model_copy(update={"ring_port": 19000}),
+                other: base.nodes[NODE].model_copy(update={"node_id": other}),
+            }
+        }
+    )
+    state = with_instances(state, instance("a", [19000]))
+    first = instance("b", []).shards[0]
+    second = first.model_copy(update={"node_id": other, "rank": 1, "runner_id": RunnerId("r2")})
+    two_ranks = instance("b", []).model_copy(update={"shards": [first, second]})
+    assert ring_endpoints(two_ranks, state) == ["127.0.0.1:19001", f"127.0.0.1:{RING_BASE_PORT}"]
+
+
 def test_unknown_model_and_unknown_instance_are_404() -> None:
     unknown = handle_command(PlaceInstance(model_id="nope"), node_state())
     assert isinstance(unknown, CommandResult) and unknown.status_code == 404

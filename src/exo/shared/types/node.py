@@ -26,6 +26,9 @@ class NodeStaticInfo(BaseModel):
     ram_total_bytes: int
     network_interfaces: list[NetworkInterface] = Field(default_factory=list)
     api_port: int | None = None
+    ring_port: int | None = None
+    """The first port this node's runner ranks may listen on for the MLX ring (one port
+    per rank from there up); None from a node that did not say: the default."""
     execution: ExecutionCapability | None = None
     """What MLX on the node can compute on; None from a node that did not say."""
 
@@ -44,5 +47,6 @@ class NodeInfo(BaseModel):
     ram_available_bytes: int = 0
     network_interfaces: list[NetworkInterface] = Field(default_factory=list)
     api_port: int | None = None
+    ring_port: int | None = None
     execution: ExecutionCapability | None = None
     last_seen: datetime
