@@ -22,7 +22,7 @@ from collections.abc import Callable
 import anyio
 from loguru import logger
 
-TICK_S = 0.1
+TICK_S = 0.25
 REPORT_AFTER_S = 3.0
 """A loop that has not run for this long is logged, with every thread's stack."""
 NOTIFY_AFTER_S = 1.0

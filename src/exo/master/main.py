@@ -139,7 +139,10 @@ class Master:
     # ---- commit and quorum -------------------------------------------------------------
 
     def _on_announcement(self, announcement: ElectionAnnouncement) -> None:
-        if self._active:
+        # Only a node that stores more than is committed can move the commit index; most
+        # announcements (heartbeats) repeat the committed index. Whatever else moves it (this
+        # node's fsync, a smaller membership) has its own call.
+        if self._active and announcement.match_idx > self._election.commit_idx:
             self._advance_commit()
 
     async def _durability_loop(self) -> None:

@@ -19,8 +19,10 @@ from collections.abc import Collection, Iterable
 
 from exo.shared.types.ids import NodeId
 
-QUORUM_LEASE_S = 2.5
-"""A member heard from within this long counts towards a master's quorum for writes."""
+QUORUM_LEASE_S = 3.0
+"""A member heard from within this long counts towards a master's quorum for writes: three
+of a follower's announcement intervals (``election.FOLLOWER_ANNOUNCE_EVERY``), as a master
+is given three of its own before its followers stop following it."""
 
 
 def voters(members: Collection[NodeId], self_id: NodeId) -> frozenset[NodeId]:

@@ -47,7 +47,7 @@ class TelemetryConfig(BaseModel):
 
     interval_s: float = Field(default=2.0, gt=0, description="Seconds between sampling passes.")
     heartbeat_s: float = Field(
-        default=10.0, gt=0, description="Re-send an unchanged reading after this many seconds."
+        default=30.0, gt=0, description="Re-send an unchanged reading after this many seconds."
     )
     memory_change_fraction: float = Field(
         default=0.01, ge=0, description="Used memory moved by at least this share of the total."

@@ -37,7 +37,8 @@ pytestmark = pytest.mark.timeout(10)  # a stuck loop fails fast instead of hangi
 NODE = NodeId("node-a")
 GIB = 2**30
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
-CONFIG = TelemetryConfig()
+CONFIG = TelemetryConfig(heartbeat_s=10.0)
+"""2 s passes (the default) and a 10 s heartbeat (the default is 30 s: shorter tests)."""
 FAST = TelemetryConfig(interval_s=0.01, heartbeat_s=60.0)
 
 
@@ -592,7 +593,7 @@ SIXTEEN = [f"cuda:{index}" for index in range(16)]
 
 
 class Pass:
-    """A collector on a fake clock at the default config (2 s passes, 10 s heartbeat)."""
+    """A collector on a fake clock at CONFIG (2 s passes, 10 s heartbeat)."""
 
     def __init__(self, device_ids: list[str]) -> None:
         self.clock = FakeClock()
