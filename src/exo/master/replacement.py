@@ -365,6 +365,13 @@ class Rebalancer:
             since = anyio.current_time() - decided_at
             if _same_but_index(state, decided_on) and since < self.config.check_interval_s:
                 continue  # only events that change nothing (a stream's chunks): same answers
+            if decided_on is not None and condition_flipped_unseen(decided_on, state):
+                if self._gain_since:
+                    logger.info(
+                        "a device's throttling or power went and came back since the last "
+                        "decision: a pending move's sustain time starts again"
+                    )
+                self._gain_since.clear()
             decided_on, decided_at = state, anyio.current_time()
             for instance_id in list(state.instances):
                 await self._step(instance_id)
@@ -411,6 +418,21 @@ class Rebalancer:
         del self._gain_since[instance_id]
         reason = move_reason(instance, candidate, sustained)
         return replacement_started(instance, candidate, "move", reason, now)
+
+
+def condition_flipped_unseen(before: State, after: State) -> bool:
+    """Whether some device's throttling or power state changed twice or more between the
+    rebalancer's decisions on ``before`` and on ``after`` (its ``condition_changes``): a
+    condition that went and came back in between, which a move's sustain time must not take
+    for a steady one. Under load a decision can take longer than a flip, and the worker
+    sends only a device's newest reading, so every decision may see the same phase."""
+    for node_id, readings in after.gpu_device_state.items():
+        earlier = before.gpu_device_state.get(node_id, {})
+        for device_id, reading in readings.items():
+            previous = earlier.get(device_id)
+            if previous is not None and reading.condition_changes - previous.condition_changes >= 2:
+                return True
+    return False
 
 
 def _same_but_index(state: State, earlier: State | None) -> bool:

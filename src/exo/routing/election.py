@@ -23,9 +23,10 @@
   until it can write it again (a vote must be on disk before it is given); it still
   follows a newer term and notes commits, in memory until the file can be written.
 - **Heartbeats.** Every node announces its term, the master it follows and where its log
-  ends every 0.5 s to every node (the announcement doubles as its acknowledgement to the
-  master), and to its master alone as soon as it has stored and fsynced events. The
-  master's announcement carries its commit index.
+  ends (the announcement doubles as its acknowledgement to the master): the master, and
+  every node while there is none, to every node every 0.5 s; a follower to its master
+  every 1 s and to every node every 2 s, and to its master alone as soon as it has stored
+  and fsynced events. The master's announcement carries its commit index.
 - **A master is judged by its heartbeats**, not only by its liveliness token: a master not
   heard for :data:`MASTER_SILENCE_S` is treated as gone (a process frozen with SIGSTOP
   keeps its token alive until zenoh's lease runs out, ~10 s). Silence this node caused

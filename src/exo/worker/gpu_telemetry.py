@@ -303,6 +303,7 @@ class GPUTelemetryCollector:
                 self._failing_devices.discard(device_id)
                 logger.info(f"GPU telemetry: reading {device_id} works again")
             state = self._with_utilization_median(state)
+            state = self._with_condition_changes(state)
             readings.append(state)
             self._last_readings[device_id] = state
         await self._emit_due(readings, self._clock())
@@ -348,6 +349,20 @@ class GPUTelemetryCollector:
             if now > previous.last_update:
                 previous = previous.model_copy(update={"last_update": now})
             self._last_emitted[previous.device_id] = previous
+
+    def _with_condition_changes(self, state: DeviceGPUState) -> DeviceGPUState:
+        """``state`` with its ``condition_changes``: the previous sample's, plus one when
+        its throttling or power state differs from that sample's."""
+        previous = self._last_readings.get(state.device_id)
+        if previous is None:
+            return state
+        changed = (state.is_thermal_throttling, state.is_plugged_in) != (
+            previous.is_thermal_throttling,
+            previous.is_plugged_in,
+        )
+        return state.model_copy(
+            update={"condition_changes": previous.condition_changes + int(changed)}
+        )
 
     def _with_utilization_median(self, state: DeviceGPUState) -> DeviceGPUState:
         """``state`` with the median of the device's recent utilisation samples filled in."""

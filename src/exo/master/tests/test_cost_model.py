@@ -225,6 +225,21 @@ def test_time_to_first_token_adds_the_prompts_compute() -> None:
     assert compute_ms == pytest.approx(86.6, abs=0.1)
 
 
+def test_time_to_first_token_of_two_stages_carries_the_prompts_hidden_states() -> None:
+    """Two RTX 4090s over gigabit Ethernet: each stage computes its half of the prompt, and
+    the 512 prompt tokens' fp16 hidden states (512 x 8192 bytes) cross to the second."""
+    cost_model = CostModel(model_card=llama_8b())
+    stages = [
+        StagePlan(device=rtx_4090("a"), n_layers=16),
+        StagePlan(device=rtx_4090("b"), n_layers=16),
+    ]
+    compute_ms = (2.0 * 512 * 32 * LAYER_PARAMETERS + 2.0 * 128256 * 4096) / (165.0 * 0.5 * 1e9)
+    prompt_hop_ms = 1.0 + 512 * 8192 * 8 / 1e6  # 1 ms latency + 4 MiB at 1 Gbit/s
+    assert prompt_hop_ms == pytest.approx(34.55, abs=0.01)
+    expected = cost_model.predict_ms_per_token(stages) + compute_ms + prompt_hop_ms
+    assert cost_model.predict_time_to_first_token_ms(stages) == pytest.approx(expected)
+
+
 def test_throughput_is_paced_by_the_slowest_stage_and_its_hop() -> None:
     cost_model = CostModel(model_card=llama_8b())
     a, b = rtx_4090("a"), rtx_4090("b", is_thermal_throttling=True)

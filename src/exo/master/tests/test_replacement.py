@@ -5,6 +5,7 @@ from datetime import timedelta
 from exo.master.commands import handle_command
 from exo.master.replacement import (
     ReplacementConfig,
+    condition_flipped_unseen,
     heal,
     manual_replacement,
     move_candidate,
@@ -25,7 +26,13 @@ from exo.shared.types.events import (
     RunnerStatusUpdated,
 )
 from exo.shared.types.ids import CommandId, NodeId, RunnerId, TaskId
-from exo.shared.types.instances import Instance, PlacementChange, RebalancePolicy, Shard
+from exo.shared.types.instances import (
+    ChangeKind,
+    Instance,
+    PlacementChange,
+    RebalancePolicy,
+    Shard,
+)
 from exo.shared.types.runners import RunnerStatus
 from exo.shared.types.state import State
 from exo.shared.types.tasks import ChatCompletionParams, Task, TaskStatus
@@ -246,6 +253,63 @@ def test_moves_stop_at_the_hourly_limit_and_wait_to_settle() -> None:
         move_candidate(instance.model_copy(update={"changes": just_now}), state, NOW, CONFIG)
         is None
     )
+
+
+def test_the_settle_time_counts_from_the_latest_finished_change() -> None:
+    """An old move and a heal that finished moments ago: the instance is still settling
+    (counting from the earliest finished change would allow a move at once)."""
+    calm = placed(cluster(["n0", "n1", "n2"]))
+    state = with_second_shard_throttling(calm)
+    instance = the_instance(state)
+
+    def change(change_id: str, kind: ChangeKind, finished_s_ago: float) -> PlacementChange:
+        finished = NOW - timedelta(seconds=finished_s_ago)
+        return PlacementChange(
+            change_id=change_id,
+            kind=kind,
+            reason="test",
+            old_shards=[],
+            new_shards=[],
+            old_predicted_ms=2.0,
+            new_predicted_ms=1.0,
+            predicted_gain=0.5,
+            started_at=finished - timedelta(seconds=5),
+            finished_at=finished,
+            outcome="switched",
+        )
+
+    settled = [change("old", "move", CONFIG.settle_s + 600)]
+    assert move_candidate(instance.model_copy(update={"changes": settled}), state, NOW, CONFIG)
+    recent = [*settled, change("heal", "heal", CONFIG.settle_s / 2)]
+    assert (
+        move_candidate(instance.model_copy(update={"changes": recent}), state, NOW, CONFIG) is None
+    )
+    reversed_order = list(reversed(recent))
+    assert (
+        move_candidate(instance.model_copy(update={"changes": reversed_order}), state, NOW, CONFIG)
+        is None
+    )
+
+
+def test_a_throttle_that_went_and_came_back_between_two_decisions_is_seen() -> None:
+    """The rebalancer decides on states some way apart (a decision takes its time, and a
+    worker sends only a device's newest reading); a device whose condition changed twice or
+    more in between must restart a move's sustain time, one change must not."""
+    before = cluster(["n0", "n1"])
+
+    def with_changes(state: State, node: str, changes: int, hot: bool) -> State:
+        reading = gpu_state(node, throttling=hot).model_copy(update={"condition_changes": changes})
+        devices = {**state.gpu_device_state, NodeId(node): {reading.device_id: reading}}
+        return state.model_copy(update={"gpu_device_state": devices})
+
+    assert not condition_flipped_unseen(before, before)
+    assert not condition_flipped_unseen(before, with_changes(before, "n0", 1, True))
+    went_and_came_back = with_changes(before, "n0", 2, False)
+    assert condition_flipped_unseen(before, went_and_came_back)
+    assert condition_flipped_unseen(before, with_changes(before, "n1", 3, True))
+    assert not condition_flipped_unseen(went_and_came_back, with_changes(before, "n0", 3, True))
+    new_node = with_changes(before, "n2", 5, True)  # first seen now: nothing to compare
+    assert not condition_flipped_unseen(before, new_node)
 
 
 def test_a_manual_replace_starts_a_change_only_when_the_layout_differs() -> None:

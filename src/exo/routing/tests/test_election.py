@@ -7,6 +7,7 @@ import pytest
 
 from exo.routing.election import (
     AFTER_VOTE_QUIET_S,
+    MASTER_SILENCE_S,
     RETRY_PAUSE_GROWTH_LIMIT,
     RETRY_PAUSE_S,
     STAND_ANYWAY_AFTER_S,
@@ -54,6 +55,17 @@ def test_an_uncommitted_shrink_to_two_members_gives_no_exception() -> None:
     """A master cut off from {A, B, C} that appended B's removal must not go on alone."""
     assert not is_majority([A], {A, C}, {A}, A, two_committed=False)
     assert is_majority([A, C], {A, C}, {A, C}, A, two_committed=False)
+
+
+def test_the_two_member_exception_holds_for_two_members_only() -> None:
+    """With three or four members, both others gone leaves no majority; with two, only
+    this node's own agreement counts, and only while the other is gone."""
+    assert not majority([A], {A, B, C}, {A})
+    assert not majority([A], {A, B, C, D}, {A})
+    assert not majority([A, B], {A, B, C, D}, {A, B})
+    assert not majority([], {A, B}, {A}), "the exception needs this node's own agreement"
+    assert not majority([B], {A, B}, {B})
+    assert not is_majority([A], {B, C}, {A}, A, two_committed=True), "A is no member"
 
 
 def election(tmp_path: Path, node: NodeId, log_terms: list[int]) -> Election:
@@ -220,6 +232,27 @@ def test_a_node_waits_for_the_better_placed_one_only_so_long(tmp_path: Path) -> 
     assert standing() < len(nodes), "not all at once (1 in a million that all drew early)"
     clock.now += STAND_ANYWAY_JITTER_S
     assert standing() == len(nodes)
+
+
+def test_no_vote_while_the_master_this_node_follows_is_alive_and_heard(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    voter = clocked(tmp_path, A, clock)
+    topics = Topics("test")
+    voter._on_liveliness(topics.alive_token(B, 7), True)  # pyright: ignore[reportPrivateUsage]
+    heartbeat = ElectionAnnouncement(
+        node_id=B, started_at_us=7, term=1, master_node_id=B, last_event_idx=-1
+    )
+    voter._on_announcement(  # pyright: ignore[reportPrivateUsage]
+        "test/election/b", heartbeat.model_dump_json().encode()
+    )
+    assert voter.master_node_id == B
+    refused = voter._vote(ask(C, 2, -1, 0))  # pyright: ignore[reportPrivateUsage]
+    assert not refused.granted and "live master" in refused.reason
+    assert voter.term == 1, "a refused vote for a live master's rival moves no term"
+    clock.now += MASTER_SILENCE_S + 0.01  # B frozen: alive by its token, but silent
+    assert voter._vote(ask(C, 2, -1, 0)).granted  # pyright: ignore[reportPrivateUsage]
 
 
 def test_the_pause_after_a_failed_round_doubles_up_to_a_limit() -> None:

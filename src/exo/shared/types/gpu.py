@@ -84,6 +84,12 @@ class DeviceGPUState(BaseModel):
     """The median of this device's last few utilisation samples, the current one included
     (``GPUTelemetryCollector`` fills it; see ``UTILIZATION_MEDIAN_WINDOW`` there). Steadier
     than ``compute_utilization_percent`` against one-off spikes; None when not computed."""
+    condition_changes: int = Field(default=0, ge=0)
+    """How often the device's throttling or power state changed since its node began
+    sampling it, counted at every sample, also the ones never emitted (``GPUTelemetryCollector``
+    fills it). Readings are sent as values, and a newer one may replace an unsent older one:
+    a reader that sees this grow by two or more between two looks knows the condition went
+    and came back in between (the rebalancer does not take such a device as steady)."""
 
     @property
     def memory_free_bytes(self) -> int:

@@ -760,3 +760,25 @@ async def test_a_refused_pass_is_sent_again_in_full() -> None:
     assert isinstance(heartbeat, DeviceGPUStatesUpdated)
     assert heartbeat.unchanged_device_ids == ["cuda:0", "cuda:1"]
     assert heartbeat.sampled_at == clock.now
+
+
+@pytest.mark.anyio
+async def test_every_sampled_change_of_condition_is_counted_in_the_readings() -> None:
+    """Throttling that comes and goes between two looks still shows: each reading counts
+    the condition changes its device went through (throttling, power), and the state the
+    master applies carries the count of the newest reading."""
+    run = Pass(["cuda:0", "cuda:1"])
+    (first,) = await run.at(0)
+    assert isinstance(first, DeviceGPUStatesUpdated)
+    assert [state.condition_changes for state in first.device_states] == [0, 0]
+    for step, hot in enumerate([True, False, True, False], start=1):
+        run.backend.set("cuda:0", is_thermal_throttling=hot)
+        await run.at(2 * step)
+    run.backend.set("cuda:0", is_plugged_in=False)
+    await run.at(10)
+    readings = run.applied().gpu_device_state[NODE]
+    assert readings[DeviceId("cuda:0")].condition_changes == 5
+    assert readings[DeviceId("cuda:1")].condition_changes == 0
+    # Samples that change nothing leave the count alone.
+    await run.at(12)
+    assert run.collector.last_readings[DeviceId("cuda:0")].condition_changes == 5
