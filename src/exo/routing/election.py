@@ -44,6 +44,7 @@ keeping a follower's log equal to the master's is :mod:`exo.routing.event_sync`.
 import random
 import time
 from collections.abc import Callable, Iterable
+from typing import Literal
 
 import anyio
 from loguru import logger
@@ -68,9 +69,6 @@ FOLLOWER_BROADCAST_EVERY = 4
 position only to judge who stands first once the master is gone, and then every node
 announces to all at each interval again. At 16 nodes this is a sixth of the messages of
 everyone announcing to everyone every interval, which was most of an idle node's CPU."""
-PEER_SILENCE_S = FOLLOWER_BROADCAST_EVERY * ANNOUNCE_INTERVAL_S + 1.5
-"""A follower not heard from for this long is left out of who stands first (frozen, cut
-off): one broadcast interval plus the master's silence allowance."""
 TICK_S = 0.25
 STAND_ANYWAY_AFTER_S = 3.0
 """Without a master for this long (plus a random part of :data:`STAND_ANYWAY_JITTER_S`), a
@@ -80,6 +78,9 @@ STAND_ANYWAY_JITTER_S = 2.0
 MASTER_SILENCE_S = 1.5
 """A master not heard from for this long is gone: a voter no longer counts it as present,
 and a follower stops following it (three announcement intervals)."""
+PEER_SILENCE_S = FOLLOWER_BROADCAST_EVERY * ANNOUNCE_INTERVAL_S + MASTER_SILENCE_S
+"""A follower not heard from for this long is left out of who stands first (frozen, cut
+off): one broadcast interval plus the master's silence allowance."""
 STALL_GRACE_S = 1.0
 """After this node's loop stalled, announcements count towards its write quorum only from
 this long after it ran again (the ones that waited in buffers meanwhile are stale)."""
@@ -96,6 +97,14 @@ RETRY_PAUSE_GROWTH_LIMIT = 8
 to finish a round in one pause gets longer ones rather than ever more terms)."""
 TERM_WRITE_RETRY_S = 1.0
 """A node that could not store the term it would stand in tries again after this long."""
+
+
+def heartbeat_route(beat: int, following: bool) -> Literal["all", "master"] | None:
+    """Where the ``beat``-th periodic announcement goes (one beat per
+    :data:`ANNOUNCE_INTERVAL_S`): to every node, to the master alone, or nowhere."""
+    if not following or beat % FOLLOWER_BROADCAST_EVERY == 0:
+        return "all"
+    return "master" if beat % FOLLOWER_ANNOUNCE_EVERY == 0 else None
 
 
 def log_position(store: EventStore) -> tuple[int, int]:
@@ -317,10 +326,13 @@ class Election:
         while True:
             self._terms.flush()  # retries a term kept only in memory (the disk refused it)
             following = self._master is not None and self._master != self.node_id
-            if not following or beat % FOLLOWER_BROADCAST_EVERY == 0:
-                self.announce()
-            elif beat % FOLLOWER_ANNOUNCE_EVERY == 0:
-                self.acknowledge()
+            match heartbeat_route(beat, following):
+                case "all":
+                    self.announce()
+                case "master":
+                    self.acknowledge()
+                case None:
+                    pass
             beat += 1
             await anyio.sleep(ANNOUNCE_INTERVAL_S)
 

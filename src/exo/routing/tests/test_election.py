@@ -1,22 +1,25 @@
 """The majority rule and a voter's rules (Raft's: one vote per term, only for a log at
 least as up to date, never while a live master is heard, terms never go back)."""
 
+import itertools
 from pathlib import Path
 
 import pytest
 
 from exo.routing.election import (
     AFTER_VOTE_QUIET_S,
+    ANNOUNCE_INTERVAL_S,
     MASTER_SILENCE_S,
     RETRY_PAUSE_GROWTH_LIMIT,
     RETRY_PAUSE_S,
     STAND_ANYWAY_AFTER_S,
     STAND_ANYWAY_JITTER_S,
     Election,
+    heartbeat_route,
     retry_pause_s,
 )
 from exo.routing.messages import ElectionAnnouncement, VoteRequest
-from exo.routing.quorum import is_majority
+from exo.routing.quorum import QUORUM_LEASE_S, is_majority
 from exo.routing.router import Router, RouterConfig
 from exo.routing.term_store import TermStore, TermStoreError
 from exo.routing.topics import Topics
@@ -261,3 +264,16 @@ def test_the_pause_after_a_failed_round_doubles_up_to_a_limit() -> None:
         pauses = [retry_pause_s(rounds) for _ in range(200)]
         assert low * factor <= min(pauses) and max(pauses) <= high * factor, rounds
         assert max(pauses) - min(pauses) > (high - low) * factor / 2, "the pause is random"
+
+
+def test_a_follower_heartbeats_its_master_each_second_and_everyone_every_two() -> None:
+    """Beats are 0.5 s apart. A follower reaches its master on every second beat (within
+    the 3 s quorum lease three times over) and every node on every fourth; the master and a
+    masterless node reach every node on every beat (followers drop a master after 1.5 s)."""
+    assert [heartbeat_route(beat, following=True) for beat in range(8)] == [
+        "all", None, "master", None, "all", None, "master", None,
+    ]  # fmt: skip
+    assert [heartbeat_route(beat, following=False) for beat in range(8)] == ["all"] * 8
+    to_master = [beat for beat in range(40) if heartbeat_route(beat, following=True)]
+    gaps_s = {(b - a) * ANNOUNCE_INTERVAL_S for a, b in itertools.pairwise(to_master)}
+    assert gaps_s == {1.0} and 3 * max(gaps_s) <= QUORUM_LEASE_S
