@@ -1,6 +1,6 @@
 """Heal and move decisions on cluster states, applied through ``apply`` as nodes apply them."""
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from exo.master.commands import handle_command
 from exo.master.replacement import (
@@ -223,26 +223,31 @@ def test_a_throttling_device_moves_the_instance_past_the_margin() -> None:
         assert move_candidate(held, state, NOW, CONFIG) is None
 
 
+def finished_change(change_id: str, kind: ChangeKind, finished: datetime) -> PlacementChange:
+    """A change that switched after 5 s, finishing at ``finished``."""
+    return PlacementChange(
+        change_id=change_id,
+        kind=kind,
+        reason="test",
+        old_shards=[],
+        new_shards=[],
+        old_predicted_ms=2.0,
+        new_predicted_ms=1.0,
+        predicted_gain=0.5,
+        started_at=finished - timedelta(seconds=5),
+        finished_at=finished,
+        outcome="switched",
+    )
+
+
 def test_moves_stop_at_the_hourly_limit_and_wait_to_settle() -> None:
     calm = placed(cluster(["n0", "n1", "n2"]))
     state = with_second_shard_throttling(calm)
     instance = the_instance(state)
 
     def move(started_minutes_ago: float) -> PlacementChange:
-        started = NOW - timedelta(minutes=started_minutes_ago)
-        return PlacementChange(
-            change_id=f"m{started_minutes_ago}",
-            kind="move",
-            reason="test",
-            old_shards=[],
-            new_shards=[],
-            old_predicted_ms=2.0,
-            new_predicted_ms=1.0,
-            predicted_gain=0.5,
-            started_at=started,
-            finished_at=started + timedelta(seconds=5),
-            outcome="switched",
-        )
+        finished = NOW - timedelta(minutes=started_minutes_ago) + timedelta(seconds=5)
+        return finished_change(f"m{started_minutes_ago}", "move", finished)
 
     full = [move(50), move(40), move(30), move(20)]
     assert move_candidate(instance.model_copy(update={"changes": full}), state, NOW, CONFIG) is None
@@ -263,20 +268,7 @@ def test_the_settle_time_counts_from_the_latest_finished_change() -> None:
     instance = the_instance(state)
 
     def change(change_id: str, kind: ChangeKind, finished_s_ago: float) -> PlacementChange:
-        finished = NOW - timedelta(seconds=finished_s_ago)
-        return PlacementChange(
-            change_id=change_id,
-            kind=kind,
-            reason="test",
-            old_shards=[],
-            new_shards=[],
-            old_predicted_ms=2.0,
-            new_predicted_ms=1.0,
-            predicted_gain=0.5,
-            started_at=finished - timedelta(seconds=5),
-            finished_at=finished,
-            outcome="switched",
-        )
+        return finished_change(change_id, kind, NOW - timedelta(seconds=finished_s_ago))
 
     settled = [change("old", "move", CONFIG.settle_s + 600)]
     assert move_candidate(instance.model_copy(update={"changes": settled}), state, NOW, CONFIG)
