@@ -79,13 +79,18 @@ async def stack(
 
 @asynccontextmanager
 async def leader_and_follower(tmp_path: Path) -> AsyncGenerator[tuple[Stack, Stack]]:
-    """A master-elect and a follower connected to it, once the master is active."""
+    """A master-elect and a follower connected to it, once the master is active, both are
+    members and the follower holds the master's whole log: the master appends nothing of its
+    own from then on (a test that reads the master's end before the follower's membership
+    change would race with it)."""
     port = free_port()
     async with (
         stack(tmp_path / "m", "master", 1, port, None) as leader,
         stack(tmp_path / "f", "follower", 2, free_port(), port) as follower,
     ):
         await wait_for(lambda: leader.master.is_active)
+        await wait_for(lambda: leader.store.state.members == {leader.node_id, follower.node_id})
+        await wait_for(lambda: follower.store.last_idx == leader.store.last_idx)
         yield leader, follower
 
 
