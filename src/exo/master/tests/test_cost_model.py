@@ -325,3 +325,347 @@ def test_a_cpus_share_for_one_thread_beside_others_load(
     assert device_condition(gpu, CostModelConfig()).speed_factor == pytest.approx(
         max(0.05, 1 - utilisation / 100)
     )
+
+
+# --- memory fit per role, by hand for Llama 3.1 8B on a CUDA device ---------------------------
+RESERVE = BACKEND_PROFILES["cuda"].memory_reserve_bytes
+PER_LAYER = LAYER_BYTES + 4096 * KV_PER_TOKEN // 32  # weights + its share of the 4k KV cache
+FINAL_NORM = 4096 * 9 // 16
+
+
+def gpu_holding(extra_bytes: int, node: str = "pc", device_id: str = "cuda:0") -> PlacementDevice:
+    """A CUDA device whose usable memory is exactly ``extra_bytes`` past its reserve."""
+    return rtx_4090(node, device_id, memory_free_bytes=RESERVE + extra_bytes)
+
+
+def test_max_layers_depends_on_the_role_and_counts_a_layer_that_fits_exactly() -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    device = gpu_holding(EMBEDDING_BYTES + 10 * PER_LAYER)
+    assert PER_LAYER == 139_465_216
+    # First: the embedding and exactly ten layers, to the byte.
+    assert cost_model.max_layers(device, True, False) == 10
+    assert cost_model.fits(device, 10, True, False)
+    assert not cost_model.fits(device, 11, True, False)
+    # Middle: the embedding's room takes two more layers (2 x 139 MB < 296 MB < 3 x).
+    assert cost_model.max_layers(device, False, False) == 12
+    assert cost_model.fits(device, 12, False, False)
+    assert not cost_model.fits(device, 13, False, False)
+    # Last: the head is the embedding's size plus the final norm, so the tenth layer is over.
+    assert cost_model.max_layers(device, False, True) == 9
+    assert not cost_model.fits(device, 10, False, True)
+    # Alone: both ends, (10 x 139.5 MB - 295.5 MB - 2304) / 139.5 MB = 7.9.
+    assert cost_model.max_layers(device, True, True) == 7
+    assert cost_model.fits(device, 7, True, True)
+    assert not cost_model.fits(device, 8, True, True)
+
+
+def test_max_layers_is_capped_by_the_model_and_is_zero_when_the_ends_do_not_fit() -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    big = rtx_4090(memory_total_bytes=80 * GIB, memory_free_bytes=80 * GIB)
+    for is_first, is_last in [(True, True), (True, False), (False, False), (False, True)]:
+        assert cost_model.max_layers(big, is_first, is_last) == 32
+    short = gpu_holding(EMBEDDING_BYTES - 1)
+    assert cost_model.max_layers(short, True, False) == 0
+    assert cost_model.max_layers(short, False, True) == 0
+    assert cost_model.max_layers(short, False, False) == 2
+    empty = rtx_4090(memory_free_bytes=RESERVE // 2)
+    assert usable_bytes(empty, CostModelConfig()) == 0  # never negative
+    assert cost_model.max_layers(empty, False, False) == 0
+
+
+def test_an_unknown_backend_is_costed_as_the_cpu_backend() -> None:
+    config = CostModelConfig()
+    assert config.profile("rocm") == BACKEND_PROFILES["cpu"]
+    device = rtx_4090(backend="rocm", memory_free_bytes=20 * GIB)
+    assert usable_bytes(device, config) == 20 * GIB - BACKEND_PROFILES["cpu"].memory_reserve_bytes
+
+
+def test_a_tied_embedding_with_a_final_norm_is_held_once_alone() -> None:
+    card = llama_8b().model_copy(
+        update={
+            "tied_embeddings": True,
+            "lm_head_bytes": 0,
+            "non_layer_bytes": EMBEDDING_BYTES + FINAL_NORM,
+        }
+    )
+    cost_model = CostModel(model_card=card)
+    assert cost_model.stage_bytes(32, True, True) == 32 * LAYER_BYTES + EMBEDDING_BYTES + FINAL_NORM
+    assert cost_model.stage_bytes(16, True, False) == 16 * LAYER_BYTES + EMBEDDING_BYTES
+    assert cost_model.stage_bytes(16, False, True) == (
+        16 * LAYER_BYTES + EMBEDDING_BYTES + FINAL_NORM
+    )
+
+
+def test_a_share_of_the_kv_cache_is_rounded_up_to_whole_bytes() -> None:
+    card = ModelCard(
+        model_id="three-layers",
+        n_layers=3,
+        layer_bytes=1000,
+        non_layer_bytes=0,
+        hidden_size=8,
+        kv_cache_bytes_per_token=10,
+        context_length=4096,
+    )
+    cost_model = CostModel(model_card=card)
+    assert cost_model.kv_cache_bytes(1) == 13_654  # 40960 / 3 = 13653.3
+    assert cost_model.kv_cache_bytes(2) == 27_307  # 27306.7
+    assert cost_model.kv_cache_bytes(3) == 40_960
+
+
+# --- violations -------------------------------------------------------------------------------
+def test_a_valid_placement_has_no_violations() -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    two_nodes = [
+        StagePlan(device=rtx_4090("a"), n_layers=16),
+        StagePlan(device=rtx_4090("b"), n_layers=16),
+    ]
+    assert cost_model.violations(two_nodes) == []
+    assert cost_model.violations(two_nodes, min_nodes=2) == []
+    one = [StagePlan(device=rtx_4090("a"), n_layers=32)]
+    assert cost_model.violations(one) == []
+    # A stage of a single layer is a stage like any other.
+    three = [
+        StagePlan(device=rtx_4090("a"), n_layers=1),
+        StagePlan(device=rtx_4090("b"), n_layers=15),
+        StagePlan(device=rtx_4090("c"), n_layers=16),
+    ]
+    assert cost_model.violations(three) == []
+
+
+def test_violations_name_a_wrong_layer_count_a_repeated_device_and_too_few_nodes() -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    (short,) = cost_model.violations([StagePlan(device=rtx_4090("a"), n_layers=31)])
+    assert "31 layers placed" in short and "has 32" in short
+    twice = cost_model.violations(
+        [StagePlan(device=rtx_4090("a"), n_layers=16), StagePlan(device=rtx_4090("a"), n_layers=16)]
+    )
+    assert len(twice) == 1 and "more than one stage" in twice[0]
+    one_node = [
+        StagePlan(device=rtx_4090("a", "cuda:0"), n_layers=16),
+        StagePlan(device=rtx_4090("a", "cuda:1"), n_layers=16),
+    ]
+    assert cost_model.violations(one_node) == []
+    assert cost_model.violations(one_node, min_nodes=2) == ["fewer than 2 nodes used"]
+
+
+def test_violations_judge_each_stage_in_its_own_role() -> None:
+    """A device with room for 12 layers in the middle, 10 first and 9 last."""
+    cost_model = CostModel(model_card=llama_8b())
+    tight = gpu_holding(EMBEDDING_BYTES + 10 * PER_LAYER, "t")
+
+    def placement(*stages: tuple[PlacementDevice, int]) -> list[StagePlan]:
+        return [StagePlan(device=device, n_layers=n) for device, n in stages]
+
+    a, c = rtx_4090("a"), rtx_4090("c")
+    assert cost_model.violations(placement((a, 10), (tight, 12), (c, 10))) == []
+    assert cost_model.violations(placement((tight, 10), (a, 12), (c, 10))) == []
+    assert cost_model.violations(placement((a, 10), (c, 13), (tight, 9))) == []
+    for stages, held in (
+        (placement((tight, 12), (a, 10), (c, 10)), 12),  # 12 first: room for 10
+        (placement((a, 10), (c, 10), (tight, 12)), 12),  # 12 last: room for 9
+        (placement((a, 10), (tight, 13), (c, 9)), 13),  # 13 in the middle: room for 12
+    ):
+        assert cost_model.violations(stages) == [f"{tight.label} cannot hold {held} layers"]
+
+
+# --- conditions -------------------------------------------------------------------------------
+def test_the_throttle_threshold_and_the_near_margin_are_inclusive() -> None:
+    config = CostModelConfig()
+    at = device_condition(rtx_4090(temperature_c=90.0, throttle_threshold_c=90.0), config)
+    assert at.hot and at.speed_factor == 0.5 and at.notes == ["throttling"]
+    near = device_condition(rtx_4090(temperature_c=85.0, throttle_threshold_c=90.0), config)
+    assert not near.hot and near.near_threshold
+    assert near.speed_factor == 0.8 and near.notes == ["near its throttle threshold"]
+    cool = device_condition(rtx_4090(temperature_c=84.9, throttle_threshold_c=90.0), config)
+    assert cool.speed_factor == 1.0 and cool.notes == []
+
+
+def test_low_battery_is_strictly_below_its_percentage() -> None:
+    config = CostModelConfig()
+    at = device_condition(rtx_4090(is_plugged_in=False, battery_percent=20.0), config)
+    assert at.on_battery and not at.low_battery
+    assert at.speed_factor == 0.8 and at.notes == ["on battery"]
+    low = device_condition(rtx_4090(is_plugged_in=False, battery_percent=19.9), config)
+    assert low.on_battery and low.low_battery
+    assert low.speed_factor == 0.25 and low.notes == ["on low battery"]
+
+
+def test_heat_battery_and_load_multiply() -> None:
+    config = CostModelConfig()
+    hot_unplugged = rtx_4090(is_thermal_throttling=True, is_plugged_in=False, battery_percent=80.0)
+    assert device_condition(hot_unplugged, config).speed_factor == pytest.approx(0.5 * 0.8)
+    near_low = rtx_4090(
+        temperature_c=88.0, throttle_threshold_c=90.0, is_plugged_in=False, battery_percent=5.0
+    )
+    assert device_condition(near_low, config).speed_factor == pytest.approx(0.8 * 0.25)
+    everything = device_condition(
+        rtx_4090(
+            is_thermal_throttling=True,
+            is_plugged_in=False,
+            battery_percent=5.0,
+            utilization_percent=50.0,
+        ),
+        config,
+    )
+    assert everything.speed_factor == pytest.approx(0.5 * 0.25 * 0.5)
+    assert everything.notes == ["throttling", "on low battery", "busy"]
+
+
+def test_a_device_others_use_half_of_is_busy() -> None:
+    config = CostModelConfig()
+    assert device_condition(rtx_4090(utilization_percent=50.0), config).busy
+    assert device_condition(rtx_4090(utilization_percent=50.0), config).notes == ["busy"]
+    assert not device_condition(rtx_4090(utilization_percent=49.0), config).busy
+
+
+# --- time -------------------------------------------------------------------------------------
+def test_a_stage_reads_the_embedding_row_only_first_and_the_head_only_last() -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    gpu = rtx_4090()
+    layers = 16 * LAYER_BYTES
+    row = EMBEDDING_BYTES / 128256
+
+    def weights_ms(is_first: bool, is_last: bool) -> float:
+        return cost_model.stage_time(gpu, 16, is_first, is_last).weights_ms
+
+    assert weights_ms(False, False) == pytest.approx(layers / 1.008e9, rel=1e-12)
+    assert weights_ms(True, False) == pytest.approx((layers + row) / 1.008e9, rel=1e-12)
+    assert weights_ms(False, True) == pytest.approx((layers + EMBEDDING_BYTES) / 1.008e9, rel=1e-12)
+    assert cost_model.first_extra_ms(gpu) == pytest.approx(row / 1.008e9, rel=1e-12)
+    assert cost_model.last_extra_ms(gpu) == pytest.approx(EMBEDDING_BYTES / 1.008e9, rel=1e-12)
+
+
+def test_calibration_scales_every_per_device_term() -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    plain, slow = rtx_4090(), rtx_4090(calibration_factor=2.0)
+    # On a 4090 the launches (0.25 ms) outlast the layer's reads (0.13 ms): the layer costs 0.25.
+    assert cost_model.layer_ms(plain) == pytest.approx(0.25)
+    assert cost_model.stage_fixed_ms(plain) == pytest.approx(0.6)
+    for term in (
+        cost_model.layer_ms,
+        cost_model.first_extra_ms,
+        cost_model.last_extra_ms,
+        cost_model.stage_fixed_ms,
+    ):
+        assert term(slow) == pytest.approx(2.0 * term(plain))
+
+
+def test_a_loaded_cpu_slows_its_own_host_work() -> None:
+    """On the CPU backend the host work runs on the device, so others' load slows it: two
+    cores fully used leave a third thread 2/3 of a core."""
+    cost_model = CostModel(model_card=llama_8b())
+    cpu = rtx_4090(backend="cpu", cpu_cores=2, utilization_percent=100.0)
+    time = cost_model.stage_time(cpu, 32, True, True)
+    assert time.host_ms == pytest.approx((2.0 + 32 * 4.5) * 3 / 2)
+    assert cost_model.stage_fixed_ms(cpu) == pytest.approx(2.0 * 3 / 2)
+    # A loaded GPU's host work runs on the CPU beside it: unchanged.
+    assert cost_model.stage_fixed_ms(rtx_4090(utilization_percent=90.0)) == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize(("is_first", "is_last"), [(True, False), (False, True), (True, True)])
+def test_the_base_stage_time_ignores_every_condition_and_the_calibration(
+    is_first: bool, is_last: bool
+) -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    worn = rtx_4090(
+        calibration_factor=2.0,
+        utilization_percent=50.0,
+        temperature_c=88.0,
+        throttle_threshold_c=90.0,
+        is_plugged_in=False,
+        battery_percent=10.0,
+    )
+    ideal = cost_model.stage_ms(rtx_4090(), 16, is_first, is_last)
+    assert cost_model.base_stage_ms(worn, 16, is_first, is_last) == pytest.approx(ideal, rel=1e-12)
+    assert cost_model.stage_ms(worn, 16, is_first, is_last) > 2 * ideal
+
+
+def ring_of_three() -> tuple[CostModel, list[StagePlan], dict[str, LinkCost]]:
+    """Three nodes with each link measured one way only (a -> b -> c -> a)."""
+    measured = {
+        "ab": LinkCost(latency_ms=0.1, bandwidth_mbps=10_000),
+        "bc": LinkCost(latency_ms=0.3, bandwidth_mbps=25_000),
+        "ca": LinkCost(latency_ms=0.5, bandwidth_mbps=40_000),
+    }
+    links = {NodeId(pair[0]): {NodeId(pair[1]): link} for pair, link in measured.items()}
+    cost_model = CostModel(model_card=llama_8b(), links=links)
+    stages = [
+        StagePlan(device=rtx_4090("a"), n_layers=10),
+        StagePlan(device=rtx_4090("b"), n_layers=11),
+        StagePlan(device=rtx_4090("c"), n_layers=11),
+    ]
+    return cost_model, stages, measured
+
+
+def hop(link: LinkCost, n_bytes: float) -> float:
+    return link.latency_ms + n_bytes * 8 / (link.bandwidth_mbps * 1e3)
+
+
+def test_node_link_ms_is_the_measured_link_else_the_lan_default_else_the_local_link() -> None:
+    cost_model, _, measured = ring_of_three()
+    a, b = NodeId("a"), NodeId("b")
+    assert cost_model.node_link_ms(a, b) == pytest.approx(hop(measured["ab"], 8192))
+    assert cost_model.node_link_ms(b, a) == pytest.approx(1.0 + 8192 * 8 / 1e6)
+    assert cost_model.node_link_ms(a, a) == pytest.approx(hop(PEER_LINKS["pcie_host"], 8192))
+
+
+def test_each_stage_hops_to_the_next_and_the_last_back_to_the_first() -> None:
+    cost_model, stages, measured = ring_of_three()
+    assert cost_model.hop_times_ms(stages) == pytest.approx(
+        [hop(measured["ab"], 8192), hop(measured["bc"], 8192), hop(measured["ca"], 8192)]
+    )
+    assert cost_model.hop_times_ms(stages[:1]) == [0.0]
+
+
+def test_an_empty_placement_has_no_bottleneck() -> None:
+    assert CostModel(model_card=llama_8b()).predict_bottleneck_ms([]) == 0.0
+
+
+PROMPT_FLOPS = 2.0 * 512 * 32 * LAYER_PARAMETERS + 2.0 * 128256 * 4096
+
+
+def test_time_to_first_token_sends_the_prompt_forward_along_the_pipeline() -> None:
+    cost_model, stages, measured = ring_of_three()
+    compute_ms = PROMPT_FLOPS / (165.0 * 0.5 * 1e9)
+    prompt_hops = hop(measured["ab"], 512 * 8192) + hop(measured["bc"], 512 * 8192)
+    expected = cost_model.predict_ms_per_token(stages) + compute_ms + prompt_hops
+    assert cost_model.predict_time_to_first_token_ms(stages) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("device", "compute_scale"),
+    [
+        (rtx_4090(calibration_factor=2.0), 2.0),
+        (rtx_4090(is_thermal_throttling=True), 2.0),
+        (rtx_4090(utilization_percent=75.0), 4.0),  # a quarter of it left to us
+    ],
+    ids=["calibrated", "throttling", "loaded"],
+)
+def test_the_prompts_compute_follows_the_devices_condition_and_calibration(
+    device: PlacementDevice, compute_scale: float
+) -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    stage = [StagePlan(device=device, n_layers=32)]
+    compute_ms = PROMPT_FLOPS / (165.0 * 0.5 * 1e9) * compute_scale
+    expected = cost_model.predict_ms_per_token(stage) + compute_ms
+    assert cost_model.predict_time_to_first_token_ms(stage) == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_slow_or_unrated_device_computes_at_its_own_tflops() -> None:
+    cost_model = CostModel(model_card=llama_8b())
+    for tflops, rated in [(0.5, 0.5), (0.0, 1e-3)]:  # 0: not reported, a floor, never a zero
+        stage = [StagePlan(device=rtx_4090(peak_tflops_fp16=tflops), n_layers=32)]
+        expected = cost_model.predict_ms_per_token(stage) + PROMPT_FLOPS / (rated * 0.5 * 1e9)
+        assert cost_model.predict_time_to_first_token_ms(stage) == pytest.approx(
+            expected, rel=1e-12
+        )
+
+
+def test_a_card_without_a_parameter_count_counts_two_bytes_per_parameter() -> None:
+    layer_bytes = LAYER_BYTES + 1  # odd: whole parameters, 61,344,000 per layer
+    card = llama_8b().model_copy(update={"parameters_per_layer": 0, "layer_bytes": layer_bytes})
+    cost_model = CostModel(model_card=card)
+    stage = [StagePlan(device=rtx_4090(), n_layers=32)]
+    flops = 2.0 * 512 * 32 * (layer_bytes // 2) + 2.0 * 128256 * 4096
+    expected = cost_model.predict_ms_per_token(stage) + flops / (165.0 * 0.5 * 1e9)
+    assert cost_model.predict_time_to_first_token_ms(stage) == pytest.approx(expected, rel=1e-12)
