@@ -22,13 +22,15 @@ from exo.shared.types.events import (
     NodeMemoryUpdated,
     NodeTimedOut,
     RunnerStatusUpdated,
+    StageTimeMeasured,
     TaskCreated,
     TaskStatusUpdated,
 )
 from exo.shared.types.execution import ComputeDevice, ExecutionCapability
 from exo.shared.types.gpu import DeviceGPUState, GPUDeviceInfo
 from exo.shared.types.ids import CommandId, DeviceId, InstanceId, NodeId, RunnerId, TaskId
-from exo.shared.types.node import NodeStaticInfo
+from exo.shared.types.instances import Shard
+from exo.shared.types.node import NetworkInterface, NodeInfo, NodeStaticInfo
 from exo.shared.types.runners import RunnerStatus
 from exo.shared.types.state import State
 from exo.shared.types.tasks import ChatCompletionParams, Task
@@ -82,7 +84,7 @@ def test_apply_is_pure_and_advances_the_index() -> None:
 
 
 def test_apply_rejects_events_out_of_order() -> None:
-    with pytest.raises(EventOutOfOrderError):
+    with pytest.raises(EventOutOfOrderError, match="expected event index 0, got 1"):
         apply(State(), IndexedEvent(idx=1, event=MasterElected(master_node_id=NODE_A)))
 
 
@@ -322,3 +324,116 @@ def test_a_pass_of_a_node_not_in_the_state_is_ignored() -> None:
 def test_a_pass_carries_only_its_own_nodes_readings() -> None:
     with pytest.raises(ValueError, match="another node"):
         pass_of(NODE_A, [device_state(NODE_B, "cuda:0", 1)], [], 5)
+
+
+def test_a_node_report_is_stored_whole_and_a_memory_update_moves_only_ram_and_last_seen() -> None:
+    static = NodeStaticInfo(
+        friendly_name="box-a",
+        hostname="a.local",
+        os="Darwin",
+        cpu_count=12,
+        ram_total_bytes=64_000,
+        network_interfaces=[NetworkInterface(name="en0", addresses=["10.0.0.2"])],
+        api_port=52415,
+        ring_port=6000,
+    )
+    reported = NodeInfoReported(
+        node_id=NODE_A, info=static, ram_available_bytes=40_000, reported_at=later(1)
+    )
+    state = apply_all([reported])
+    expected = NodeInfo(
+        node_id=NODE_A,
+        friendly_name="box-a",
+        hostname="a.local",
+        os="Darwin",
+        cpu_count=12,
+        ram_total_bytes=64_000,
+        ram_available_bytes=40_000,
+        network_interfaces=[NetworkInterface(name="en0", addresses=["10.0.0.2"])],
+        api_port=52415,
+        ring_port=6000,
+        last_seen=later(1),
+    )
+    assert state.nodes == {NODE_A: expected}
+    update = NodeMemoryUpdated(node_id=NODE_A, ram_available_bytes=100, reported_at=later(7))
+    state = apply(state, IndexedEvent(idx=1, event=update))
+    assert state.nodes == {
+        NODE_A: expected.model_copy(update={"ram_available_bytes": 100, "last_seen": later(7)})
+    }
+    # A memory update of a node the state does not know creates nothing.
+    unknown = NodeMemoryUpdated(node_id=NODE_B, ram_available_bytes=1, reported_at=later(8))
+    assert apply_event(state, unknown) == state
+
+
+def test_a_nodes_second_device_and_second_link_are_added_to_its_first() -> None:
+    def info(device: str) -> GPUDeviceInfo:
+        return GPUDeviceInfo(
+            device_id=DeviceId(device),
+            node_id=NODE_A,
+            name="H100",
+            vendor="NVIDIA",
+            backend="cuda",
+            memory_total_bytes=80,
+            memory_bandwidth_gbps=3350,
+            peak_tflops_fp16=989,
+        )
+
+    def link(dest: NodeId, mbps: float) -> GPUBandwidthMeasured:
+        return GPUBandwidthMeasured(
+            source_node_id=NODE_A,
+            dest_node_id=dest,
+            source_device_id="node",
+            dest_device_id="node",
+            bandwidth_mbps=mbps,
+            latency_ms=0.4,
+            measurement_count=3,
+        )
+
+    node_c = NodeId("node-c")
+    state = apply_all(
+        [
+            node_info(NODE_A),
+            node_info(NODE_B),
+            node_info(node_c),
+            GPUDeviceInfoReported(device_info=info("cuda:0")),
+            GPUDeviceInfoReported(device_info=info("cuda:1")),
+            link(NODE_B, 900),
+            link(node_c, 400),
+        ]
+    )
+    assert state.gpu_device_info == {
+        NODE_A: {DeviceId("cuda:0"): info("cuda:0"), DeviceId("cuda:1"): info("cuda:1")}
+    }
+    assert {dest: each.bandwidth_mbps for dest, each in state.gpu_links[NODE_A].items()} == {
+        NODE_B: 900,
+        node_c: 400,
+    }
+
+
+def test_a_small_uncalibrated_prediction_still_calibrates_the_device() -> None:
+    shard = Shard(
+        runner_id=RunnerId("r"),
+        node_id=NODE_A,
+        device_id=DeviceId("cuda:0"),
+        rank=0,
+        world_size=1,
+        start_layer=0,
+        end_layer=4,
+        predicted_stage_ms=0.5,
+        base_stage_ms=0.5,
+    )
+    instance = single_shard_instance(node_id=NODE_A, instance_id="i").model_copy(
+        update={"shards": [shard]}
+    )
+    measured = StageTimeMeasured(
+        instance_id=InstanceId("i"),
+        runner_id=RunnerId("r"),
+        node_id=NODE_A,
+        device_id=DeviceId("cuda:0"),
+        stage_ms_per_token=1.5,
+        tokens=4,
+        measured_at=WHEN,
+    )
+    state = apply_all([node_info(NODE_A), InstanceCreated(instance=instance), measured])
+    calibration = state.device_calibration[NODE_A][DeviceId("cuda:0")]
+    assert (calibration.factor, calibration.samples) == (3.0, 1)  # 1.5 ms measured / 0.5 predicted
