@@ -1,15 +1,23 @@
 """Heal and move decisions on cluster states, applied through ``apply`` as nodes apply them."""
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from loguru import logger
 
 from exo.master.commands import handle_command
 from exo.master.replacement import (
+    FAILED_DEVICE_MEMORY,
+    Candidate,
     ReplacementConfig,
     condition_flipped_unseen,
+    describe_layout,
+    fresh_placement,
     heal,
     manual_replacement,
     move_candidate,
     progress_of_change,
+    replacement_started,
 )
 from exo.master.tests.placement_helpers import NOW, gpu_info, gpu_state, node_info
 from exo.shared.apply import apply_event
@@ -30,6 +38,7 @@ from exo.shared.types.instances import (
     ChangeKind,
     Instance,
     PlacementChange,
+    PlacementObjective,
     RebalancePolicy,
     Shard,
 )
@@ -375,3 +384,274 @@ def test_a_heal_names_the_lost_node_not_the_rank_it_stopped() -> None:
     event = heal(the_instance(state), state, NOW, CONFIG)
     assert isinstance(event, InstanceReplacementStarted)
     assert event.replacement.change.reason == f"node {lost.node_id} (rank 1) left the cluster"
+
+
+def placed_for(state: State, objective: PlacementObjective) -> State:
+    events = handle_command(
+        PlaceInstance(model_id=MODEL, min_nodes=2, objective=objective, allow_planning_only=True),
+        state,
+    )
+    assert isinstance(events, list)
+    state = applied(state, *events)
+    return with_runners(state, the_instance(state).shards, "ready")
+
+
+def test_a_fresh_placement_is_judged_in_the_instances_own_objective() -> None:
+    """On the calm cluster it was placed on, an instance's fresh placement is its own layout,
+    predicted alike for both: no gain, in ms per token (latency) or in the bottleneck
+    stage's ms (throughput)."""
+    for objective in ("latency", "throughput"):
+        state = placed_for(cluster(["n0", "n1", "n2"]), objective)
+        instance = the_instance(state)
+        candidate = fresh_placement(instance, state)
+        assert isinstance(candidate, Candidate)
+        decision = candidate.fresh.placement
+        assert decision.objective == objective
+        expected = (
+            decision.predicted_bottleneck_ms
+            if objective == "throughput"
+            else decision.predicted_ms_per_token
+        )
+        assert candidate.new_predicted_ms == expected
+        assert candidate.gain == pytest.approx(0.0, abs=1e-9)
+    latency = placed_for(cluster(["n0", "n1", "n2"]), "latency")
+    decision = the_instance(latency).placement
+    assert decision.predicted_bottleneck_ms != decision.predicted_ms_per_token  # they differ
+
+
+def test_a_heal_keeps_the_instances_objective() -> None:
+    state = placed_for(cluster(["n0", "n1", "n2"]), "throughput")
+    state = applied(state, NodeTimedOut(node_id=the_instance(state).shards[1].node_id))
+    started = heal(the_instance(state), state, NOW, CONFIG)
+    assert isinstance(started, InstanceReplacementStarted)
+    assert started.replacement.placement.objective == "throughput"
+    state = applied(state, started, *ready(started))
+    switch = progress_of_change(the_instance(state), state, NOW, CONFIG)
+    assert isinstance(switch, InstanceReplaced)
+    assert the_instance(applied(state, switch)).placement.objective == "throughput"
+
+
+def ready(started: InstanceReplacementStarted) -> list[Event]:
+    return [
+        RunnerStatusUpdated(
+            runner_id=shard.runner_id,
+            instance_id=started.instance_id,
+            node_id=shard.node_id,
+            status="ready",
+        )
+        for shard in started.replacement.shards
+    ]
+
+
+def test_a_started_change_records_the_candidates_predictions_under_an_id_of_its_own() -> None:
+    state = with_second_shard_throttling(placed(cluster(["n0", "n1", "n2"])))
+    instance = the_instance(state)
+    candidate = move_candidate(instance, state, NOW, CONFIG)
+    assert candidate is not None
+    first = replacement_started(instance, candidate, "move", "why", NOW)
+    change = first.replacement.change
+    assert change.old_shards == instance.shards and change.new_shards == candidate.fresh.shards
+    assert change.old_predicted_ms == candidate.old_predicted_ms is not None
+    assert change.new_predicted_ms == candidate.new_predicted_ms
+    assert change.predicted_gain == candidate.gain is not None
+    assert change.started_at == NOW and change.outcome == "loading"
+    second = replacement_started(instance, candidate, "move", "why", NOW)
+    assert second.replacement.change.change_id != change.change_id
+
+
+def aborted_change(failed_on: Shard, finished: datetime) -> PlacementChange:
+    """A change aborted at ``finished`` because its runner on ``failed_on``'s device
+    failed."""
+    return finished_change("aborted", "move", finished).model_copy(
+        update={
+            "outcome": "aborted",
+            "outcome_reason": "runner r (rank 0) failed: out of memory",
+            "failed_devices": [(failed_on.node_id, failed_on.device_id)],
+        }
+    )
+
+
+def test_a_heal_leaves_out_a_device_where_a_recent_change_failed_for_ten_minutes() -> None:
+    """Four nodes, the instance on two; one of them leaves. A change that failed on a spare
+    node's device a moment ago keeps the heal off it (the decision says why), one that
+    failed there ten minutes ago or more does not."""
+    nodes = ["n0", "n1", "n2", "n3"]
+    state = placed(cluster(nodes))
+    serving = the_instance(state).shards
+    state = applied(state, NodeTimedOut(node_id=serving[1].node_id))
+    spare = next(node for node in nodes if node not in {s.node_id for s in serving})
+    spare_shard = serving[0].model_copy(update={"node_id": NodeId(spare)})
+    spare_device = f"{spare}/{spare_shard.device_id}"
+    instance = the_instance(state)
+
+    def heal_after(failed_ago: timedelta | None) -> InstanceReplacementStarted:
+        change = aborted_change(spare_shard, NOW - (failed_ago or timedelta()))
+        if failed_ago is None:
+            change = change.model_copy(update={"finished_at": None})  # still loading
+        healed = heal(instance.model_copy(update={"changes": [change]}), state, NOW, CONFIG)
+        assert isinstance(healed, InstanceReplacementStarted)
+        return healed
+
+    def left_out(started: InstanceReplacementStarted) -> list[str]:
+        return [reason for reason in started.replacement.placement.reasons if "left out" in reason]
+
+    recent = heal_after(timedelta(minutes=1))
+    assert spare not in {shard.node_id for shard in recent.replacement.shards}
+    assert left_out(recent) == [
+        f"telemetry only: {spare_device} left out: a runner failed there: "
+        "runner r (rank 0) failed: out of memory"
+    ]
+    for not_recent in (FAILED_DEVICE_MEMORY, timedelta(hours=1), None):
+        assert left_out(heal_after(not_recent)) == []
+
+
+def heals(started_minutes_ago: list[float]) -> list[PlacementChange]:
+    return [
+        finished_change(f"h{index}", "heal", NOW - timedelta(minutes=ago) + timedelta(seconds=5))
+        for index, ago in enumerate(started_minutes_ago)
+    ]
+
+
+def test_beyond_the_hourly_heals_the_instance_is_marked_failed() -> None:
+    config = ReplacementConfig(max_heals_per_hour=3)
+    state = placed(cluster(["n0", "n1", "n2"]))
+    state = applied(state, NodeTimedOut(node_id=the_instance(state).shards[1].node_id))
+    instance = the_instance(state)
+    broken = f"node {instance.shards[1].node_id} (rank 1) left the cluster"
+
+    def healed(changes: list[PlacementChange]) -> Event | None:
+        return heal(instance.model_copy(update={"changes": changes}), state, NOW, config)
+
+    assert isinstance(healed(heals([30, 20])), InstanceReplacementStarted)
+    assert isinstance(healed(heals([60, 60, 50, 40])), InstanceReplacementStarted)  # an hour ago
+    moves = [finished_change(f"m{index}", "move", NOW) for index in range(5)]
+    assert isinstance(healed(moves), InstanceReplacementStarted)  # moves are not heals
+    failed = healed(heals([30, 20, 10]))
+    assert isinstance(failed, InstanceFailed)
+    assert failed.instance_id == instance.instance_id
+    assert failed.reason == (
+        f"{broken}; it was healed 3 times in the last hour, so it is not healed again "
+        "(POST /instance/{id}/replace tries once more)"
+    )
+    already = instance.model_copy(update={"changes": heals([30, 20, 10]), "failure": failed.reason})
+    assert heal(already, state, NOW, config) is None  # said once
+
+
+def test_a_change_is_aborted_only_after_the_load_timeout() -> None:
+    state, started = healing(placed(cluster(["n0", "n1", "n2"])))
+    deadline = started.replacement.change.started_at + timedelta(seconds=CONFIG.load_timeout_s)
+    assert progress_of_change(the_instance(state), state, deadline, CONFIG) is None
+    late = deadline + timedelta(milliseconds=1)
+    assert isinstance(
+        progress_of_change(the_instance(state), state, late, CONFIG), InstanceReplacementAborted
+    )
+
+
+def test_no_move_while_the_old_set_retires_or_the_instance_failed() -> None:
+    state = with_second_shard_throttling(placed(cluster(["n0", "n1", "n2"])))
+    instance = the_instance(state)
+    assert move_candidate(instance, state, NOW, CONFIG) is not None
+    retiring = instance.model_copy(update={"retiring_shards": instance.shards[:1]})
+    assert move_candidate(retiring, state, NOW, CONFIG) is None
+    failed = instance.model_copy(update={"failure": "it cannot be placed again"})
+    assert move_candidate(failed, state, NOW, CONFIG) is None
+
+
+def test_a_move_needs_at_least_the_margin_and_the_settle_time() -> None:
+    state = with_second_shard_throttling(placed(cluster(["n0", "n1", "n2"])))
+    instance = the_instance(state)
+    candidate = move_candidate(instance, state, NOW, CONFIG)
+    assert candidate is not None and candidate.gain is not None
+    exactly = CONFIG.model_copy(update={"move_margin": candidate.gain})
+    assert move_candidate(instance, state, NOW, exactly) is not None
+    settled = [finished_change("done", "heal", NOW - timedelta(seconds=CONFIG.settle_s))]
+    assert move_candidate(instance.model_copy(update={"changes": settled}), state, NOW, CONFIG)
+    hour = [finished_change(f"m{index}", "move", NOW - timedelta(hours=1)) for index in range(4)]
+    hour = [change.model_copy(update={"started_at": NOW - timedelta(hours=1)}) for change in hour]
+    assert move_candidate(instance.model_copy(update={"changes": hour}), state, NOW, CONFIG)
+
+
+def test_looking_for_a_move_every_second_logs_nothing_at_info() -> None:
+    state = with_second_shard_throttling(placed(cluster(["n0", "n1", "n2"])))
+    lines: list[str] = []
+    handler = logger.add(lambda message: lines.append(str(message)), level="INFO")
+    try:
+        assert move_candidate(the_instance(state), state, NOW, CONFIG) is not None
+    finally:
+        logger.remove(handler)
+    assert lines == []
+
+
+def test_a_manual_replace_of_a_changing_instance_is_a_conflict_that_names_the_change() -> None:
+    state, started = healing(placed(cluster(["n0", "n1", "n2"])))
+    instance = the_instance(state)
+    refused = manual_replacement(instance, state)
+    assert isinstance(refused, CommandResult)
+    assert not refused.ok and refused.status_code == 409
+    change = started.replacement.change
+    assert refused.error == (
+        f"instance {instance.instance_id} is already changing (heal: {change.reason})"
+    )
+
+
+def test_a_manual_replace_gives_its_reason_and_gain() -> None:
+    state = with_second_shard_throttling(placed(cluster(["n0", "n1", "n2"])))
+    before = datetime.now(UTC)
+    events = manual_replacement(the_instance(state), state)
+    after = datetime.now(UTC)
+    assert isinstance(events, list)
+    [started] = events
+    assert isinstance(started, InstanceReplacementStarted)
+    change = started.replacement.change
+    assert change.predicted_gain is not None
+    assert change.reason == (
+        "requested through POST /instance/{id}/replace "
+        f"(predicted gain {change.predicted_gain:.0%})"
+    )
+    assert before <= change.started_at <= after
+    # A node of the layout is gone: no prediction for it, so no gain to give.
+    lost = applied(state, NodeTimedOut(node_id=the_instance(state).shards[1].node_id))
+    events = manual_replacement(the_instance(lost), lost)
+    assert isinstance(events, list)
+    [started] = events
+    assert isinstance(started, InstanceReplacementStarted)
+    assert started.replacement.change.predicted_gain is None
+    assert started.replacement.change.reason == "requested through POST /instance/{id}/replace"
+
+
+def test_a_manual_replace_of_a_broken_instance_leaves_out_its_failed_devices() -> None:
+    """A serving set whose runner failed: the replace avoids that device like a heal does.
+    A serving set that is sound is placed afresh on every device, even one where an earlier
+    change failed (the operator asks for a fresh decision)."""
+    state = placed(cluster(["n0", "n1", "n2"]))
+    bad = the_instance(state).shards[1]
+    broken = with_runners(state, [bad], "failed")
+    events = manual_replacement(the_instance(broken), broken)
+    assert isinstance(events, list)
+    [started] = events
+    assert isinstance(started, InstanceReplacementStarted)
+    used = {(shard.node_id, shard.device_id) for shard in started.replacement.shards}
+    assert (bad.node_id, bad.device_id) not in used
+    assert started.replacement.change.reason.startswith("requested through POST")
+    # Its earlier changes (here one long finished) do not get in the way.
+    with_history = the_instance(broken).model_copy(
+        update={"changes": [aborted_change(bad, NOW - timedelta(hours=1))]}
+    )
+    events = manual_replacement(with_history, broken)
+    assert isinstance(events, list) and len(events) == 1
+    # Sound, with a change that failed a moment ago on one of its own devices: nothing to
+    # change.
+    just_now = aborted_change(bad, datetime.now(UTC))
+    sound = the_instance(state).model_copy(update={"changes": [just_now]})
+    assert manual_replacement(sound, state) == []
+
+
+def test_a_layout_is_described_rank_by_rank() -> None:
+    state = placed(cluster(["n0", "n1", "n2"]))
+    first, second = the_instance(state).shards
+    expected = (
+        f"{first.node_id}/{first.device_id} layers {first.start_layer}-{first.end_layer}, "
+        f"{second.node_id}/{second.device_id} layers {second.start_layer}-{second.end_layer}"
+    )
+    assert describe_layout([first, second]) == expected
+    assert describe_layout([second, first]) == expected
