@@ -125,10 +125,10 @@ def test_node_lifecycle() -> None:
     assert NODE_A not in state.gpu_device_state
 
 
-def test_device_info_and_links_are_kept_per_node() -> None:
-    info = GPUDeviceInfo(
-        device_id=DeviceId("cuda:0"),
-        node_id=NODE_A,
+def h100(device: str = "cuda:0", node: NodeId = NODE_A) -> GPUDeviceInfo:
+    return GPUDeviceInfo(
+        device_id=DeviceId(device),
+        node_id=node,
         name="H100",
         vendor="NVIDIA",
         backend="cuda",
@@ -136,17 +136,29 @@ def test_device_info_and_links_are_kept_per_node() -> None:
         memory_bandwidth_gbps=3350,
         peak_tflops_fp16=989,
     )
-    link = GPUBandwidthMeasured(
-        source_node_id=NODE_A,
-        dest_node_id=NODE_B,
+
+
+def link(source: NodeId, dest: NodeId, mbps: float = 900) -> GPUBandwidthMeasured:
+    """A node-to-node link measurement."""
+    return GPUBandwidthMeasured(
+        source_node_id=source,
+        dest_node_id=dest,
         source_device_id="node",
         dest_device_id="node",
-        bandwidth_mbps=900,
+        bandwidth_mbps=mbps,
         latency_ms=0.4,
         measurement_count=3,
     )
+
+
+def test_device_info_and_links_are_kept_per_node() -> None:
     state = apply_all(
-        [node_info(NODE_A), node_info(NODE_B), GPUDeviceInfoReported(device_info=info), link]
+        [
+            node_info(NODE_A),
+            node_info(NODE_B),
+            GPUDeviceInfoReported(device_info=h100()),
+            link(NODE_A, NODE_B),
+        ]
     )
     assert state.gpu_device_info[NODE_A][DeviceId("cuda:0")].name == "H100"
     assert state.gpu_links[NODE_A][NODE_B].bandwidth_mbps == 900
@@ -366,43 +378,20 @@ def test_a_node_report_is_stored_whole_and_a_memory_update_moves_only_ram_and_la
 
 
 def test_a_nodes_second_device_and_second_link_are_added_to_its_first() -> None:
-    def info(device: str) -> GPUDeviceInfo:
-        return GPUDeviceInfo(
-            device_id=DeviceId(device),
-            node_id=NODE_A,
-            name="H100",
-            vendor="NVIDIA",
-            backend="cuda",
-            memory_total_bytes=80,
-            memory_bandwidth_gbps=3350,
-            peak_tflops_fp16=989,
-        )
-
-    def link(dest: NodeId, mbps: float) -> GPUBandwidthMeasured:
-        return GPUBandwidthMeasured(
-            source_node_id=NODE_A,
-            dest_node_id=dest,
-            source_device_id="node",
-            dest_device_id="node",
-            bandwidth_mbps=mbps,
-            latency_ms=0.4,
-            measurement_count=3,
-        )
-
     node_c = NodeId("node-c")
     state = apply_all(
         [
             node_info(NODE_A),
             node_info(NODE_B),
             node_info(node_c),
-            GPUDeviceInfoReported(device_info=info("cuda:0")),
-            GPUDeviceInfoReported(device_info=info("cuda:1")),
-            link(NODE_B, 900),
-            link(node_c, 400),
+            GPUDeviceInfoReported(device_info=h100("cuda:0")),
+            GPUDeviceInfoReported(device_info=h100("cuda:1")),
+            link(NODE_A, NODE_B, 900),
+            link(NODE_A, node_c, 400),
         ]
     )
     assert state.gpu_device_info == {
-        NODE_A: {DeviceId("cuda:0"): info("cuda:0"), DeviceId("cuda:1"): info("cuda:1")}
+        NODE_A: {DeviceId("cuda:0"): h100("cuda:0"), DeviceId("cuda:1"): h100("cuda:1")}
     }
     assert {dest: each.bandwidth_mbps for dest, each in state.gpu_links[NODE_A].items()} == {
         NODE_B: 900,

@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 from exo.shared.apply import apply_event
 from exo.shared.tests.instances import GREEDY
+from exo.shared.tests.test_apply import h100, link
 from exo.shared.types.events import (
     Event,
-    GPUBandwidthMeasured,
     GPUDeviceInfoReported,
     InstanceCreated,
     InstanceDeleted,
@@ -23,7 +23,6 @@ from exo.shared.types.events import (
     TaskCreated,
     TaskStatusUpdated,
 )
-from exo.shared.types.gpu import GPUDeviceInfo
 from exo.shared.types.ids import CommandId, DeviceId, InstanceId, NodeId, RunnerId, TaskId
 from exo.shared.types.instances import (
     Instance,
@@ -455,27 +454,7 @@ def test_a_timed_out_node_takes_its_facts_links_runners_and_running_requests_wit
     info = NodeStaticInfo(
         friendly_name="c", hostname="c", os="Linux", cpu_count=1, ram_total_bytes=1
     )
-    device = GPUDeviceInfo(
-        device_id=GPU,
-        node_id=NODE_A,
-        name="H100",
-        vendor="NVIDIA",
-        backend="cuda",
-        memory_total_bytes=80,
-        memory_bandwidth_gbps=3350,
-        peak_tflops_fp16=989,
-    )
-
-    def link(source: NodeId, dest: NodeId) -> GPUBandwidthMeasured:
-        return GPUBandwidthMeasured(
-            source_node_id=source,
-            dest_node_id=dest,
-            source_device_id="net",
-            dest_device_id="net",
-            bandwidth_mbps=100,
-            latency_ms=1,
-            measurement_count=1,
-        )
+    device = h100(GPU)
 
     state = applied(
         serving(),
