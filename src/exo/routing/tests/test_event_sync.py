@@ -89,7 +89,9 @@ async def leader_and_follower(tmp_path: Path) -> AsyncGenerator[tuple[Stack, Sta
         stack(tmp_path / "f", "follower", 2, free_port(), port) as follower,
     ):
         await wait_for(lambda: leader.master.is_active)
-        await wait_for(lambda: leader.store.state.members == {leader.node_id, follower.node_id})
+        await wait_for(
+            lambda: leader.store.state.members == frozenset({leader.node_id, follower.node_id})
+        )
         await wait_for(lambda: follower.store.last_idx == leader.store.last_idx)
         yield leader, follower
 
