@@ -227,6 +227,8 @@ def test_an_unreadable_first_line_leaves_the_base(tmp_path: Path) -> None:
         (encode_record(probe(1)), "a checksummed record among records of the old format"),
         (legacy(range(7, 8))[0], "it holds index 7"),
     ],
+    # The records hold random event ids: named by position, every xdist worker collects the same tests.
+    ids=["not-json", "no-event", "checksummed-among-old", "wrong-index"],
 )
 def test_a_bad_line_of_an_old_format_file_is_damage_with_its_reason(
     tmp_path: Path, bad_line: bytes, reason: str
