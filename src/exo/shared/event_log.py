@@ -352,9 +352,10 @@ class DiskEventLog:
         return scan.events
 
     def _warn_cut(self, scan: _Scan) -> None:
+        kept = f"after index {scan.events[-1].idx}" if scan.events else "(no record kept)"
         logger.warning(
             f"event log {self._path}: cutting {scan.size - scan.good_end} bytes of truncated or "
-            f"corrupt records after index {len(scan.events) - 1}"
+            f"corrupt records {kept}"
         )
 
     def _new_format_prefix(self, scan: _Scan) -> tuple[list[int], list[bytes]]:

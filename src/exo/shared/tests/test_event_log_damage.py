@@ -158,6 +158,26 @@ def test_the_cut_warning_counts_the_bytes_cut_and_the_last_record_kept(
     assert any(line.endswith("after index 3") for line in log_lines if "cutting 7" in line)
 
 
+def test_the_cut_warning_names_the_last_record_kept_by_its_index_after_a_snapshot(
+    tmp_path: Path, log_lines: list[str]
+) -> None:
+    """A log compacted to base 100: the warning names record 102, not its position."""
+    lines = checksummed(range(100, 104))
+    write_file(tmp_path, [*lines[:3], lines[3][:5]])
+    assert indices(DiskEventLog(tmp_path).open(base=100)) == [100, 101, 102]
+    cut = [line for line in log_lines if "cutting 5 bytes" in line]
+    assert len(cut) == 1 and cut[0].endswith("after index 102"), cut
+
+
+def test_a_torn_only_record_is_cut_and_the_warning_says_no_record_was_kept(
+    tmp_path: Path, log_lines: list[str]
+) -> None:
+    write_file(tmp_path, [checksummed(range(1))[0][:6]])
+    assert indices(DiskEventLog(tmp_path).open()) == []
+    cut = [line for line in log_lines if "cutting 6 bytes" in line]
+    assert len(cut) == 1 and cut[0].endswith("(no record kept)"), cut
+
+
 def test_a_last_line_running_into_the_next_record_from_its_second_byte_is_damage(
     tmp_path: Path,
 ) -> None:
