@@ -220,6 +220,22 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> fl
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+def stays_true(predicate: Callable[[], bool], window_s: float, what: str) -> None:
+    """Watch that predicate holds for the whole window (what must not happen has had the
+    time to happen); fails as soon as one look finds it broken, so a passing change that
+    undoes itself fails too, where a sleep and one assert would miss it."""
+    start = time.monotonic()
+    looks = 0
+    while True:
+        looks += 1
+        if not predicate():
+            broken_at = time.monotonic() - start
+            raise AssertionError(f"{what} was broken {broken_at:.1f}s into the {window_s}s window")
+        if time.monotonic() - start >= window_s:
+            return
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def running_cluster(
     base: Path, count: int, extra_args: Callable[[int], list[str]] | None = None

@@ -13,6 +13,7 @@ from tests.cluster import (
     ExoNode,
     free_port,
     running_cluster,
+    stays_true,
     wait_converged,
     wait_until,
     zenoh_peer,
@@ -126,7 +127,7 @@ def test_master_killed_with_events_in_flight(tmp_path: Path) -> None:
             logged = {entry["event"]["event_id"] for entry in survivors[0].all_events()}
             return set(accepted) <= logged
 
-        wait_until(all_probes_logged, 10.0, "every accepted probe to be in the log")
+        wait_until(all_probes_logged, 60.0, "every accepted probe to be in the log")
         wait_converged(survivors, 2, "survivors to converge")
         logs = [node.all_events() for node in survivors]
         _identical_prefixes(logs)
@@ -224,15 +225,22 @@ def test_garbage_and_forged_messages_change_nothing(tmp_path: Path) -> None:
                     }
                 ).encode(),
             )
-            time.sleep(1.5)
+
+            def nothing_taken() -> bool:
+                for node in nodes:
+                    state = node.state()
+                    logged = {entry["event"]["event_id"] for entry in node.all_events()}
+                    if (
+                        state["master_node_id"] != master_id
+                        or set(state["nodes"]) != before_nodes
+                        or forged_event_id in logged
+                    ):
+                        return False
+                return True
+
+            stays_true(nothing_taken, 1.5, "the master, the members and the log unchanged")
         finally:
             session.close()
-        for node in nodes:
-            state = node.state()
-            assert state["master_node_id"] == master_id
-            assert set(state["nodes"]) == before_nodes
-            logged = {entry["event"]["event_id"] for entry in node.all_events()}
-            assert forged_event_id not in logged
         wait_converged(nodes, 3, "nodes still agree")
         assert "dropped" in "".join(node.log_text() for node in nodes)
 
@@ -305,7 +313,7 @@ def test_links_between_nodes_are_measured(tmp_path: Path) -> None:
             links = nodes[0].state()["gpu_links"]
             return ids[1] in links.get(ids[0], {}) and ids[0] in links.get(ids[1], {})
 
-        wait_until(links_measured, 15.0, "both directions of the link to be measured")
+        wait_until(links_measured, 60.0, "both directions of the link to be measured")
         link = nodes[1].state()["gpu_links"][ids[0]][ids[1]]
         assert link["latency_ms"] > 0
         assert link["bandwidth_mbps"] > 10

@@ -136,7 +136,7 @@ def test_a_stranger_can_neither_read_nor_change_anything(
         try:
             # Reads: the insider's reach the nodes and are answered...
             wait_until(
-                lambda: len(list(insider.info.peers_zid())) >= 1, 10.0, "the insider to join"
+                lambda: len(list(insider.info.peers_zid())) >= 1, 60.0, "the insider to join"
             )
             insider_log, insider_tokens = read_everything(insider, master_id)
             assert insider_log and len(insider_tokens) == 3
@@ -158,7 +158,7 @@ def test_a_stranger_can_neither_read_nor_change_anything(
                     probe["event_id"]
                     in {entry["event"]["event_id"] for entry in nodes[0].all_events()}
                 ),
-                10.0,
+                60.0,
                 "a probe after the attacks to be logged",
             )
             marker = probe["event_id"].encode()
@@ -167,7 +167,7 @@ def test_a_stranger_can_neither_read_nor_change_anything(
                 with lock:
                     return any(marker in payload for payload in heard[name])
 
-            wait_until(lambda: heard_probe("insider"), 5.0, "the insider to hear the probe")
+            wait_until(lambda: heard_probe("insider"), 60.0, "the insider to hear the probe")
             assert not heard_probe("stranger")  # it hears nothing but its own puts
             for queryable in queryables:
                 queryable.undeclare()
@@ -202,7 +202,7 @@ def test_nodes_with_different_secrets_never_meet(tmp_path: Path) -> None:
         wait_until(lambda: converged([a], 1) and converged([b], 1), 30.0, "each to elect itself")
         wait_until(
             lambda: "cluster secret" in a.log_text() and "no peer" in a.log_text(),
-            20.0,
+            60.0,
             "a to say it is alone",
         )
         assert set(a.state()["nodes"]) == {a.node_id()}
@@ -233,7 +233,7 @@ def test_a_node_that_connects_to_a_stranger_gets_no_session(
     try:
         node.wait_ready()
         # The node tried the stranger's address for 10 s and says nobody accepted it.
-        wait_until(lambda: "no peer has accepted" in node.log_text(), 20.0, "the node to give up")
+        wait_until(lambda: "no peer has accepted" in node.log_text(), 60.0, "the node to give up")
         assert list(stranger.info.peers_zid()) == []
         assert heard == []
         assert set(node.state()["nodes"]) == {node.node_id()}
@@ -337,7 +337,7 @@ def test_nodes_join_over_mutual_tls_and_refuse_a_foreign_certificate(tmp_path: P
         member = tls_peer(nodes[0].endpoint, tmp_path / "member", ca, cert, key)
         foreign = tls_peer(nodes[0].endpoint, tmp_path / "foreign", ca, foreign_cert, foreign_key)
         try:
-            wait_until(lambda: len(list(member.info.peers_zid())) >= 1, 10.0, "the member")
+            wait_until(lambda: len(list(member.info.peers_zid())) >= 1, 60.0, "the member")
             assert read_everything(member, nodes[0].node_id())[0]
             assert list(foreign.info.peers_zid()) == []
             assert read_everything(foreign, nodes[0].node_id()) == ([], [])

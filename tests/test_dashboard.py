@@ -257,7 +257,7 @@ def test_the_dashboard_in_a_browser(tmp_path: Path, browser: Any) -> None:
             return cards == expected and not shown(".device .empty")
 
         try:
-            wait_until(all_devices_shown, 15.0, "the page to list the 4 devices")
+            wait_until(all_devices_shown, 60.0, "the page to list the 4 devices")
         except AssertionError as error:
             readings = {n: sorted(d) for n, d in node.state()["gpu_device_state"].items()}
             raise AssertionError(
@@ -286,7 +286,7 @@ def test_the_dashboard_in_a_browser(tmp_path: Path, browser: Any) -> None:
         write_devices(files[1], hot)
         wait_until(
             lambda: shown(t4)[0]["data-throttling"] == "true",
-            9.0,
+            60.0,
             "the page to show the T4 throttling",
         )
         # How fast is bench/telemetry_cluster.py's to say (goal: 3 s); here, that it shows.
@@ -304,12 +304,12 @@ def test_the_dashboard_in_a_browser(tmp_path: Path, browser: Any) -> None:
         find("#place-model-text")[0].send_keys("no-such-model")
         find("#place-preview")[0].click()
         wait_until(
-            lambda: "unknown model" in text_of("#place-result .error"), 10.0, "the 404 shown"
+            lambda: "unknown model" in text_of("#place-result .error"), 60.0, "the 404 shown"
         )
         assert text_of("#place-result .error").startswith("404: ")
         find("#place-model-text")[0].clear()
         wait_until(
-            lambda: bool(shown(f'#place-model option[value="{MODEL}"]')), 10.0, "the model list"
+            lambda: bool(shown(f'#place-model option[value="{MODEL}"]')), 60.0, "the model list"
         )
         Select(find("#place-model")[0]).select_by_value(MODEL)
         min_nodes = find("#place-min-nodes")[0]
@@ -317,7 +317,7 @@ def test_the_dashboard_in_a_browser(tmp_path: Path, browser: Any) -> None:
         min_nodes.send_keys("3")
         find("#place-preview")[0].click()
         wait_until(
-            lambda: len(shown("#place-result .layer-map .segment")) == 3, 10.0, "the preview"
+            lambda: len(shown("#place-result .layer-map .segment")) == 3, 60.0, "the preview"
         )
         assert "nothing created" in text_of("#place-result h4")
         assert shown("#place-result .reasons li"), "the preview shows the decision's reasons"
@@ -362,7 +362,7 @@ def test_the_dashboard_in_a_browser(tmp_path: Path, browser: Any) -> None:
         )
         assert len(shown(f'{card} .runner[data-status="ready"]')) == 3
 
-        wait_until(lambda: bool(shown(f'#chat-model option[value="{MODEL}"]')), 5.0, "the model")
+        wait_until(lambda: bool(shown(f'#chat-model option[value="{MODEL}"]')), 60.0, "the model")
         max_tokens = find("#chat-max-tokens")[0]
         max_tokens.clear()
         max_tokens.send_keys("12")
@@ -391,7 +391,7 @@ def test_the_dashboard_in_a_browser(tmp_path: Path, browser: Any) -> None:
         wait_until(lambda: len(shown('.bubble.assistant[data-done="true"]')) == 2, 60.0, "answer 2")
         assert not shown(".chat-error"), text_of(".chat-error")
         find("#chat")[0].screenshot(str(shots / "dashboard-chat.png"))
-        wait_until(lambda: "tok/s" in text_of(f"{card} .perf-measured"), 10.0, "the measurement")
+        wait_until(lambda: "tok/s" in text_of(f"{card} .perf-measured"), 60.0, "the measurement")
         find("#nodes")[0].screenshot(str(shots / "dashboard-devices.png"))
         find("#instances")[0].screenshot(str(shots / "dashboard-instance.png"))
         driver.set_window_size(1400, 900)
@@ -400,12 +400,12 @@ def test_the_dashboard_in_a_browser(tmp_path: Path, browser: Any) -> None:
 
         # The node goes away: a banner says so; it comes back: the page reconnects by itself.
         node.kill()
-        wait_until(lambda: shown("#banner")[0]["visible"], 10.0, "the disconnected banner")
+        wait_until(lambda: shown("#banner")[0]["visible"], 60.0, "the disconnected banner")
         assert "reconnecting" in text_of("#banner")
         assert text_of("#connection") == "disconnected"
         node.start()
         node.wait_ready()
-        wait_until(lambda: not shown("#banner")[0]["visible"], 20.0, "the page to reconnect")
+        wait_until(lambda: not shown("#banner")[0]["visible"], 60.0, "the page to reconnect")
         assert text_of("#connection") == "live"
 
 

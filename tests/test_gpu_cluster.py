@@ -36,7 +36,7 @@ def test_every_node_sees_every_device_and_live_changes(tmp_path: Path) -> None:
                     return False
             return True
 
-        wait_until(all_devices_everywhere, 5.0, "every node to show all 4 devices")
+        wait_until(all_devices_everywhere, 60.0, "every node to show all 4 devices")
         gpus = nodes[0].get_list("/gpus")
         names = sorted(entry["info"]["name"] for entry in gpus)
         assert names == ["Sim A100", "Sim H100", "Sim RTX 4090", "Sim T4"]
@@ -67,7 +67,7 @@ def test_every_node_sees_every_device_and_live_changes(tmp_path: Path) -> None:
                 for node in nodes
             )
 
-        wait_until(throttling_seen, 9.0, "every node to see the throttling T4")
+        wait_until(throttling_seen, 60.0, "every node to see the throttling T4")
         # How fast is bench/telemetry_cluster.py's to say (goal: 3 s); here, that it arrives.
         print(f"the throttling T4 reached every node {time.monotonic() - written_at:.2f} s later")
         # Every node holds the new reading, and only that device changed.
@@ -92,7 +92,7 @@ def test_every_node_sees_every_device_and_live_changes(tmp_path: Path) -> None:
         def devices_gone() -> bool:
             return all(ids[2] not in node.state()["gpu_device_state"] for node in survivors)
 
-        wait_until(devices_gone, 5.0, "the dead node's devices to disappear")
+        wait_until(devices_gone, 60.0, "the dead node's devices to disappear")
         wait_converged(survivors, 2, "survivors to agree")
         assert all(entry["node_id"] != ids[2] for entry in survivors[0].get_list("/gpus"))
 
@@ -104,7 +104,7 @@ def test_a_model_placed_on_a_simulated_gpu_computes_on_the_nodes_cpu(tmp_path: P
     with running_cluster(tmp_path, 1, lambda _: ["--simulate-gpus", str(gpus)]) as (node,):
         wait_converged([node], 1, "the node to elect itself")
         wait_until(
-            lambda: bool(node.state()["gpu_device_state"]), 10.0, "the simulated GPU to appear"
+            lambda: bool(node.state()["gpu_device_state"]), 60.0, "the simulated GPU to appear"
         )
         created = httpx.post(
             node.url + "/instance", json={"model_id": "SmolLM2-135M-Instruct"}, timeout=30.0

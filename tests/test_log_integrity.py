@@ -117,7 +117,7 @@ def refusal(node: ExoNode) -> str:
     started_at = len(node.log_text())
     try:
         node.start()
-        wait_until(node.process_exited, 20.0, "the node to refuse to start")
+        wait_until(node.process_exited, 60.0, "the node to refuse to start")
     finally:
         node.kill()
     assert node.process is not None
@@ -138,7 +138,7 @@ def test_a_damaged_record_is_refetched_from_the_cluster(tmp_path: Path) -> None:
         master_id = str(nodes[0].state()["master_node_id"])
         master = node_with_id(nodes, master_id)
         follower = next(node for node in nodes if node is not master)
-        wait_until(lambda: placeable(master), 15.0, "the GPUs to be in the state")
+        wait_until(lambda: placeable(master), 60.0, "the GPUs to be in the state")
         instances = {create_instance(master) for _ in range(3)}
         wait_converged(nodes, 3, "the writes to reach every node")
 
@@ -179,13 +179,13 @@ def test_a_damaged_record_is_refetched_from_the_cluster(tmp_path: Path) -> None:
                 return False
             return event_places(follower) == event_places(master)
 
-        wait_until(same_log_as_master, 20.0, "the repaired log to equal the master's")
+        wait_until(same_log_as_master, 60.0, "the repaired log to equal the master's")
         repaired = log_records(follower)
         assert repaired[: len(records)] == records  # the damaged record's original is back
 
         wait_until(
             lambda: comparable(follower.state()) == comparable(master.state()),
-            20.0,
+            60.0,
             "the repaired node's state to equal the master's",
         )
         state = follower.state()
@@ -199,7 +199,7 @@ def test_a_lone_node_with_a_damaged_log_refuses_to_start(tmp_path: Path) -> None
     try:
         node.start()
         node.wait_ready()
-        wait_until(lambda: placeable(node), 20.0, "the GPU to be in the state")
+        wait_until(lambda: placeable(node), 60.0, "the GPU to be in the state")
         for _ in range(3):
             create_instance(node)
         stop_cleanly(node)
@@ -288,7 +288,7 @@ def test_a_full_disk_gives_503_keeps_reads_and_recovers(tmp_path: Path) -> None:
         try:
             node.start()
             node.wait_ready()
-            wait_until(lambda: placeable(node), 20.0, "the GPU to be in the state")
+            wait_until(lambda: placeable(node), 60.0, "the GPU to be in the state")
             acknowledged = {create_instance(node)}
 
             filler = home / "filler"
@@ -305,7 +305,7 @@ def test_a_full_disk_gives_503_keeps_reads_and_recovers(tmp_path: Path) -> None:
                 refusal.append(response)
                 return True
 
-            wait_until(refused, 15.0, "a write to be refused on the full disk")
+            wait_until(refused, 60.0, "a write to be refused on the full disk")
             assert len(acknowledged) <= 4, f"{len(acknowledged)} writes fit on a full disk"
             response = refusal[0]
             assert response.status_code == 503, response.text
@@ -320,7 +320,7 @@ def test_a_full_disk_gives_503_keeps_reads_and_recovers(tmp_path: Path) -> None:
             # The node logs the failure and goes on serving.
             wait_until(
                 lambda: all(marker in node.log_text() for marker in DISK_FULL_MARKERS),
-                10.0,
+                60.0,
                 "the node to log that it cannot write its log",
             )
             assert not node.process_exited(), node.log_text()[-3000:]
@@ -335,7 +335,7 @@ def test_a_full_disk_gives_503_keeps_reads_and_recovers(tmp_path: Path) -> None:
                 acknowledged.add(str(response.json()["instance_id"]))
                 return True
 
-            wait_until(accepted, 10.0, "a write to be accepted once there is room again")
+            wait_until(accepted, 60.0, "a write to be accepted once there is room again")
             assert set(node.state()["instances"]) == acknowledged
 
             stop_cleanly(node)
@@ -344,7 +344,7 @@ def test_a_full_disk_gives_503_keeps_reads_and_recovers(tmp_path: Path) -> None:
             node.wait_ready()
             wait_until(
                 lambda: set(node.state()["instances"]) == acknowledged,
-                15.0,
+                60.0,
                 "the restarted node to hold every acknowledged write",
             )
             assert "reloaded" in node.log_text()[restart_at:]

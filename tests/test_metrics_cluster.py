@@ -44,7 +44,7 @@ def test_metrics_of_a_running_node(tmp_path: Path) -> None:
     args = ["--simulate-gpus", str(gpus), "--log-format", "json"]
     with running_cluster(tmp_path, 1, lambda _: args) as (node,):
         wait_converged([node], 1, "the node to elect itself")
-        wait_until(lambda: len(node.get_list("/gpus")) == 2, 10.0, "the simulated GPUs")
+        wait_until(lambda: len(node.get_list("/gpus")) == 2, 60.0, "the simulated GPUs")
         listed: list[dict[str, Any]] = node.get_list("/gpus")
         found = scrape(node.url)
         node_id = node.node_id()
@@ -104,7 +104,7 @@ def test_metrics_of_a_running_node(tmp_path: Path) -> None:
                 scrape(node.url).get(("exo_requests_total", (*labels, ("status", "complete")))) == 1
             )
 
-        wait_until(counted, 5.0, "the request to be counted")
+        wait_until(counted, 60.0, "the request to be counted")
         after = scrape(node.url)
         assert after[("exo_request_duration_seconds_count", labels)] == 1
         assert after[("exo_request_completion_tokens_total", labels)] == usage["completion_tokens"]

@@ -96,7 +96,7 @@ def test_a_cut_off_master_refuses_writes_and_steps_down_when_the_partition_heals
     try:
         isolated.start()  # first, so that it is the master
         isolated.wait_ready()
-        wait_until(lambda: isolated.state()["master_node_id"] is not None, 15.0, "a to lead")
+        wait_until(lambda: isolated.state()["master_node_id"] is not None, 60.0, "a to lead")
         for node in (b, c):
             node.start()
         for node in (b, c):
@@ -114,7 +114,7 @@ def test_a_cut_off_master_refuses_writes_and_steps_down_when_the_partition_heals
         wait_until(agreed, 30.0, "3 members following a")
         writer = Writer(b)
         writer.start()
-        wait_until(lambda: len(writer.acknowledged) >= 3, 15.0, "writes before the partition")
+        wait_until(lambda: len(writer.acknowledged) >= 3, 60.0, "writes before the partition")
 
         ip("link", "set", root_side, "down")
         cut_at = time.monotonic()

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cluster import ExoNode, running_cluster, wait_converged, wait_until
+from tests.cluster import ExoNode, running_cluster, stays_true, wait_converged, wait_until
 from tests.simulated import device, write_devices
 from tests.test_inference_cluster import QUESTION, ask, ask_streaming, place, runners_ready
 
@@ -241,9 +241,13 @@ def test_a_throttling_device_is_left_behind_while_requests_stream_and_flapping_m
             throttled(files[flapper], hot=flip % 2 == 0)
             time.sleep(FLAP_HALF_PERIOD_S)
         throttled(files[flapper], hot=False)
-        time.sleep(3.0)
-        assert len(changes(nodes[0], "move")) == 1
-        assert the_instance(nodes[0])["incoming"] is None
+        stays_true(
+            lambda: (
+                len(changes(nodes[0], "move")) == 1 and the_instance(nodes[0])["incoming"] is None
+            ),
+            3.0,
+            "the flapping device moving nothing",
+        )
 
 
 def test_a_faster_node_takes_the_model_only_past_the_margin(tmp_path: Path) -> None:
@@ -275,9 +279,11 @@ def test_a_faster_node_takes_the_model_only_past_the_margin(tmp_path: Path) -> N
 
         # 10 % faster: under the 25 % margin, the instance stays.
         slightly = join(1)
-        time.sleep(6.0)  # sustain (2 s) and settle (1 s) twice over
-        assert changes(first, "move") == []
-        assert serving_nodes(first) == {first.node_id()}
+        stays_true(  # sustain (2 s) and settle (1 s) twice over
+            lambda: changes(first, "move") == [] and serving_nodes(first) == {first.node_id()},
+            6.0,
+            "a node 10 % faster moving nothing",
+        )
         # 3× faster: it moves there.
         fast = join(2)
         wait_until(lambda: bool(changes(first, "move")), 60.0, "the move to the fast node")
