@@ -10,6 +10,7 @@ from exo.master.replacement import (
     FAILED_DEVICE_MEMORY,
     Candidate,
     ReplacementConfig,
+    _same_but_index,
     condition_flipped_unseen,
     describe_layout,
     fresh_placement,
@@ -655,3 +656,32 @@ def test_a_layout_is_described_rank_by_rank() -> None:
     )
     assert describe_layout([first, second]) == expected
     assert describe_layout([second, first]) == expected
+
+
+def test_a_fresh_placement_keeps_the_instances_policy_and_node_count() -> None:
+    for policy in ("heal_only", "off", "auto"):
+        events = handle_command(
+            PlaceInstance(model_id=MODEL, min_nodes=2, rebalance=policy, allow_planning_only=True),
+            cluster(["n0", "n1", "n2"]),
+        )
+        assert isinstance(events, list)
+        placed = applied(cluster(["n0", "n1", "n2"]), *events)
+        state = with_runners(placed, the_instance(placed).shards, "ready")
+        instance = the_instance(state)
+        candidate = fresh_placement(instance, state)
+        assert isinstance(candidate, Candidate)
+        assert candidate.fresh.rebalance == policy
+        assert candidate.fresh.min_nodes == 2
+        assert candidate.fresh.instance_id == instance.instance_id
+
+
+def test_only_a_moved_applied_index_counts_as_the_same_state() -> None:
+    """The rebalancer skips a decision when nothing but the applied index moved (a stream's
+    chunks); any other change must be decided on."""
+    state = placed_for(cluster(["n0", "n1", "n2"]), "latency")
+    assert not _same_but_index(state, None)
+    later = state.model_copy(update={"last_event_applied_idx": state.last_event_applied_idx + 5})
+    assert _same_but_index(later, state)
+    assert _same_but_index(state, state)
+    joined = later.model_copy(update={"nodes": {**later.nodes, NodeId("n3"): node_info("n3")}})
+    assert not _same_but_index(joined, state)
