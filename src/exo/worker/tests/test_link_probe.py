@@ -56,11 +56,25 @@ def test_latency_jitter_below_the_floor_is_not_news() -> None:
     jitter = LinkReading(latency_ms=0.6, bandwidth_mbps=1050)
     slower = LinkReading(latency_ms=5.0, bandwidth_mbps=1000)
     narrower = LinkReading(latency_ms=0.3, bandwidth_mbps=500)
-    assert not link_changed_meaningfully(before, jitter, 0.2, latency_floor_ms=1.0)
-    assert link_changed_meaningfully(before, jitter, 0.2)  # without the floor it was news
-    assert link_changed_meaningfully(before, slower, 0.2, latency_floor_ms=1.0)
-    assert link_changed_meaningfully(before, narrower, 0.2, latency_floor_ms=1.0)
-    assert link_changed_meaningfully(None, before, 0.2, latency_floor_ms=1.0)
+    assert not link_changed_meaningfully(before, jitter, 1.5, latency_floor_ms=1.0)
+    assert link_changed_meaningfully(before, jitter, 1.5)  # without the floor it was news
+    assert link_changed_meaningfully(before, slower, 1.5, latency_floor_ms=1.0)
+    assert link_changed_meaningfully(before, narrower, 1.5, latency_floor_ms=1.0)
+    assert link_changed_meaningfully(None, before, 1.5, latency_floor_ms=1.0)
+
+
+def test_a_link_is_news_when_it_moved_by_the_factor_either_way() -> None:
+    """Growing by 1.5 and shrinking to two thirds are the same step; a 40 % change either
+    way, the noise of a busy machine, is not."""
+    before = LinkReading(latency_ms=10.0, bandwidth_mbps=1000)
+
+    def news(latency_ms: float, bandwidth_mbps: float) -> bool:
+        current = LinkReading(latency_ms=latency_ms, bandwidth_mbps=bandwidth_mbps)
+        return link_changed_meaningfully(before, current, 1.5, latency_floor_ms=1.0)
+
+    assert not news(10.0, 1400) and not news(10.0, 700) and not news(14.0, 1000)
+    assert not news(10.0, 1500) and not news(10.0, 1000 / 1.5 + 0.01) and not news(15.0, 1000)
+    assert news(10.0, 1501) and news(10.0, 666) and news(15.1, 1000) and news(6.6, 1000)
 
 
 class TimedRouter:
@@ -100,7 +114,7 @@ def test_one_outlying_measurement_is_no_news_and_a_lasting_change_is() -> None:
     def news(previous: LinkReading | None, bandwidth_mbps: float) -> LinkReading | None:
         value = probe.smoothed(peer, LinkReading(latency_ms=0.3, bandwidth_mbps=bandwidth_mbps))
         changed = link_changed_meaningfully(
-            previous, value, config.change_fraction, config.latency_change_floor_ms
+            previous, value, config.change_factor, config.latency_change_floor_ms
         )
         return value if changed else None
 
