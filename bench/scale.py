@@ -242,6 +242,19 @@ def main() -> int:
                     f"({sum(grown) / len(grown) / idle_s * 86400 / 1e6:.1f} MB/day mean), CPU per "
                     f"node {statistics_line(cpu)}"
                 )
+                master_id = nodes[0].state()["master_node_id"]
+                roles = [node.node_id() == master_id for node in nodes]
+                if any(roles) and not all(roles):
+                    master_cpu = next(
+                        c for c, is_master in zip(cpu, roles, strict=True) if is_master
+                    )
+                    followers = [
+                        c for c, is_master in zip(cpu, roles, strict=True) if not is_master
+                    ]
+                    print(
+                        f"idle CPU: the master {master_cpu:.1f} %, followers "
+                        f"{statistics_line(followers)}"
+                    )
                 print(
                     "idle events by kind (per minute): "
                     + ", ".join(f"{k} {n / idle_s * 60:.1f}" for k, n in kinds.most_common())
