@@ -423,24 +423,54 @@ class Election:
         return (-position[0], -position[1], started_at_us, node)
 
     async def _stand(self) -> bool:
-        """Stand for master in the next term; False (nothing changed) when this node cannot
-        store that term and its vote for itself (the term store logged why)."""
+        """Stand for master in the next term, once a pre-vote says a majority would grant
+        it; False (nothing changed) when this node cannot store that term and its vote for
+        itself (the term store logged why)."""
         term = self.term + 1
+        last_term, last_idx = log_position(self._store)
+        request = VoteRequest(
+            candidate_id=self.node_id,
+            term=term,
+            last_event_idx=last_idx,
+            last_log_term=last_term,
+            pre_vote=True,
+        )
+        granted, refusals = await self._ask_for_votes(request)
+        if self.term != term - 1 or self._master is not None:
+            return True  # a newer term, or a master, arrived meanwhile
+        if not self.is_majority(granted):
+            await self._failed_round(
+                f"no majority for a pre-vote in term {term}", granted, refusals
+            )
+            return True
         if not self._terms.save(
             self._terms.record.model_copy(update={"term": term, "voted_for": self.node_id})
         ):
             return False
-        last_term, last_idx = log_position(self._store)
-        request = VoteRequest(
-            candidate_id=self.node_id, term=term, last_event_idx=last_idx, last_log_term=last_term
-        )
         logger.info(
             f"standing for master in term {term} (log ends at {last_idx}, term {last_term})"
         )
+        granted, refusals = await self._ask_for_votes(
+            request.model_copy(update={"pre_vote": False})
+        )
+        if self.term != term or self._master is not None:
+            return True  # a newer term, or another master of this term, arrived meanwhile
+        if self.is_majority(granted):
+            logger.info(f"elected master in term {term} with the votes of {sorted(granted)}")
+            self._set_master(self.node_id)
+            self.announce()
+        else:
+            await self._failed_round(f"no majority in term {term}", granted, refusals)
+        return True
+
+    async def _ask_for_votes(self, request: VoteRequest) -> tuple[set[NodeId], list[str]]:
+        """The nodes that granted (this one included) and the others' reasons for refusing.
+        Counted as they come: a node that never answers (frozen) costs nothing once a
+        majority has granted. A reply of a newer term makes this node adopt it and stop."""
         granted = {self.node_id}
         refusals: list[str] = []
-        # Counted as they come: a node that never answers (frozen) costs nothing once a
-        # majority has granted.
+        if self.is_majority(granted):
+            return granted, refusals  # a lone member asks no one
         async for payload in self._router.query_replies(
             self._topics.vote_all, request.model_dump_json().encode(), VOTE_TIMEOUT_S
         ):
@@ -451,28 +481,22 @@ class Election:
             if reply.term > self.term:
                 self._adopt_term(reply.term, None)
                 break
-            if reply.granted and reply.term == term:
+            if reply.granted and (request.pre_vote or reply.term == request.term):
                 granted.add(reply.node_id)
                 if self.is_majority(granted):
                     break
             elif reply.node_id != self.node_id:
                 refusals.append(f"{reply.node_id}: {reply.reason}")
-        if self.term != term or self._master is not None:
-            return True  # a newer term, or another master of this term, arrived meanwhile
-        if self.is_majority(granted):
-            logger.info(f"elected master in term {term} with the votes of {sorted(granted)}")
-            self._set_master(self.node_id)
-            self.announce()
-        else:
-            self._failed_rounds += 1
-            pause_s = retry_pause_s(self._failed_rounds)
-            logger.info(
-                f"no majority in term {term} ({len(granted)} of {len(self.members)} members"
-                f"{'; ' + '; '.join(refusals) if refusals else ''}); trying again in "
-                f"{pause_s:.1f} s"
-            )
-            await anyio.sleep(pause_s)
-        return True
+        return granted, refusals
+
+    async def _failed_round(self, what: str, granted: set[NodeId], refusals: list[str]) -> None:
+        self._failed_rounds += 1
+        pause_s = retry_pause_s(self._failed_rounds)
+        logger.info(
+            f"{what} ({len(granted)} of {len(self.members)} members"
+            f"{'; ' + '; '.join(refusals) if refusals else ''}); trying again in {pause_s:.1f} s"
+        )
+        await anyio.sleep(pause_s)
 
     # ---- what arrives -----------------------------------------------------------------
 
@@ -546,6 +570,12 @@ class Election:
         master = self._master
         if master is not None and master != candidate and self._master_present(master):
             return reply(False, f"this node still follows the live master {master}")
+        if request.pre_vote:  # would it grant? Nothing on this node changes
+            if request.term == self.term and self._terms.record.voted_for not in (None, candidate):
+                return reply(False, f"already voted for {self._terms.record.voted_for}")
+            if (request.last_log_term, request.last_event_idx) < log_position(self._store):
+                return reply(False, "its log is behind this node's")
+            return reply(True)
         if request.term > self.term:
             self._adopt_term(request.term, None)
         voted_for = self._terms.record.voted_for

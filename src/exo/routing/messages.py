@@ -57,6 +57,10 @@ class VoteRequest(BaseModel):
     term: int
     last_event_idx: int
     last_log_term: int
+    pre_vote: bool = False
+    """Only ask whether the voter would grant its vote in ``term``: neither side moves to
+    that term or records a vote (Raft's pre-vote). A node cut off from the others keeps its
+    term, so on its return it does not displace the master the others chose meanwhile."""
 
 
 class VoteReply(BaseModel):
