@@ -13,9 +13,8 @@ from exo.routing.election import Election
 from exo.routing.messages import ElectionAnnouncement, VoteRequest
 from exo.routing.router import Router
 from exo.routing.term_store import TermStore
+from exo.routing.tests.test_term_disk_full import election as with_members
 from exo.routing.topics import Topics
-from exo.shared.event_store import EventStore
-from exo.shared.types.events import IndexedEvent, MemberJoined
 from exo.shared.types.ids import NodeId
 
 A, B, C = NodeId("a"), NodeId("b"), NodeId("c")
@@ -51,13 +50,7 @@ class Network:
         return cast(Router, Link())
 
     def add(self, tmp_path: Path, node: NodeId, members: list[NodeId]) -> Election:
-        store = EventStore(None)
-        for idx, member in enumerate(members):
-            store.append(IndexedEvent(idx=idx, term=1, event=MemberJoined(node_id=member)))
-        (tmp_path / node).mkdir()
-        terms = TermStore(tmp_path / node)
-        terms.load()
-        election = Election(self.router_for(node), TOPICS, node, 1, 0.0, store, terms)
+        election = with_members(tmp_path / node, node, members, self.router_for(node))
         self.nodes[node] = election
         return election
 

@@ -28,9 +28,9 @@ from exo.routing.router import IncomingQuery, Router
 from exo.routing.term_store import TermStore
 from exo.routing.tests.test_election import ask
 from exo.routing.tests.test_election_stall import TOPICS, master_of_term_1
+from exo.routing.tests.test_event_sync import wait_for
 from exo.routing.tests.test_router import two_routers
-from exo.shared.event_store import EventStore
-from exo.shared.types.events import IndexedEvent, MemberJoined
+from exo.routing.tests.test_term_disk_full import election as with_members
 from exo.shared.types.ids import NodeId
 
 pytestmark = pytest.mark.anyio
@@ -45,19 +45,7 @@ def member(
 ) -> Election:
     """A member of {A, B, C} (a majority is two) whose log ends in term 1 at index 2, on an
     open router."""
-    store = EventStore(None)
-    for idx, node in enumerate([A, B, C]):
-        store.append(IndexedEvent(idx=idx, term=1, event=MemberJoined(node_id=node)))
-    home.mkdir(parents=True, exist_ok=True)
-    terms = TermStore(home)
-    terms.load()
-    return Election(router, TOPICS, node_id, started_at_us, settle_s, store, terms)
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    with anyio.fail_after(timeout_s):
-        while not condition():
-            await anyio.sleep(0.01)
+    return with_members(home, node_id, [A, B, C], router, started_at_us, settle_s)
 
 
 def reply(node: NodeId, term: int, granted: bool, reason: str = "") -> bytes:
@@ -132,7 +120,7 @@ async def standing(home: Path, *voters: Voter) -> AsyncGenerator[tuple[Election,
             peers.declare_liveliness_token(TOPICS.alive_token(voter.node_id, 5))
         candidate = member(home, A, own)
         candidate.start()
-        await until(lambda: candidate.live_node_ids == {A} | {v.node_id for v in voters})
+        await wait_for(lambda: candidate.live_node_ids == {A} | {v.node_id for v in voters})
         yield candidate, peers
         group.cancel_scope.cancel()
 
@@ -288,7 +276,7 @@ async def test_a_master_of_the_same_term_heard_meanwhile_wins(
 ) -> None:
     async def wins_first(request: VoteRequest) -> bytes:
         peers.publish_newest(TOPICS.election(B), announcement(B, request.term, B))
-        await until(lambda: candidate.master_node_id == B)
+        await wait_for(lambda: candidate.master_node_id == B)
         return reply(B, request.term, False, "already voted for b")
 
     async with standing(tmp_path, Voter(B, wins_first), Voter(C, refuses(C))) as (
@@ -308,7 +296,7 @@ async def test_a_newer_term_heard_meanwhile_wins_over_late_grants(
 
     async def moves_on(request: VoteRequest) -> bytes:
         peers.publish_newest(TOPICS.election(B), announcement(B, 3, None))
-        await until(lambda: candidate.term == 3)
+        await wait_for(lambda: candidate.term == 3)
         moved_on.set()
         return reply(B, request.term, True)  # a grant for the term A has left
 
@@ -331,11 +319,11 @@ async def test_a_master_heard_during_the_pre_vote_keeps_the_candidate_in_its_ter
 ) -> None:
     async def master_meanwhile(request: VoteRequest) -> bytes:
         peers.publish_newest(TOPICS.election(B), announcement(B, request.term - 1, B))
-        await until(lambda: candidate.master_node_id == B)
+        await wait_for(lambda: candidate.master_node_id == B)
         return reply(B, request.term - 1, True)
 
     async def would_grant_after_b(request: VoteRequest) -> bytes:
-        await until(lambda: candidate.master_node_id == B)
+        await wait_for(lambda: candidate.master_node_id == B)
         return reply(C, request.term - 1, True)  # a majority would grant: too late
 
     b = Voter(B, grants(B), master_meanwhile)
@@ -371,10 +359,10 @@ async def test_a_started_node_is_seen_heard_acknowledged_and_asked_over_zenoh(
         a.on_node_departed(departed.append)
         a.start()
         b.start()
-        await until(lambda: a.live_node_ids == {A, B} and b.live_node_ids == {A, B})
+        await wait_for(lambda: a.live_node_ids == {A, B} and b.live_node_ids == {A, B})
         assert a._live[B] == 5, "the token carries B's start"
         b.announce()
-        await until(lambda: a.announced_head(B) == 2)
+        await wait_for(lambda: a.announced_head(B) == 2)
         answers = await own.query(TOPICS.vote(B), ask(A, 1, 2, 1).model_dump_json().encode(), 5.0)
         assert [VoteReply.model_validate_json(answer) for answer in answers] == [
             VoteReply(node_id=B, term=1, granted=True)
@@ -383,9 +371,9 @@ async def test_a_started_node_is_seen_heard_acknowledged_and_asked_over_zenoh(
         assert b.observe_term(1, A)
         b.match_idx = 2
         b.acknowledge()  # to A alone, on A's acknowledgement key
-        await until(lambda: a.acknowledged() == {B: 2})
+        await wait_for(lambda: a.acknowledged() == {B: 2})
         await other.close()
-        await until(lambda: departed == [B])
+        await wait_for(lambda: departed == [B])
         assert a.live_node_ids == {A}
 
 
@@ -397,10 +385,10 @@ async def test_a_node_takes_no_part_before_it_settled(tmp_path: Path) -> None:
         other.declare_liveliness_token(TOPICS.alive_token(B, 5))  # after the subscription
         settling = member(tmp_path, A, own, settle_s=settle_s)
         settling.start()
-        await until(lambda: B in settling.live_node_ids)
+        await wait_for(lambda: B in settling.live_node_ids)
         started = time.monotonic()
         async with anyio.create_task_group() as group:
             group.start_soon(settling.run)
-            await until(lambda: bool(heard))
+            await wait_for(lambda: bool(heard))
             group.cancel_scope.cancel()
         assert heard[0] - started >= settle_s, "it announced before it settled"

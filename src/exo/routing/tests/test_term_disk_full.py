@@ -52,14 +52,25 @@ def errors() -> Iterator[list[str]]:
     logger.remove(sink)
 
 
-def election(home: Path, node: NodeId, members: list[NodeId]) -> Election:
+def election(
+    home: Path,
+    node: NodeId,
+    members: list[NodeId],
+    router: Router | None = None,
+    started_at_us: int = 1,
+    settle_s: float = 0.0,
+) -> Election:
+    """``node``, whose log holds ``members`` joining in term 1 and whose term file is in
+    ``home``; on ``router`` (default: one never opened)."""
     store = EventStore(None)
     for idx, member in enumerate(members):
         store.append(IndexedEvent(idx=idx, term=1, event=MemberJoined(node_id=member)))
+    home.mkdir(parents=True, exist_ok=True)
     terms = TermStore(home)
     terms.load()
-    router = Router(RouterConfig([], [], discovery=False))  # never opened
-    return Election(router, Topics("test"), node, 1, 0.0, store, terms)
+    if router is None:
+        router = Router(RouterConfig([], [], discovery=False))  # never opened
+    return Election(router, Topics("test"), node, started_at_us, settle_s, store, terms)
 
 
 def on_disk(home: Path) -> int:
