@@ -225,9 +225,7 @@ def stays_true(predicate: Callable[[], bool], window_s: float, what: str) -> Non
     time to happen); fails as soon as one look finds it broken, so a passing change that
     undoes itself fails too, where a sleep and one assert would miss it."""
     start = time.monotonic()
-    looks = 0
     while True:
-        looks += 1
         if not predicate():
             broken_at = time.monotonic() - start
             raise AssertionError(f"{what} was broken {broken_at:.1f}s into the {window_s}s window")
