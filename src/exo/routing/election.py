@@ -573,7 +573,7 @@ class Election:
         if request.pre_vote:  # would it grant? Nothing on this node changes
             if request.term == self.term and self._terms.record.voted_for not in (None, candidate):
                 return reply(False, f"already voted for {self._terms.record.voted_for}")
-            if (request.last_log_term, request.last_event_idx) < log_position(self._store):
+            if self._log_behind(request):
                 return reply(False, "its log is behind this node's")
             return reply(True)
         if request.term > self.term:
@@ -581,13 +581,17 @@ class Election:
         voted_for = self._terms.record.voted_for
         if voted_for not in (None, candidate):
             return reply(False, f"already voted for {voted_for} in term {self.term}")
-        if (request.last_log_term, request.last_event_idx) < log_position(self._store):
+        if self._log_behind(request):
             return reply(False, "its log is behind this node's")
         if not self._terms.save(self._terms.record.model_copy(update={"voted_for": candidate})):
             return reply(False, f"this node cannot store its vote ({self._terms.write_error})")
         if candidate != self.node_id:
             self._quiet_until = self._clock() + random.uniform(*AFTER_VOTE_QUIET_S)
         return reply(True)
+
+    def _log_behind(self, request: VoteRequest) -> bool:
+        """Whether the candidate's log is less up to date than this node's."""
+        return (request.last_log_term, request.last_event_idx) < log_position(self._store)
 
     def _master_present(self, master: NodeId) -> bool:
         if master == self.node_id:
